@@ -1,0 +1,129 @@
+"""The ASGI application: GraphQL over HTTP and websockets, GraphiQL, health checks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import text
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+)
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+from strawberry.asgi import GraphQL
+from strawberry.exceptions import ConnectionRejectionError
+from strawberry.types.unset import UnsetType
+
+from backend import graphiql
+from backend.auth.service import authenticate
+from backend.auth.tokens import bearer_value
+from backend.graphql.context import Context
+from backend.graphql.schema import build_schema
+from backend.runtime import Runtime
+from backend.settings import Settings, configure_logging, get_settings
+
+log = logging.getLogger(__name__)
+
+
+class MailsyncGraphQL(GraphQL[Context, None]):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(build_schema(settings), graphql_ide="graphiql", keep_alive=True)
+        self.runtime: Runtime | None = None
+
+    def _runtime(self) -> Runtime:
+        if self.runtime is None:
+            raise RuntimeError("the application has not started")
+        return self.runtime
+
+    async def get_context(self, request: Request | WebSocket, response: Any) -> Context:
+        runtime = self._runtime()
+        viewer = None
+        if isinstance(request, Request):
+            token = bearer_value(request.headers.get("authorization"))
+            if token:
+                async with runtime.db.sessionmaker() as session:
+                    viewer = await authenticate(session, runtime.settings.secret, token)
+        return Context(runtime, viewer, request)
+
+    async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
+        params = context.connection_params if isinstance(context.connection_params, dict) else {}
+        header = params.get("Authorization") or params.get("authorization")
+        token = bearer_value(header) if isinstance(header, str) else None
+        runtime = self._runtime()
+        async with runtime.db.sessionmaker() as session:
+            context.viewer = await authenticate(session, runtime.settings.secret, token)
+        if context.viewer is None:
+            raise ConnectionRejectionError(
+                {"code": "UNAUTHENTICATED", "message": "a valid bearer token is required"}
+            )
+        return None
+
+    async def render_graphql_ide(self, request: Request) -> HTMLResponse:
+        return HTMLResponse(graphiql.page())
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or get_settings()
+    graphql_app = MailsyncGraphQL(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        configure_logging(settings)
+        runtime = await Runtime.create(settings, with_hub=True)
+        graphql_app.runtime = runtime
+        app.state.runtime = runtime
+        missing = graphiql.missing_assets()
+        if missing:
+            log.warning("GraphiQL assets missing (run `npm ci` in backend/graphiql): %s", missing)
+        try:
+            yield
+        finally:
+            await runtime.close()
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def readyz(request: Request) -> Response:
+        runtime: Runtime = request.app.state.runtime
+        checks: dict[str, str] = {}
+        try:
+            async with runtime.db.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:
+            log.warning("readiness: database unreachable: %s", exc)
+            checks["database"] = "unreachable"
+        try:
+            await runtime.redis.ping()
+            checks["redis"] = "ok"
+        except Exception as exc:
+            log.warning("readiness: redis unreachable: %s", exc)
+            checks["redis"] = "unreachable"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+
+    async def graphiql_asset(request: Request) -> Response:
+        path = graphiql.asset_path(request.path_params["name"])
+        if path is None or not path.is_file():
+            return PlainTextResponse("not found", status_code=404)
+        return FileResponse(path, headers={"Cache-Control": "public, max-age=86400"})
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/graphiql/static/{name}", graphiql_asset),
+            Route("/graphql", graphql_app, methods=["GET", "POST"]),
+            WebSocketRoute("/graphql", graphql_app),
+        ],
+        lifespan=lifespan,
+    )

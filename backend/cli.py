@@ -1,0 +1,231 @@
+"""The `mailsync` command."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Annotated, TypeVar
+
+import typer
+
+from backend.settings import Settings, get_settings
+
+T = TypeVar("T")
+
+app = typer.Typer(help="mailsync: CRM email sync over GraphQL.", no_args_is_help=True)
+workspace_app = typer.Typer(help="Manage workspaces.", no_args_is_help=True)
+user_app = typer.Typer(help="Manage users.", no_args_is_help=True)
+token_app = typer.Typer(help="Issue and revoke API bearer tokens.", no_args_is_help=True)
+app.add_typer(workspace_app, name="workspace")
+app.add_typer(user_app, name="user")
+app.add_typer(token_app, name="token")
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ValueError as exc:
+        typer.echo(f"configuration error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _run(work: Callable[[Settings], Awaitable[T]]) -> T:
+    settings = _settings()
+    return asyncio.run(work(settings))
+
+
+def _fail(message: str) -> None:
+    typer.echo(message, err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Uvicorn worker processes.")] = 1,
+) -> None:
+    """Run the GraphQL API (HTTP and websockets) with uvicorn."""
+    import uvicorn
+
+    settings = _settings()
+    uvicorn.run(
+        "backend.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=settings.log_level.lower(),
+        ws="websockets-sansio",
+    )
+
+
+@app.command()
+def worker(
+    burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
+) -> None:
+    """Run the arq worker: sync passes and the 5-minute scheduler."""
+    from arq.worker import run_worker
+
+    from worker.settings import WorkerSettings
+
+    _settings()
+    run_worker(WorkerSettings, burst=burst)  # type: ignore[arg-type]
+
+
+@app.command()
+def migrate(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+    downgrade: Annotated[bool, typer.Option(help="Downgrade to REVISION instead.")] = False,
+) -> None:
+    """Apply the database migrations (Alembic)."""
+    from backend import migrations
+
+    settings = _settings()
+    if downgrade:
+        migrations.downgrade(settings.database_url, revision)
+    else:
+        migrations.upgrade(settings.database_url, revision)
+    typer.echo(f"database {'downgraded' if downgrade else 'upgraded'} to {revision}")
+
+
+@workspace_app.command("create")
+def workspace_create(
+    name: Annotated[str, typer.Argument(help="The workspace's name.")],
+    owner_email: Annotated[str, typer.Option("--owner-email", help="The owner's login address.")],
+    owner_name: Annotated[
+        str | None, typer.Option("--owner-name", help="The owner's name.")
+    ] = None,
+) -> None:
+    """Create a workspace and its OWNER user."""
+    from backend.db import Database
+    from backend.kit.errors import ServiceError
+    from backend.workspaces import service
+
+    async def work(settings: Settings) -> str:
+        db = Database(settings.database_url)
+        try:
+            async with db.transaction() as session:
+                workspace, owner = await service.create_workspace(
+                    session, name, owner_email, owner_name
+                )
+                return f"workspace {workspace.name} ({workspace.id}) created; owner {owner.email}"
+        finally:
+            await db.dispose()
+
+    try:
+        typer.echo(_run(work))
+    except ServiceError as exc:
+        _fail(exc.message)
+
+
+@user_app.command("add")
+def user_add(
+    workspace: Annotated[str, typer.Option("--workspace", help="Workspace name or id.")],
+    email: Annotated[str, typer.Option("--email", help="The user's login address.")],
+    role: Annotated[str, typer.Option("--role", help="OWNER, ADMIN or USER.")] = "USER",
+    name: Annotated[str | None, typer.Option("--name", help="The user's name.")] = None,
+) -> None:
+    """Add a user to a workspace."""
+    import uuid
+
+    from backend.db import Database
+    from backend.kit.errors import ServiceError
+    from backend.workspaces import queries, service
+    from backend.workspaces.tables import Role
+
+    try:
+        parsed_role = Role(role.upper())
+    except ValueError:
+        _fail(f"unknown role {role!r}: use OWNER, ADMIN or USER")
+        return
+
+    async def work(settings: Settings) -> str:
+        db = Database(settings.database_url)
+        try:
+            async with db.transaction() as session:
+                found = None
+                try:
+                    found = await queries.workspace_by_id(session, uuid.UUID(workspace))
+                except ValueError:
+                    found = await queries.workspace_by_name(session, workspace)
+                if found is None:
+                    raise ServiceError("NOT_FOUND", f"no workspace named {workspace!r}")
+                user = await service.add_user(session, found, email, parsed_role, name)
+                return f"user {user.email} ({user.role.value}) added to {found.name}"
+        finally:
+            await db.dispose()
+
+    try:
+        typer.echo(_run(work))
+    except ServiceError as exc:
+        _fail(exc.message)
+
+
+@token_app.command("create")
+def token_create(
+    email: Annotated[str, typer.Option("--email", help="The user the token acts as.")],
+    days: Annotated[
+        int | None, typer.Option(help="Lifetime in days (default from settings).")
+    ] = None,
+) -> None:
+    """Print a new bearer token for a user."""
+    from backend.auth.service import issue_token
+    from backend.db import Database
+    from backend.workspaces import queries
+
+    async def work(settings: Settings) -> str | None:
+        db = Database(settings.database_url)
+        try:
+            async with db.transaction() as session:
+                user = await queries.user_by_email(session, email)
+                if user is None:
+                    return None
+                ttl = (
+                    timedelta(days=days) if days else timedelta(seconds=settings.token_ttl_seconds)
+                )
+                return await issue_token(session, settings.secret, user, ttl)
+        finally:
+            await db.dispose()
+
+    token = _run(work)
+    if token is None:
+        _fail(f"no user with the address {email}")
+    typer.echo(token)
+
+
+@token_app.command("revoke")
+def token_revoke(token: Annotated[str, typer.Argument(help="The token to revoke.")]) -> None:
+    """Revoke a bearer token at once."""
+    from backend.auth.service import revoke_token
+    from backend.auth.tokens import decode_token
+    from backend.db import Database
+
+    async def work(settings: Settings) -> bool:
+        claims = decode_token(settings.secret, token)
+        if claims is None:
+            return False
+        db = Database(settings.database_url)
+        try:
+            async with db.transaction() as session:
+                return await revoke_token(session, claims.token_id)
+        finally:
+            await db.dispose()
+
+    if not _run(work):
+        _fail("not a valid, unrevoked token")
+    typer.echo("revoked")
+
+
+@app.command("export-schema")
+def export_schema() -> None:
+    """Print the GraphQL schema (SDL); schema.graphql at the repository root is this output."""
+    from backend.graphql.schema import build_schema
+
+    sys.stdout.write(build_schema().as_str() + "\n")
+
+
+if __name__ == "__main__":
+    app()

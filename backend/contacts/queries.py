@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from backend.contacts.tables import Contact, ContactAddress
+from backend.kit.pagination import Page, PageRequest, count, keyset_page
+
+
+async def contacts_by_ids(
+    session: AsyncSession, workspace_id: uuid.UUID, ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, Contact]:
+    rows = await session.scalars(
+        select(Contact).where(col(Contact.id).in_(ids), Contact.workspace_id == workspace_id)
+    )
+    return {c.id: c for c in rows}
+
+
+async def addresses_by_contact(
+    session: AsyncSession, contact_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, list[str]]:
+    rows = await session.execute(
+        select(ContactAddress.contact_id, ContactAddress.address)
+        .where(col(ContactAddress.contact_id).in_(contact_ids))
+        .order_by(col(ContactAddress.contact_id), col(ContactAddress.position))
+    )
+    grouped: dict[uuid.UUID, list[str]] = defaultdict(list)
+    for contact_id, address in rows:
+        grouped[contact_id].append(address)
+    return grouped
+
+
+def _search_filter(search: str) -> sa.ColumnElement[bool]:
+    pattern = f"%{search.strip().lower()}%"
+    by_address = (
+        select(ContactAddress.contact_id)
+        .where(col(ContactAddress.address).like(pattern))
+        .scalar_subquery()
+    )
+    return sa.or_(sa.func.lower(Contact.name).like(pattern), col(Contact.id).in_(by_address))
+
+
+async def contacts_page(
+    session: AsyncSession, workspace_id: uuid.UUID, request: PageRequest, search: str | None
+) -> tuple[Page[Contact], sa.Select[tuple[Contact]]]:
+    stmt = select(Contact).where(Contact.workspace_id == workspace_id)
+    if search and search.strip():
+        stmt = stmt.where(_search_filter(search))
+    page = await keyset_page(
+        session,
+        stmt,
+        [col(Contact.created_at), col(Contact.id)],
+        lambda c: (c.created_at, c.id),
+        request,
+        descending=True,
+    )
+    return page, stmt
+
+
+async def count_contacts(session: AsyncSession, stmt: sa.Select[tuple[Contact]]) -> int:
+    return await count(session, stmt)
+
+
+async def contacts_for_addresses(
+    session: AsyncSession,
+    workspace_id: uuid.UUID,
+    addresses: Sequence[str],
+    *,
+    primary_only: bool,
+) -> dict[str, Contact]:
+    """R2: each address to the earliest-created contact that has it."""
+    if not addresses:
+        return {}
+    stmt = (
+        select(ContactAddress.address, Contact)
+        .join(Contact, col(Contact.id) == ContactAddress.contact_id)
+        .where(
+            ContactAddress.workspace_id == workspace_id, col(ContactAddress.address).in_(addresses)
+        )
+        .order_by(col(Contact.created_at), col(Contact.id))
+    )
+    if primary_only:
+        stmt = stmt.where(ContactAddress.position == 0)
+    found: dict[str, Contact] = {}
+    for address, contact in await session.execute(stmt):
+        found.setdefault(address, contact)
+    return found

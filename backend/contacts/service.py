@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from backend.auth.service import Viewer
+from backend.contacts.tables import Contact, ContactAddress
+from backend.kit.addresses import validate_address
+from backend.kit.errors import NotFound, ServiceError
+from backend.mail import service as mail_service
+from backend.workspaces.tables import User
+
+UNSET = object()
+MAX_ADDRESSES = 50
+
+
+def _addresses(main: str, additional: Sequence[str]) -> list[str]:
+    addresses = [validate_address(main, ["email"])]
+    if len(additional) >= MAX_ADDRESSES:
+        raise ServiceError(
+            "LIMIT_REACHED",
+            f"A contact can have at most {MAX_ADDRESSES} addresses.",
+            ["additionalEmails"],
+        )
+    for i, extra in enumerate(additional):
+        address = validate_address(extra, ["additionalEmails", str(i)])
+        if address in addresses:
+            raise ServiceError(
+                "DUPLICATE_EMAIL",
+                f"{address} is listed twice on this contact.",
+                ["additionalEmails", str(i)],
+            )
+        addresses.append(address)
+    return addresses
+
+
+async def _check_owner(session: AsyncSession, viewer: Viewer, owner_id: uuid.UUID | None) -> None:
+    if owner_id is None:
+        return
+    owner = await session.get(User, owner_id)
+    if owner is None or owner.workspace_id != viewer.workspace_id:
+        raise NotFound("User", ["ownerId"])
+
+
+async def _replace_addresses(session: AsyncSession, contact: Contact, addresses: list[str]) -> None:
+    await session.execute(
+        delete(ContactAddress).where(col(ContactAddress.contact_id) == contact.id)
+    )
+    session.add_all(
+        ContactAddress(
+            workspace_id=contact.workspace_id, contact_id=contact.id, address=a, position=i
+        )
+        for i, a in enumerate(addresses)
+    )
+
+
+async def get_contact(
+    session: AsyncSession, viewer: Viewer, contact_id: uuid.UUID | None
+) -> Contact:
+    contact = await session.get(Contact, contact_id) if contact_id else None
+    if contact is None or contact.workspace_id != viewer.workspace_id:
+        raise NotFound("Contact", ["id"])
+    return contact
+
+
+async def create_contact(
+    session: AsyncSession,
+    viewer: Viewer,
+    *,
+    email: str,
+    name: str | None = None,
+    additional_emails: Sequence[str] = (),
+    owner_id: uuid.UUID | None = None,
+) -> Contact:
+    """A new contact; mail filed from now on can land on its timeline (R2)."""
+    addresses = _addresses(email, additional_emails)
+    await _check_owner(session, viewer, owner_id)
+    contact = Contact(
+        workspace_id=viewer.workspace_id,
+        name=name.strip() if name and name.strip() else None,
+        owner_id=owner_id,
+    )
+    session.add(contact)
+    await session.flush()
+    await _replace_addresses(session, contact, addresses)
+    await session.flush()
+    return contact
+
+
+async def update_contact(
+    session: AsyncSession,
+    viewer: Viewer,
+    contact_id: uuid.UUID | None,
+    *,
+    name: object = UNSET,
+    email: str | None = None,
+    additional_emails: Sequence[str] | None = None,
+    owner_id: object = UNSET,
+) -> Contact:
+    contact = await get_contact(session, viewer, contact_id)
+    if email is not None or additional_emails is not None:
+        current = (
+            await session.scalars(
+                select(ContactAddress.address)
+                .where(ContactAddress.contact_id == contact.id)
+                .order_by(col(ContactAddress.position))
+            )
+        ).all()
+        main = email if email is not None else current[0]
+        extra = additional_emails if additional_emails is not None else current[1:]
+        await _replace_addresses(session, contact, _addresses(main, extra))
+    if name is not UNSET:
+        contact.name = name.strip() if isinstance(name, str) and name.strip() else None
+    if owner_id is not UNSET:
+        await _check_owner(session, viewer, owner_id if isinstance(owner_id, uuid.UUID) else None)
+        contact.owner_id = owner_id if isinstance(owner_id, uuid.UUID) else None
+    session.add(contact)
+    await session.flush()
+    return contact
+
+
+async def delete_contact(
+    session: AsyncSession, viewer: Viewer, contact_id: uuid.UUID | None
+) -> uuid.UUID:
+    contact = await get_contact(session, viewer, contact_id)
+    filed = await mail_service.email_ids_on_timeline(session, contact.id)
+    await session.delete(contact)
+    await session.flush()
+    # R5: mail is only kept while it is on some contact's timeline.
+    await mail_service.delete_unfiled(session, filed)
+    return contact.id
+
+
+async def set_email_sync(
+    session: AsyncSession, viewer: Viewer, contact_id: uuid.UUID | None, enabled: bool
+) -> Contact:
+    """R4: a contact with sync off has all its addresses excluded from now on."""
+    contact = await get_contact(session, viewer, contact_id)
+    contact.email_sync_enabled = enabled
+    session.add(contact)
+    await session.flush()
+    return contact

@@ -1,0 +1,71 @@
+"""Expected failures: userErrors in payloads, and the auth errors of the contract."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import strawberry
+from graphql import GraphQLError
+
+from backend.auth.service import Viewer
+from backend.graphql.context import Info
+from backend.kit.errors import Forbidden, ServiceError
+
+T = TypeVar("T")
+
+
+@strawberry.type
+class UserError:
+    field: list[str] | None
+    message: str
+    code: str
+
+
+def unauthenticated() -> GraphQLError:
+    return GraphQLError(
+        "Authentication required: send `Authorization: Bearer <token>`.",
+        extensions={"code": "UNAUTHENTICATED"},
+    )
+
+
+def forbidden(message: str) -> GraphQLError:
+    return GraphQLError(message, extensions={"code": "FORBIDDEN"})
+
+
+def require_viewer(info: Info) -> Viewer:
+    viewer = info.context.viewer
+    if viewer is None:
+        raise unauthenticated()
+    return viewer
+
+
+def require_admin(info: Info) -> Viewer:
+    viewer = require_viewer(info)
+    if not viewer.is_admin:
+        raise forbidden("Only workspace owners and admins can do this.")
+    return viewer
+
+
+def user_errors(error: ServiceError, prefix: list[str] | None = None) -> list[UserError]:
+    field = error.field
+    if field is not None and prefix is not None:
+        field = [*prefix, *field]
+    return [UserError(field=field, message=error.message, code=error.code)]
+
+
+async def attempt(info: Info, action: Callable[[], Awaitable[T]]) -> T | ServiceError:
+    """Run a mutation's service call in a savepoint: on a ServiceError nothing it wrote stays."""
+    scope = info.context.scope
+    effects = scope.effects
+    marks = (len(effects.events), len(effects.sync_requests))
+    try:
+        async with scope.session.begin_nested():
+            return await action()
+    except ServiceError as exc:
+        # The savepoint undid the writes; the effects they queued must go with them.
+        del effects.events[marks[0] :]
+        del effects.sync_requests[marks[1] :]
+        if isinstance(exc, Forbidden):
+            raise forbidden(exc.message) from exc
+        return exc

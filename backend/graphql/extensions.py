@@ -1,0 +1,57 @@
+"""The GraphQL edge's unit of work: one session per operation, committed only on success,
+with jobs and events released after the commit."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from graphql import GraphQLError
+from strawberry.extensions import SchemaExtension
+from strawberry.types.graphql import OperationType
+
+from backend.graphql.context import Context, current_scope
+
+log = logging.getLogger(__name__)
+
+
+def is_unexpected(error: GraphQLError) -> bool:
+    """Errors we raise on purpose (auth, validation) pass; everything else is masked."""
+    original = error.original_error
+    return original is not None and not isinstance(original, GraphQLError)
+
+
+class UnitOfWork(SchemaExtension):
+    async def on_operation(self) -> AsyncIterator[None]:  # type: ignore[override]
+        execution = self.execution_context
+        context = execution.context
+        if not isinstance(context, Context):
+            yield
+            return
+        # The session connects on first use, so subscriptions (which resolve each event in a
+        # scope of its own, see graphql/subscriptions.py) hold no connection through this one.
+        async with context.runtime.db.sessionmaker() as session:
+            scope = context.open_scope(session)
+            token = current_scope.set(scope)
+            try:
+                yield
+                result = execution.result
+                errors = getattr(result, "errors", None) or []
+                failed = result is None or any(is_unexpected(e) for e in errors)
+                if _operation_type(execution) == OperationType.MUTATION and not failed:
+                    await session.commit()
+                    await scope.effects.release(context.runtime, context.runtime)
+                else:
+                    await session.rollback()
+            finally:
+                try:
+                    current_scope.reset(token)
+                except ValueError:
+                    current_scope.set(None)
+
+
+def _operation_type(execution: object) -> OperationType | None:
+    try:
+        return getattr(execution, "operation_type", None)
+    except RuntimeError:  # the document never parsed
+        return None

@@ -1,0 +1,92 @@
+"""The public schema, assembled from each domain's queries and mutations."""
+
+from __future__ import annotations
+
+import strawberry
+from strawberry.extensions import (
+    MaskErrors,
+    MaxAliasesLimiter,
+    ParserCache,
+    QueryDepthLimiter,
+    ValidationCache,
+)
+from strawberry.tools import merge_types
+
+from backend.contacts.resolvers import ContactMutation, ContactQuery
+from backend.contacts.types import Contact
+from backend.exclusions.resolvers import ExclusionMutation, ExclusionQuery
+from backend.exclusions.service import visible_exclusion
+from backend.exclusions.types import Exclusion
+from backend.graphql.context import Info
+from backend.graphql.errors import require_viewer
+from backend.graphql.extensions import UnitOfWork, is_unexpected
+from backend.graphql.relay import Node, parse_global_id
+from backend.graphql.subscriptions import Subscription
+from backend.mail.resolvers import MailMutation, MailQuery
+from backend.mail.types import Email, Thread
+from backend.mailboxes.resolvers import MailboxMutation, MailboxQuery
+from backend.mailboxes.service import can_manage
+from backend.mailboxes.types import Mailbox
+from backend.settings import Settings, get_settings
+from backend.workspaces.resolvers import WorkspaceMutation, WorkspaceQuery
+from backend.workspaces.types import User, Workspace
+
+
+@strawberry.type
+class NodeQuery:
+    @strawberry.field(description="Any object by its global id; another workspace's is null.")
+    async def node(self, info: Info, id: strawberry.ID) -> Node | None:
+        viewer = require_viewer(info)
+        parsed = parse_global_id(id)
+        if parsed is None:
+            return None
+        kind, row_id = parsed
+        loaders = info.context.loaders
+        if kind == "User":
+            user = await loaders.user.load(row_id)
+            return User(row=user) if user else None
+        if kind == "Workspace":
+            return Workspace(row=viewer.workspace) if row_id == viewer.workspace_id else None
+        if kind == "Contact":
+            contact = await loaders.contact.load(row_id)
+            return Contact(row=contact) if contact else None
+        if kind == "Email":
+            email = await loaders.email.load(row_id)
+            return Email(row=email) if email else None
+        if kind == "Thread":
+            thread = await loaders.thread.load(row_id)
+            return Thread(row=thread) if thread else None
+        if kind == "Mailbox":
+            mailbox = await loaders.mailbox.load(row_id)
+            return Mailbox(row=mailbox) if mailbox and can_manage(viewer, mailbox) else None
+        if kind == "Exclusion":
+            exclusion = await visible_exclusion(info.context.session, viewer, row_id)
+            return Exclusion(row=exclusion) if exclusion else None
+        return None
+
+
+Query = merge_types(
+    "Query", (NodeQuery, WorkspaceQuery, ContactQuery, MailQuery, MailboxQuery, ExclusionQuery)
+)
+Mutation = merge_types(
+    "Mutation",
+    (ContactMutation, MailboxMutation, MailMutation, ExclusionMutation, WorkspaceMutation),
+)
+
+
+def build_schema(settings: Settings | None = None) -> strawberry.Schema:
+    settings = settings or get_settings()
+    return strawberry.Schema(
+        query=Query,
+        mutation=Mutation,
+        subscription=Subscription,
+        types=[User, Workspace, Contact, Email, Thread, Mailbox, Exclusion],
+        extensions=[
+            UnitOfWork,
+            QueryDepthLimiter(max_depth=settings.max_query_depth),
+            MaxAliasesLimiter(max_alias_count=settings.max_aliases),
+            ParserCache(maxsize=512),
+            ValidationCache(maxsize=512),
+            MaskErrors(should_mask_error=is_unexpected),
+        ],
+    )

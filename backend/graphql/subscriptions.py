@@ -1,0 +1,150 @@
+"""Live events: delivered from the process's EventHub, each resolved in a fresh scope."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import strawberry
+
+from backend.contacts.types import Contact
+from backend.graphql.context import Info, OperationScope, current_scope
+from backend.graphql.errors import require_viewer
+from backend.graphql.relay import id_of
+from backend.mail.types import Email
+from backend.mailboxes.service import can_manage
+from backend.mailboxes.types import Mailbox, MailboxStatus
+
+# A subscription ends after this long; clients reconnect (and re-authenticate).
+MAX_LIFETIME_SECONDS = 24 * 3600
+
+
+@strawberry.type
+class EmailEvent:
+    email: Email
+    contacts: list[Contact]
+
+
+@strawberry.type
+class MailboxStatusEvent:
+    mailbox: Mailbox
+    previous_status: MailboxStatus
+
+
+@strawberry.type
+class SyncPassEvent:
+    mailbox: Mailbox
+    filed: int
+    failed: int
+    started_at: datetime
+    finished_at: datetime
+
+
+async def _events(info: Info, kind: str) -> AsyncIterator[tuple[dict[str, Any], OperationScope]]:
+    """Events of one kind for the viewer's workspace, each with an open scope to resolve it in."""
+    viewer = require_viewer(info)
+    context = info.context
+    hub = context.runtime.hub
+    if hub is None:
+        raise RuntimeError("this process has no event hub")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + MAX_LIFETIME_SECONDS
+    async with hub.subscribe(str(viewer.workspace_id)) as queue:
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                event = await asyncio.wait_for(queue.get(), timeout=remaining)
+            except TimeoutError:
+                return
+            if event.get("type") != kind:
+                continue
+            async with context.runtime.db.sessionmaker() as session:
+                scope = context.open_scope(session)
+                current_scope.set(scope)
+                try:
+                    yield event, scope
+                finally:
+                    current_scope.set(None)
+
+
+def _uuid(value: object) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+@strawberry.type
+class Subscription:
+    @strawberry.subscription(
+        description="A new email was filed; arguments narrow the stream; none: the whole workspace."
+    )
+    async def email_received(
+        self,
+        info: Info,
+        contact_id: strawberry.ID | None = None,
+        thread_id: strawberry.ID | None = None,
+        mailbox_id: strawberry.ID | None = None,
+    ) -> AsyncGenerator[EmailEvent, None]:
+        want_contact = id_of(contact_id, "Contact")
+        want_thread = id_of(thread_id, "Thread")
+        want_mailbox = id_of(mailbox_id, "Mailbox")
+        async for event, scope in _events(info, "emailReceived"):
+            contact_ids = [c for c in (_uuid(v) for v in event.get("contactIds", [])) if c]
+            if contact_id is not None and want_contact not in contact_ids:
+                continue
+            if thread_id is not None and _uuid(event.get("threadId")) != want_thread:
+                continue
+            if mailbox_id is not None and _uuid(event.get("mailboxId")) != want_mailbox:
+                continue
+            email_id = _uuid(event.get("emailId"))
+            email = await scope.loaders.email.load(email_id) if email_id else None
+            if email is None:
+                continue  # deleted again before we got to it
+            contacts = await scope.loaders.contacts(contact_ids)
+            yield EmailEvent(email=Email(row=email), contacts=[Contact(row=c) for c in contacts])
+
+    @strawberry.subscription(
+        description="A mailbox changed status (PENDING -> ACTIVE, ACTIVE -> ERROR, ...)."
+    )
+    async def mailbox_status_changed(
+        self, info: Info, mailbox_id: strawberry.ID | None = None
+    ) -> AsyncGenerator[MailboxStatusEvent, None]:
+        viewer = require_viewer(info)
+        want = id_of(mailbox_id, "Mailbox")
+        async for event, scope in _events(info, "mailboxStatusChanged"):
+            row_id = _uuid(event.get("mailboxId"))
+            if row_id is None or (mailbox_id is not None and row_id != want):
+                continue
+            mailbox = await scope.loaders.mailbox.load(row_id)
+            if mailbox is None or not can_manage(viewer, mailbox):
+                continue
+            yield MailboxStatusEvent(
+                mailbox=Mailbox(row=mailbox), previous_status=MailboxStatus(event["previousStatus"])
+            )
+
+    @strawberry.subscription(description='A sync pass finished (so "last synced" can update live).')
+    async def sync_pass_completed(
+        self, info: Info, mailbox_id: strawberry.ID | None = None
+    ) -> AsyncGenerator[SyncPassEvent, None]:
+        viewer = require_viewer(info)
+        want = id_of(mailbox_id, "Mailbox")
+        async for event, scope in _events(info, "syncPassCompleted"):
+            row_id = _uuid(event.get("mailboxId"))
+            if row_id is None or (mailbox_id is not None and row_id != want):
+                continue
+            mailbox = await scope.loaders.mailbox.load(row_id)
+            if mailbox is None or not can_manage(viewer, mailbox):
+                continue
+            yield SyncPassEvent(
+                mailbox=Mailbox(row=mailbox),
+                filed=int(event.get("filed", 0)),
+                failed=int(event.get("failed", 0)),
+                started_at=datetime.fromisoformat(event["startedAt"]),
+                finished_at=datetime.fromisoformat(event["finishedAt"]),
+            )

@@ -1,0 +1,164 @@
+import strawberry
+
+from backend.graphql.context import Info
+from backend.graphql.errors import UserError, attempt, require_viewer, user_errors
+from backend.graphql.inputs import required_id
+from backend.graphql.relay import id_of
+from backend.kit.errors import ServiceError
+from backend.mailboxes import service, tables
+from backend.mailboxes.types import EmailVisibility, Mailbox, Provider, SyncMode
+
+
+@strawberry.input
+class ConnectMailboxInput:
+    provider: Provider
+    login_hint: str | None = None
+    sync_mode: SyncMode | None = SyncMode.TWO_WAY  # type: ignore[assignment]
+
+
+@strawberry.type
+class ConnectMailboxPayload:
+    authorization_url: str | None
+    user_errors: list[UserError]
+
+
+@strawberry.input
+class ConnectImapMailboxInput:
+    email_address: str
+    username: str | None = None
+    password: str
+    imap_host: str
+    imap_port: int | None = 993
+    smtp_host: str
+    smtp_port: int | None = 465
+    security: str | None = strawberry.field(
+        default="TLS", description="TLS | STARTTLS | NONE (NONE allowed only for loopback hosts)"
+    )
+    sync_mode: SyncMode | None = SyncMode.TWO_WAY  # type: ignore[assignment]
+
+
+@strawberry.input
+class UpdateMailboxInput:
+    id: strawberry.ID
+    sync_mode: SyncMode | None = None
+    visibility: EmailVisibility | None = None
+
+
+@strawberry.input
+class DisconnectMailboxInput:
+    id: strawberry.ID
+    erase_history: bool | None = False
+
+
+@strawberry.type
+class MailboxPayload:
+    mailbox: Mailbox | None
+    user_errors: list[UserError]
+
+
+def mailbox_payload(
+    result: tables.Mailbox | ServiceError, prefix: list[str] | None
+) -> MailboxPayload:
+    if isinstance(result, ServiceError):
+        return MailboxPayload(mailbox=None, user_errors=user_errors(result, prefix))
+    return MailboxPayload(mailbox=Mailbox(row=result), user_errors=[])
+
+
+def not_implemented(what: str) -> list[UserError]:
+    return [
+        UserError(
+            field=None,
+            code="NOT_IMPLEMENTED",
+            message=f"{what} is not available in this version of mailsync yet.",
+        )
+    ]
+
+
+@strawberry.type
+class MailboxQuery:
+    @strawberry.field(description="the viewer's; OWNER/ADMIN: the workspace's")
+    async def mailboxes(self, info: Info) -> list[Mailbox]:
+        viewer = require_viewer(info)
+        return [
+            Mailbox(row=m) for m in await service.visible_mailboxes(info.context.session, viewer)
+        ]
+
+    @strawberry.field
+    async def mailbox(self, info: Info, id: strawberry.ID) -> Mailbox | None:
+        viewer = require_viewer(info)
+        row_id = id_of(id, "Mailbox")
+        row = await info.context.loaders.mailbox.load(row_id) if row_id else None
+        return Mailbox(row=row) if row and service.can_manage(viewer, row) else None
+
+
+@strawberry.type
+class MailboxMutation:
+    @strawberry.mutation(description="OAuth providers; finish at the callback URL")
+    async def connect_mailbox(
+        self, info: Info, input: ConnectMailboxInput
+    ) -> ConnectMailboxPayload:
+        require_viewer(info)
+        return ConnectMailboxPayload(
+            authorization_url=None,
+            user_errors=not_implemented(f"Connecting a {input.provider.value} mailbox"),
+        )
+
+    @strawberry.mutation(description="same account or a new address, keeping history")
+    async def reconnect_mailbox(self, info: Info, id: strawberry.ID) -> ConnectMailboxPayload:
+        require_viewer(info)
+        return ConnectMailboxPayload(
+            authorization_url=None, user_errors=not_implemented("Reconnecting a mailbox")
+        )
+
+    @strawberry.mutation
+    async def connect_imap_mailbox(
+        self, info: Info, input: ConnectImapMailboxInput
+    ) -> MailboxPayload:
+        require_viewer(info)
+        return MailboxPayload(
+            mailbox=None, user_errors=not_implemented("Connecting an IMAP mailbox")
+        )
+
+    @strawberry.mutation
+    async def update_mailbox(self, info: Info, input: UpdateMailboxInput) -> MailboxPayload:
+        viewer = require_viewer(info)
+        session = info.context.session
+        result = await attempt(
+            info,
+            lambda: service.update_mailbox(
+                session,
+                viewer,
+                required_id(input.id, "Mailbox", ["id"]),
+                sync_mode=input.sync_mode,
+                visibility=input.visibility,
+            ),
+        )
+        return mailbox_payload(result, ["input"])
+
+    @strawberry.mutation
+    async def disconnect_mailbox(self, info: Info, input: DisconnectMailboxInput) -> MailboxPayload:
+        viewer = require_viewer(info)
+        scope = info.context.scope
+        result = await attempt(
+            info,
+            lambda: service.disconnect_mailbox(
+                scope.session,
+                viewer,
+                scope.effects,
+                required_id(input.id, "Mailbox", ["id"]),
+                erase=bool(input.erase_history),
+            ),
+        )
+        return mailbox_payload(result, ["input"])
+
+    @strawberry.mutation(description="run a pass now")
+    async def sync_mailbox(self, info: Info, id: strawberry.ID) -> MailboxPayload:
+        viewer = require_viewer(info)
+        scope = info.context.scope
+        result = await attempt(
+            info,
+            lambda: service.request_sync(
+                scope.session, viewer, scope.effects, required_id(id, "Mailbox", ["id"])
+            ),
+        )
+        return mailbox_payload(result, None)

@@ -1,0 +1,246 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from backend.auth.service import Viewer
+from backend.kit.addresses import normalize_address
+from backend.kit.clock import now
+from backend.kit.crypto import decrypt_json, encrypt_json
+from backend.kit.effects import AfterCommit
+from backend.kit.errors import NotFound, ServiceError
+from backend.mail import service as mail_service
+from backend.mail.tables import Email, EmailSource, MailboxMessage
+from backend.mailboxes import queries
+from backend.mailboxes.tables import EmailVisibility, Mailbox, MailboxStatus, Provider, SyncMode
+from backend.workspaces.tables import User, Workspace
+
+
+def status_event(mailbox: Mailbox, previous: MailboxStatus) -> dict[str, Any]:
+    return {
+        "type": "mailboxStatusChanged",
+        "mailboxId": str(mailbox.id),
+        "previousStatus": previous.value,
+        "status": mailbox.status.value,
+    }
+
+
+def set_status(mailbox: Mailbox, status: MailboxStatus, effects: AfterCommit) -> None:
+    """Every status change is published (R13) once the transaction commits."""
+    if mailbox.status == status:
+        return
+    previous = mailbox.status
+    mailbox.status = status
+    effects.publish(mailbox.workspace_id, status_event(mailbox, previous))
+
+
+def read_credentials(secret: bytes, mailbox: Mailbox) -> dict[str, Any]:
+    if mailbox.credentials_encrypted is None:
+        return {}
+    return decrypt_json(secret, mailbox.credentials_encrypted)
+
+
+def write_credentials(secret: bytes, mailbox: Mailbox, credentials: dict[str, Any]) -> None:
+    mailbox.credentials_encrypted = encrypt_json(secret, credentials)
+
+
+def can_manage(viewer: Viewer, mailbox: Mailbox) -> bool:
+    return mailbox.workspace_id == viewer.workspace_id and (
+        viewer.is_admin or mailbox.owner_id == viewer.user.id
+    )
+
+
+async def visible_mailboxes(session: AsyncSession, viewer: Viewer) -> list[Mailbox]:
+    """The viewer's own mailboxes; owners and admins see the whole workspace's."""
+    owner = None if viewer.is_admin else viewer.user.id
+    return await queries.workspace_mailboxes(session, viewer.workspace_id, owner)
+
+
+async def get_managed(
+    session: AsyncSession, viewer: Viewer, mailbox_id: uuid.UUID | None
+) -> Mailbox:
+    mailbox = await session.get(Mailbox, mailbox_id) if mailbox_id else None
+    if mailbox is None or not can_manage(viewer, mailbox):
+        raise NotFound("Mailbox", ["id"])
+    return mailbox
+
+
+async def _has_room(session: AsyncSession, workspace: Workspace) -> bool:
+    if workspace.mailbox_limit is None:
+        return True
+    return await queries.counted_mailboxes(session, workspace.id) < workspace.mailbox_limit
+
+
+async def connect_mailbox(
+    session: AsyncSession,
+    effects: AfterCommit,
+    secret: bytes,
+    *,
+    owner: User,
+    provider: Provider,
+    email_address: str,
+    credentials: dict[str, Any],
+    aliases: Sequence[str] = (),
+    sync_mode: SyncMode = SyncMode.TWO_WAY,
+) -> Mailbox:
+    """A newly connected mailbox: PENDING, or PENDING_LIMIT while the workspace is full (R13)."""
+    workspace = await session.get(Workspace, owner.workspace_id)
+    if workspace is None:
+        raise NotFound("Workspace")
+    address = normalize_address(email_address)
+    existing = (
+        await session.scalars(
+            select(Mailbox).where(
+                Mailbox.workspace_id == workspace.id,
+                Mailbox.email_address == address,
+                Mailbox.provider == provider,
+                Mailbox.status != MailboxStatus.DISCONNECTED,
+            )
+        )
+    ).first()
+    if existing is not None:
+        raise ServiceError(
+            "ALREADY_CONNECTED", f"{address} is already connected.", ["emailAddress"]
+        )
+    mailbox = Mailbox(
+        workspace_id=workspace.id,
+        owner_id=owner.id,
+        provider=provider,
+        email_address=address,
+        aliases=[normalize_address(a) for a in aliases if normalize_address(a) != address],
+        sync_mode=sync_mode,
+        status=MailboxStatus.PENDING
+        if await _has_room(session, workspace)
+        else MailboxStatus.PENDING_LIMIT,
+        connected_at=now(),
+    )
+    write_credentials(secret, mailbox, credentials)
+    session.add(mailbox)
+    await session.flush()
+    if mailbox.status == MailboxStatus.PENDING:
+        effects.request_sync(mailbox.id)
+    return mailbox
+
+
+async def update_mailbox(
+    session: AsyncSession,
+    viewer: Viewer,
+    mailbox_id: uuid.UUID | None,
+    *,
+    sync_mode: SyncMode | None,
+    visibility: EmailVisibility | None,
+) -> Mailbox:
+    mailbox = await get_managed(session, viewer, mailbox_id)
+    if sync_mode is not None:
+        mailbox.sync_mode = sync_mode
+    if visibility is not None:
+        mailbox.visibility = visibility
+    session.add(mailbox)
+    await session.flush()
+    return mailbox
+
+
+async def request_sync(
+    session: AsyncSession, viewer: Viewer, effects: AfterCommit, mailbox_id: uuid.UUID | None
+) -> Mailbox:
+    mailbox = await get_managed(session, viewer, mailbox_id)
+    if mailbox.status == MailboxStatus.DISCONNECTED:
+        raise ServiceError(
+            "MAILBOX_DISCONNECTED", "This mailbox is disconnected: connect it again to sync."
+        )
+    if mailbox.status == MailboxStatus.SUSPENDED:
+        raise ServiceError(
+            "MAILBOX_SUSPENDED",
+            "Sync is suspended after 48 hours of failures: reconnect the mailbox.",
+        )
+    if mailbox.status == MailboxStatus.PENDING_LIMIT:
+        raise ServiceError(
+            "LIMIT_REACHED",
+            "The workspace is at its mailbox limit; this mailbox starts when room frees up.",
+        )
+    effects.request_sync(mailbox.id)
+    return mailbox
+
+
+async def erase_history(session: AsyncSession, mailbox: Mailbox) -> int:
+    """R11: delete every synced email that only this mailbox brought in."""
+    seen_elsewhere = (
+        select(MailboxMessage.email_id)
+        .where(MailboxMessage.mailbox_id != mailbox.id)
+        .scalar_subquery()
+    )
+    doomed = (
+        await session.execute(
+            select(Email.id, Email.thread_id).where(
+                Email.source == EmailSource.SYNC,
+                sa.or_(
+                    Email.mailbox_id == mailbox.id,
+                    col(Email.id).in_(
+                        select(MailboxMessage.email_id).where(
+                            MailboxMessage.mailbox_id == mailbox.id
+                        )
+                    ),
+                ),
+                col(Email.id).not_in(seen_elsewhere),
+            )
+        )
+    ).all()
+    if doomed:
+        await session.execute(delete(Email).where(col(Email.id).in_([d[0] for d in doomed])))
+        await mail_service.refresh_threads(session, [d[1] for d in doomed])
+    return len(doomed)
+
+
+async def disconnect_mailbox(
+    session: AsyncSession,
+    viewer: Viewer,
+    effects: AfterCommit,
+    mailbox_id: uuid.UUID | None,
+    *,
+    erase: bool = False,
+) -> Mailbox:
+    mailbox = await get_managed(session, viewer, mailbox_id)
+    if mailbox.status == MailboxStatus.DISCONNECTED and not erase:
+        return mailbox
+    set_status(mailbox, MailboxStatus.DISCONNECTED, effects)
+    mailbox.credentials_encrypted = None
+    mailbox.pass_requested = False
+    mailbox.next_attempt_at = None
+    mailbox.disconnected_at = now()
+    session.add(mailbox)
+    await session.flush()
+    if erase:
+        await erase_history(session, mailbox)
+    await promote_waiting(session, mailbox.workspace_id, effects)
+    return mailbox
+
+
+async def promote_waiting(
+    session: AsyncSession, workspace_id: uuid.UUID, effects: AfterCommit
+) -> None:
+    """PENDING_LIMIT mailboxes start by themselves, oldest first, as room frees up (R13)."""
+    workspace = await session.get(Workspace, workspace_id)
+    if workspace is None:
+        return
+    waiting = list(
+        await session.scalars(
+            select(Mailbox)
+            .where(
+                Mailbox.workspace_id == workspace_id, Mailbox.status == MailboxStatus.PENDING_LIMIT
+            )
+            .order_by(col(Mailbox.created_at), col(Mailbox.id))
+        )
+    )
+    for mailbox in waiting:
+        if not await _has_room(session, workspace):
+            break
+        set_status(mailbox, MailboxStatus.PENDING, effects)
+        session.add(mailbox)
+        await session.flush()
+        effects.request_sync(mailbox.id)

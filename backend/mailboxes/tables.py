@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+from backend.db import UtcDateTime, enum_type
+from backend.kit.clock import now
+
+
+class Provider(enum.StrEnum):
+    GMAIL = "GMAIL"
+    MICROSOFT = "MICROSOFT"
+    IMAP = "IMAP"
+
+
+class SyncMode(enum.StrEnum):
+    TWO_WAY = "TWO_WAY"
+    CRM_THREADS_ONLY = "CRM_THREADS_ONLY"
+    ONE_WAY = "ONE_WAY"
+
+
+class EmailVisibility(enum.StrEnum):
+    SHARE_EVERYTHING = "SHARE_EVERYTHING"
+    SUBJECT_ONLY = "SUBJECT_ONLY"
+    METADATA_ONLY = "METADATA_ONLY"
+
+
+class MailboxStatus(enum.StrEnum):
+    PENDING = "PENDING"
+    PENDING_LIMIT = "PENDING_LIMIT"
+    ACTIVE = "ACTIVE"
+    ERROR = "ERROR"
+    SUSPENDED = "SUSPENDED"
+    DISCONNECTED = "DISCONNECTED"
+
+
+class Mailbox(SQLModel, table=True):
+    __tablename__ = "mailboxes"
+    __table_args__ = (
+        sa.Index("ix_mailboxes_workspace_owner", "workspace_id", "owner_id"),
+        # The scheduler's scan: which mailboxes are due.
+        sa.Index("ix_mailboxes_status_next_attempt", "status", "next_attempt_at"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    workspace_id: uuid.UUID = Field(foreign_key="workspaces.id", ondelete="CASCADE")
+    owner_id: uuid.UUID = Field(foreign_key="users.id", ondelete="CASCADE")
+    provider: Provider = Field(sa_type=enum_type(Provider))
+    email_address: str = Field(max_length=320)
+    # Own addresses beyond email_address: Gmail send-as, Microsoft proxy addresses (R1, R8).
+    aliases: list[str] = Field(default_factory=list, sa_type=sa.JSON)
+    status: MailboxStatus = Field(default=MailboxStatus.PENDING, sa_type=enum_type(MailboxStatus))
+    sync_mode: SyncMode = Field(default=SyncMode.TWO_WAY, sa_type=enum_type(SyncMode))
+    visibility: EmailVisibility = Field(
+        default=EmailVisibility.SHARE_EVERYTHING, sa_type=enum_type(EmailVisibility)
+    )
+    # Fernet ciphertext of the provider credentials (kit.crypto); never logged, never exposed.
+    credentials_encrypted: str | None = Field(default=None, sa_type=sa.Text)
+    # Provider position (history id, delta links, UIDVALIDITY/UID); saved with the mail it covers.
+    cursor: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    connected_at: datetime = Field(default_factory=now, sa_type=UtcDateTime)
+    last_synced_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    last_email_synced_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    # Start of the current failure streak: SUSPENDED 48 hours after it (R13).
+    failing_since: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    consecutive_failures: int = 0
+    next_attempt_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    # Cross-process pass lock (R14): who holds it and until when it is trusted.
+    pass_token: str | None = Field(default=None, max_length=64)
+    pass_lock_expires_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    pass_requested: bool = False
+    disconnected_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    created_at: datetime = Field(default_factory=now, sa_type=UtcDateTime)

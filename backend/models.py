@@ -1,0 +1,26 @@
+"""Every table, imported once so metadata (Alembic, tests) sees the whole schema."""
+
+from backend.auth.tables import ApiToken
+from backend.contacts.tables import Contact, ContactAddress
+from backend.exclusions.tables import Exclusion
+from backend.mail.tables import Email, MailboxMessage, Participant, Thread, TimelineEntry
+from backend.mailboxes.tables import Mailbox
+from backend.sync.tables import SyncActivityDay, SyncErrorEntry
+from backend.workspaces.tables import User, Workspace
+
+__all__ = [
+    "ApiToken",
+    "Contact",
+    "ContactAddress",
+    "Email",
+    "Exclusion",
+    "Mailbox",
+    "MailboxMessage",
+    "Participant",
+    "SyncActivityDay",
+    "SyncErrorEntry",
+    "Thread",
+    "TimelineEntry",
+    "User",
+    "Workspace",
+]

@@ -1,0 +1,121 @@
+"""What a sync pass needs from a mail provider, and nothing more.
+
+Fits Gmail (history ids, watch), Microsoft Graph (per-folder delta links, subscriptions)
+and IMAP (UIDVALIDITY/UID, IDLE): the cursor is an opaque JSON object the provider owns.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from backend.sync.tables import SyncErrorCode
+
+
+@dataclass(frozen=True)
+class MessageRef:
+    """A provider's handle on one message: Gmail id, Graph immutable id, IMAP `UIDVALIDITY:UID`."""
+
+    provider_id: str
+    thread_id: str | None = None
+
+
+@dataclass
+class ChangeSet:
+    refs: list[MessageRef]
+    # Saved only together with the mail it covers (in the same transaction).
+    cursor: dict[str, Any]
+    # The old cursor was too old (Gmail 404, Graph 410/syncStateNotFound, UIDVALIDITY change):
+    # `refs` is a full re-list of mail since the connection, to be filed without duplicates.
+    full_resync: bool = False
+
+
+@dataclass
+class FetchedMessage:
+    ref: MessageRef
+    raw: bytes  # RFC 5322
+    thread_id: str | None = None
+    labels: list[str] = field(default_factory=list)  # Gmail labels, Graph folder, IMAP folder
+    internal_date: datetime | None = None
+
+
+@dataclass
+class SentMessage:
+    provider_id: str
+    thread_id: str | None = None
+
+
+class ProviderError(Exception):
+    """A provider call failed; `code` is the R13 code the mailbox shows."""
+
+    code: SyncErrorCode = SyncErrorCode.READ_FAILED
+
+    def __init__(self, detail: str, code: SyncErrorCode | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+
+
+class TransientProviderError(ProviderError):
+    """Worth retrying: rate limits, timeouts, 5xx. `retry_after` is the provider's wish, in seconds."""
+
+    code = SyncErrorCode.PROVIDER_UNAVAILABLE
+
+    def __init__(
+        self, detail: str, code: SyncErrorCode | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(detail, code)
+        self.retry_after = retry_after
+
+
+class RateLimited(TransientProviderError):
+    code = SyncErrorCode.RATE_LIMITED
+
+
+class PermanentProviderError(ProviderError):
+    """Retrying will not help until the user acts (reconnect, grant access, fix the address)."""
+
+
+class AccessDenied(PermanentProviderError):
+    code = SyncErrorCode.ACCESS_DENIED
+
+
+class AccessRevoked(PermanentProviderError):
+    code = SyncErrorCode.ACCESS_REVOKED
+
+
+class MailboxNotFound(PermanentProviderError):
+    code = SyncErrorCode.MAILBOX_NOT_FOUND
+
+
+class CursorInvalid(PermanentProviderError):
+    """The cursor cannot be used any more; the engine answers with a full re-list."""
+
+
+class MailProvider(abc.ABC):
+    @abc.abstractmethod
+    async def own_addresses(self) -> list[str]:
+        """The mailbox's address and its aliases (send-as, proxy addresses)."""
+
+    @abc.abstractmethod
+    async def list_changes(self, cursor: dict[str, Any] | None, since: datetime) -> ChangeSet:
+        """New mail since `cursor`; with no cursor, everything received or sent since `since`."""
+
+    @abc.abstractmethod
+    async def fetch(self, refs: Sequence[MessageRef]) -> list[FetchedMessage | ProviderError]:
+        """Raw messages for `refs`, in order; a per-message failure is returned, not raised."""
+
+    @abc.abstractmethod
+    async def send(self, raw: bytes, thread_id: str | None = None) -> SentMessage:
+        """Send an RFC 5322 message through the mailbox; it lands in its Sent folder."""
+
+    @abc.abstractmethod
+    async def mark(self, provider_id: str, label: str) -> None:
+        """Tag a synced message (Gmail label, Outlook category, IMAP keyword)."""
+
+    async def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release connections; most providers hold none between calls."""

@@ -1,0 +1,32 @@
+"""Which MailProvider serves a mailbox. Provider packages register themselves at import."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from backend.mailboxes.tables import Mailbox, Provider
+from backend.providers.base import MailProvider, PermanentProviderError
+from backend.settings import Settings
+from backend.sync.tables import SyncErrorCode
+
+ProviderFactory = Callable[[Mailbox, dict[str, Any], Settings], MailProvider]
+
+_factories: dict[Provider, ProviderFactory] = {}
+
+
+def register(provider: Provider, factory: ProviderFactory) -> None:
+    _factories[provider] = factory
+
+
+def unregister(provider: Provider) -> None:
+    _factories.pop(provider, None)
+
+
+def provider_for(mailbox: Mailbox, credentials: dict[str, Any], settings: Settings) -> MailProvider:
+    factory = _factories.get(mailbox.provider)
+    if factory is None:
+        raise PermanentProviderError(
+            f"no {mailbox.provider.value} provider is installed", SyncErrorCode.READ_FAILED
+        )
+    return factory(mailbox, credentials, settings)

@@ -1,0 +1,250 @@
+"""One sync pass of one mailbox: list changes, fetch, file, then save the cursor with the mail."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.kit.clock import now
+from backend.kit.effects import AfterCommit
+from backend.mailboxes.service import read_credentials, set_status
+from backend.mailboxes.tables import Mailbox, MailboxStatus
+from backend.providers.base import (
+    CursorInvalid,
+    FetchedMessage,
+    MailProvider,
+    ProviderError,
+    TransientProviderError,
+)
+from backend.providers.registry import provider_for
+from backend.sync.ingest import Outcome, filing_context, ingest
+from backend.sync.parsing import parse_message
+from backend.sync.status import MESSAGES, SUSPEND_AFTER, backoff
+from backend.sync.tables import SyncActivityDay, SyncErrorCode, SyncErrorEntry
+from backend.workspaces.tables import Workspace
+
+if TYPE_CHECKING:
+    from backend.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+SYNCABLE = {MailboxStatus.PENDING, MailboxStatus.ACTIVE, MailboxStatus.ERROR}
+FETCH_BATCH = 50
+
+
+@dataclass
+class PassResult:
+    mailbox_id: uuid.UUID
+    filed: int
+    failed: int
+    duplicates: int
+    started_at: datetime
+    finished_at: datetime
+    error: ProviderError | None = None
+
+    def event(self) -> dict[str, Any]:
+        return {
+            "type": "syncPassCompleted",
+            "mailboxId": str(self.mailbox_id),
+            "filed": self.filed,
+            "failed": self.failed,
+            "startedAt": self.started_at.isoformat(),
+            "finishedAt": self.finished_at.isoformat(),
+        }
+
+
+def record_error(
+    session: AsyncSession, mailbox_id: uuid.UUID, code: SyncErrorCode, detail: str | None
+) -> None:
+    message, recommendation = MESSAGES[code]
+    session.add(
+        SyncErrorEntry(
+            mailbox_id=mailbox_id,
+            code=code,
+            message=message,
+            recommendation=recommendation,
+            detail=detail,
+        )
+    )
+
+
+async def count_activity(
+    session: AsyncSession,
+    mailbox_id: uuid.UUID,
+    *,
+    queued: int = 0,
+    synced: int = 0,
+    failed: int = 0,
+) -> None:
+    today = now().date()
+    row = await session.get(SyncActivityDay, (mailbox_id, today))
+    if row is None:
+        row = SyncActivityDay(mailbox_id=mailbox_id, day=today)
+    row.queued += queued
+    row.synced += synced
+    row.failed += failed
+    session.add(row)
+
+
+async def _file_all(
+    session: AsyncSession,
+    effects: AfterCommit,
+    provider: MailProvider,
+    workspace: Workspace,
+    mailbox: Mailbox,
+) -> tuple[int, int, int, dict[str, Any]]:
+    try:
+        changes = await provider.list_changes(mailbox.cursor, mailbox.connected_at)
+    except CursorInvalid:
+        changes = await provider.list_changes(None, mailbox.connected_at)
+    ctx = await filing_context(session, workspace, mailbox)
+    filed = failed = duplicates = 0
+    for start in range(0, len(changes.refs), FETCH_BATCH):
+        batch = changes.refs[start : start + FETCH_BATCH]
+        for ref, item in zip(batch, await provider.fetch(batch), strict=True):
+            if isinstance(item, ProviderError):
+                failed += 1
+                record_error(
+                    session,
+                    mailbox.id,
+                    SyncErrorCode.READ_FAILED,
+                    f"message {ref.provider_id}: {item}",
+                )
+                continue
+            outcome = await _file_one(session, effects, workspace, mailbox, ctx, item)
+            if outcome is None:
+                failed += 1
+            elif outcome == Outcome.FILED:
+                filed += 1
+            elif outcome == Outcome.DUPLICATE:
+                duplicates += 1
+    await count_activity(session, mailbox.id, queued=len(changes.refs), synced=filed, failed=failed)
+    return filed, failed, duplicates, changes.cursor
+
+
+async def _file_one(
+    session: AsyncSession,
+    effects: AfterCommit,
+    workspace: Workspace,
+    mailbox: Mailbox,
+    ctx: Any,
+    item: FetchedMessage,
+) -> Outcome | None:
+    """File one message; a message we cannot import is logged as IMPORT_FAILED, never fatal."""
+    marks = (len(effects.events), len(effects.sync_requests))
+    try:
+        parsed = parse_message(item.raw)
+        async with session.begin_nested():
+            return (await ingest(session, effects, workspace, mailbox, ctx, item, parsed)).outcome
+    except Exception as exc:
+        del effects.events[marks[0] :]
+        del effects.sync_requests[marks[1] :]
+        log.warning(
+            "mailbox %s: could not import message %s: %r", mailbox.id, item.ref.provider_id, exc
+        )
+        record_error(
+            session, mailbox.id, SyncErrorCode.IMPORT_FAILED, f"message {item.ref.provider_id}"
+        )
+        return None
+
+
+def _succeeded(mailbox: Mailbox, filed: int, effects: AfterCommit) -> None:
+    finished = now()
+    mailbox.last_synced_at = finished
+    if filed:
+        mailbox.last_email_synced_at = finished
+    mailbox.failing_since = None
+    mailbox.consecutive_failures = 0
+    mailbox.next_attempt_at = None
+    # R13: PENDING until the first email is filed, then ACTIVE.
+    target = MailboxStatus.ACTIVE if mailbox.last_email_synced_at else MailboxStatus.PENDING
+    set_status(mailbox, target, effects)
+
+
+def _failed(
+    session: AsyncSession, mailbox: Mailbox, error: ProviderError, effects: AfterCommit
+) -> None:
+    moment = now()
+    mailbox.failing_since = mailbox.failing_since or moment
+    mailbox.consecutive_failures += 1
+    record_error(session, mailbox.id, error.code, error.detail[:2000])
+    if moment - mailbox.failing_since >= SUSPEND_AFTER:
+        mailbox.next_attempt_at = None
+        set_status(mailbox, MailboxStatus.SUSPENDED, effects)
+        return
+    retry_after = error.retry_after if isinstance(error, TransientProviderError) else None
+    mailbox.next_attempt_at = moment + backoff(mailbox.consecutive_failures, retry_after)
+    set_status(mailbox, MailboxStatus.ERROR, effects)
+
+
+async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None:
+    """Run one pass. The job wrapper guarantees one pass per mailbox at a time (R14)."""
+    started = now()
+    effects = AfterCommit()
+    async with runtime.db.sessionmaker() as session:
+        mailbox = await session.get(Mailbox, mailbox_id)
+        if mailbox is None or mailbox.status not in SYNCABLE:
+            return None
+        workspace = await session.get(Workspace, mailbox.workspace_id)
+        if workspace is None:
+            return None
+        error: ProviderError | None = None
+        filed = failed = duplicates = 0
+        try:
+            provider = provider_for(
+                mailbox, read_credentials(runtime.settings.secret, mailbox), runtime.settings
+            )
+            try:
+                filed, failed, duplicates, cursor = await _file_all(
+                    session, effects, provider, workspace, mailbox
+                )
+            finally:
+                await provider.close()
+            mailbox.cursor = cursor
+            _succeeded(mailbox, filed, effects)
+            session.add(mailbox)
+            await session.commit()
+        except ProviderError as exc:
+            error = exc
+        except Exception as exc:
+            log.exception("mailbox %s: sync pass failed unexpectedly", mailbox_id)
+            error = TransientProviderError(f"unexpected: {exc!r}", SyncErrorCode.READ_FAILED)
+        if error is not None:
+            await session.rollback()
+            effects.clear()
+            mailbox = await session.get(Mailbox, mailbox_id, populate_existing=True)
+            if mailbox is None:
+                return None
+            filed = duplicates = 0
+            _failed(session, mailbox, error, effects)
+            session.add(mailbox)
+            await session.commit()
+    result = PassResult(mailbox_id, filed, failed, duplicates, started, now(), error)
+    effects.publish(mailbox.workspace_id, result.event())
+    await effects.release(runtime, runtime)
+    return result
+
+
+async def due_mailboxes(session: AsyncSession, interval_seconds: int) -> list[uuid.UUID]:
+    """R14: every syncing mailbox every `interval`, failing ones when their backoff ends."""
+    moment = now()
+    horizon = moment - timedelta(seconds=interval_seconds)
+    rows = await session.execute(
+        select(Mailbox.id, Mailbox.status, Mailbox.last_synced_at, Mailbox.next_attempt_at).where(
+            Mailbox.status.in_([MailboxStatus.PENDING, MailboxStatus.ACTIVE, MailboxStatus.ERROR])  # type: ignore[attr-defined]
+        )
+    )
+    due: list[uuid.UUID] = []
+    for mailbox_id, status, last_synced_at, next_attempt_at in rows:
+        if status == MailboxStatus.ERROR:
+            if next_attempt_at is None or next_attempt_at <= moment:
+                due.append(mailbox_id)
+        elif last_synced_at is None or last_synced_at <= horizon:
+            due.append(mailbox_id)
+    return due

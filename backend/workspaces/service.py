@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import secrets
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.auth.service import Viewer
+from backend.kit.addresses import validate_address
+from backend.kit.errors import Forbidden, ServiceError
+from backend.workspaces import queries
+from backend.workspaces.tables import ContactAutoCreation, ContactMatching, Role, User, Workspace
+
+UNSET = object()
+
+
+def capture_address(workspace: Workspace, capture_domain: str) -> str:
+    return f"{workspace.capture_key}@{capture_domain}"
+
+
+async def create_workspace(
+    session: AsyncSession, name: str, owner_email: str, owner_name: str | None = None
+) -> tuple[Workspace, User]:
+    if not name.strip():
+        raise ServiceError("INVALID_NAME", "A workspace needs a name.", ["name"])
+    workspace = Workspace(name=name.strip(), capture_key=f"capture-{secrets.token_hex(8)}")
+    session.add(workspace)
+    await session.flush()
+    owner = await add_user(session, workspace, owner_email, Role.OWNER, owner_name)
+    return workspace, owner
+
+
+async def add_user(
+    session: AsyncSession, workspace: Workspace, email: str, role: Role, name: str | None = None
+) -> User:
+    address = validate_address(email, ["email"])
+    if await queries.user_by_email(session, address) is not None:
+        raise ServiceError(
+            "DUPLICATE_USER", f"A user with the address {address} already exists.", ["email"]
+        )
+    user = User(
+        workspace_id=workspace.id,
+        email=address,
+        name=(name or address.split("@")[0]).strip(),
+        role=role,
+    )
+    session.add(user)
+    await session.flush()
+    return user
+
+
+async def update_settings(
+    session: AsyncSession,
+    viewer: Viewer,
+    *,
+    contact_matching: ContactMatching | None,
+    contact_auto_creation: ContactAutoCreation | None,
+    mailbox_limit: object = UNSET,
+) -> Workspace:
+    if not viewer.is_admin:
+        raise Forbidden("Only workspace owners and admins can change settings.")
+    workspace = await session.get(Workspace, viewer.workspace_id)
+    if workspace is None:
+        raise ServiceError("NOT_FOUND", "Workspace not found.")
+    if mailbox_limit is not UNSET:
+        if mailbox_limit is not None and (not isinstance(mailbox_limit, int) or mailbox_limit < 0):
+            raise ServiceError(
+                "INVALID_LIMIT",
+                "The mailbox limit must be zero or more (null for unlimited).",
+                ["mailboxLimit"],
+            )
+        workspace.mailbox_limit = mailbox_limit if isinstance(mailbox_limit, int) else None
+    if contact_matching is not None:
+        workspace.contact_matching = contact_matching
+    if contact_auto_creation is not None:
+        workspace.contact_auto_creation = contact_auto_creation
+    session.add(workspace)
+    await session.flush()
+    return workspace

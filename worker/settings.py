@@ -1,0 +1,50 @@
+"""arq worker: `mailsync worker` (or `arq worker.settings.WorkerSettings`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arq import cron, func
+from arq.connections import RedisSettings
+
+from backend.runtime import SYNC_FUNCTION, Runtime
+from backend.settings import configure_logging, get_settings
+from backend.sync import jobs
+
+SYNC_PREFIX = "sync:"
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings = get_settings()
+    configure_logging(settings)
+    ctx["runtime"] = await Runtime.create(settings)
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    await ctx["runtime"].close()
+
+
+async def sync_mailbox(ctx: dict[str, Any], mailbox_id: str) -> dict[str, int] | None:
+    result = await jobs.sync_mailbox(ctx["runtime"], mailbox_id)
+    return None if result is None else {"filed": result.filed, "failed": result.failed}
+
+
+async def schedule_due(ctx: dict[str, Any]) -> int:
+    return await jobs.schedule_due(ctx["runtime"])
+
+
+async def after_job_end(ctx: dict[str, Any]) -> None:
+    job_id = str(ctx.get("job_id", ""))
+    if job_id.startswith(SYNC_PREFIX):
+        await jobs.after_sync(ctx["runtime"], job_id.removeprefix(SYNC_PREFIX))
+
+
+class WorkerSettings:
+    functions = [func(sync_mailbox, name=SYNC_FUNCTION, keep_result=0, timeout=300, max_tries=5)]
+    cron_jobs = [cron(schedule_due, second={0}, run_at_startup=True, unique=True, keep_result=0)]
+    on_startup = startup
+    on_shutdown = shutdown
+    after_job_end = after_job_end
+    redis_settings = RedisSettings.from_dsn(get_settings().redis_url)
+    max_jobs = 20
+    health_check_interval = 30
