@@ -83,10 +83,11 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         types=[User, Workspace, Contact, Email, Thread, Mailbox, Exclusion],
         extensions=[
             UnitOfWork,
-            QueryDepthLimiter(max_depth=settings.max_query_depth),
-            MaxAliasesLimiter(max_alias_count=settings.max_aliases),
-            ParserCache(maxsize=512),
-            ValidationCache(maxsize=512),
-            MaskErrors(should_mask_error=is_unexpected),
+            lambda: QueryDepthLimiter(max_depth=settings.max_query_depth),
+            lambda: MaxAliasesLimiter(max_alias_count=settings.max_aliases),
+            # Both caches live at module level keyed by maxsize: shared by every request.
+            lambda: ParserCache(maxsize=512),
+            lambda: ValidationCache(maxsize=512),
+            lambda: MaskErrors(should_mask_error=is_unexpected),
         ],
     )

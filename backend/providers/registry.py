@@ -30,3 +30,7 @@ def provider_for(mailbox: Mailbox, credentials: dict[str, Any], settings: Settin
             f"no {mailbox.provider.value} provider is installed", SyncErrorCode.READ_FAILED
         )
     return factory(mailbox, credentials, settings)
+
+
+def factory_for(provider: Provider) -> ProviderFactory | None:
+    return _factories.get(provider)

@@ -1,0 +1,151 @@
+"""Test fixtures on real infrastructure.
+
+The backend is chosen by MAILSYNC_TEST_DB (sqlite, the default, or postgresql): each run
+gets a brand-new database migrated to head, and every test makes its own workspaces, so
+tests never clean up by deleting rows and never see each other's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import uvicorn
+from redis.asyncio import Redis
+
+from backend import migrations
+from backend.app import create_app
+from backend.kit import clock
+from backend.runtime import Runtime
+from backend.settings import Settings, get_settings
+from tests.client import GQL
+from tests.factories import Factory
+
+POSTGRES_ADMIN_URL = os.environ.get("MAILSYNC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("MAILSYNC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+BACKEND = os.environ.get("MAILSYNC_TEST_DB", "sqlite")
+SECRET = "test-secret-key-that-is-long-enough-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def create_postgres_database() -> tuple[str, str]:
+    name = f"mailsync_test_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    return name, f"{base}/{name}"
+
+
+async def drop_postgres_database(name: str) -> None:
+    conn = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def database_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    if BACKEND == "postgresql":
+        name, url = await create_postgres_database()
+        await asyncio.to_thread(migrations.upgrade, url)
+        yield url
+        await drop_postgres_database(name)
+    else:
+        path: Path = tmp_path_factory.mktemp("db") / "mailsync.db"
+        url = f"sqlite+aiosqlite:///{path}"
+        await asyncio.to_thread(migrations.upgrade, url)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str) -> Iterator[Settings]:
+    env = {
+        "MAILSYNC_ENV": "test",
+        "MAILSYNC_DATABASE_URL": database_url,
+        "MAILSYNC_REDIS_URL": REDIS_URL,
+        "MAILSYNC_SECRET_KEY": SECRET,
+        "MAILSYNC_LOG_LEVEL": "WARNING",
+    }
+    os.environ.update(env)
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    redis = Redis.from_url(REDIS_URL)
+    await redis.flushdb()
+    await redis.aclose()
+    rt = await Runtime.create(settings)
+    yield rt
+    await rt.close()
+
+
+class LiveServer:
+    def __init__(self, settings: Settings) -> None:
+        self.port = free_port()
+        self.app = create_app(settings)
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/graphql"
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await self.task
+
+
+@pytest.fixture(scope="session")
+async def api(settings: Settings, runtime: Runtime) -> AsyncIterator[LiveServer]:
+    server = LiveServer(settings)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="session")
+def factory(runtime: Runtime) -> Factory:
+    return Factory(runtime)
+
+
+@pytest.fixture
+def gql(api: LiveServer) -> GQL:
+    return GQL(api.url)
+
+
+@pytest.fixture(autouse=True)
+def _reset_clock() -> Iterator[None]:
+    yield
+    clock.reset()
