@@ -59,7 +59,9 @@ class Subscription:
                     if kind == "ping":
                         await self.ws.send(json.dumps({"type": "pong"}))
                     continue
-                if kind in {"next", "data"} and message.get("id") == self.op_id:
+                if message.get("id") not in (None, self.op_id):
+                    continue  # another operation on the same connection
+                if kind in {"next", "data"}:
                     payload: dict[str, Any] = message["payload"]
                     return payload
                 if kind in {"error", "complete"}:

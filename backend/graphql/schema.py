@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import strawberry
 from strawberry.extensions import (
     MaskErrors,
@@ -11,6 +13,7 @@ from strawberry.extensions import (
     ValidationCache,
 )
 from strawberry.tools import merge_types
+from strawberry.types.graphql import OperationType
 
 from backend.contacts.resolvers import ContactMutation, ContactQuery
 from backend.contacts.types import Contact
@@ -74,9 +77,36 @@ Mutation = merge_types(
 )
 
 
+class MailsyncSchema(strawberry.Schema):
+    async def subscribe(  # type: ignore[override]
+        self,
+        query: str | None,
+        variable_values: dict[str, Any] | None = None,
+        context_value: Any | None = None,
+        root_value: Any | None = None,
+        operation_name: str | None = None,
+        operation_extensions: dict[str, Any] | None = None,
+    ) -> Any:
+        """Only the legacy graphql-ws handler calls this, and that protocol's `start` carries
+        queries and mutations as well as subscriptions: answer all three."""
+        return await self.stream(
+            query=query,
+            variable_values=variable_values,
+            context_value=context_value,
+            root_value=root_value,
+            operation_name=operation_name,
+            operation_extensions=operation_extensions,
+            allowed_operation_types=(
+                OperationType.QUERY,
+                OperationType.MUTATION,
+                OperationType.SUBSCRIPTION,
+            ),
+        )
+
+
 def build_schema(settings: Settings | None = None) -> strawberry.Schema:
     settings = settings or get_settings()
-    return strawberry.Schema(
+    return MailsyncSchema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,

@@ -1,0 +1,83 @@
+"""Sync jobs: one pass per mailbox queued or running; a request during a pass earns one more."""
+
+from __future__ import annotations
+
+import asyncio
+
+from arq.constants import in_progress_key_prefix
+
+from backend.runtime import Runtime, sync_job_id
+from backend.sync import jobs
+from tests.factories import Factory, raw_message
+from tests.providers import fake_provider
+from tests.worker import drain
+
+
+async def _queued(runtime: Runtime) -> list[bytes]:
+    return list(await runtime.redis.zrange("arq:queue", 0, -1))
+
+
+async def test_requests_while_queued_collapse_into_one_job(factory: Factory, runtime: Runtime) -> None:
+    owner = await factory.workspace()
+    mailbox = await factory.mailbox(owner)
+    for _ in range(3):
+        await runtime.enqueue_sync(str(mailbox.id))
+    assert (await _queued(runtime)).count(sync_job_id(str(mailbox.id)).encode()) == 1
+    with fake_provider():
+        assert await drain(runtime) == 1
+
+
+async def test_request_during_a_running_pass_runs_exactly_one_more(factory: Factory, runtime: Runtime) -> None:
+    owner = await factory.workspace()
+    mailbox = await factory.mailbox(owner)
+    mailbox_id = str(mailbox.id)
+    with fake_provider():
+        await runtime.enqueue_sync(mailbox_id)
+        # Pretend a worker picked it up: the job is in progress.
+        await runtime.redis.set(in_progress_key_prefix + sync_job_id(mailbox_id), b"1", px=60_000)
+        await runtime.enqueue_sync(mailbox_id)
+        await runtime.enqueue_sync(mailbox_id)
+        await runtime.redis.delete(in_progress_key_prefix + sync_job_id(mailbox_id))
+        assert await drain(runtime) == 2  # the queued pass, then exactly one more
+
+
+async def test_scheduler_enqueues_only_due_mailboxes(factory: Factory, runtime: Runtime) -> None:
+    from datetime import timedelta
+
+    from backend.kit import clock
+    from backend.mailboxes.tables import Mailbox, MailboxStatus
+
+    owner = await factory.workspace()
+    synced = await factory.mailbox(owner, "synced@crm.test")
+    never = await factory.mailbox(owner, "never@crm.test")
+    backing_off = await factory.mailbox(owner, "failing@crm.test")
+    with fake_provider():
+        await runtime.enqueue_sync(str(synced.id))
+        await drain(runtime)
+    async with runtime.db.transaction() as session:
+        row = await session.get(Mailbox, backing_off.id)
+        assert row is not None
+        row.status = MailboxStatus.ERROR
+        row.next_attempt_at = clock.now() + timedelta(minutes=10)
+    await jobs.schedule_due(runtime)
+    queued = await _queued(runtime)
+    assert sync_job_id(str(never.id)).encode() in queued
+    assert sync_job_id(str(synced.id)).encode() not in queued
+    assert sync_job_id(str(backing_off.id)).encode() not in queued
+    clock.advance(timedelta(minutes=11))  # past the backoff and the 5-minute cadence
+    await jobs.schedule_due(runtime)
+    queued = await _queued(runtime)
+    assert sync_job_id(str(synced.id)).encode() in queued
+    assert sync_job_id(str(backing_off.id)).encode() in queued
+    with fake_provider():
+        await drain(runtime)
+
+
+async def test_concurrent_jobs_for_one_mailbox_never_overlap(factory: Factory, runtime: Runtime) -> None:
+    owner = await factory.workspace()
+    mailbox = await factory.mailbox(owner)
+    results = await asyncio.gather(*(runtime.enqueue_sync(str(mailbox.id)) for _ in range(10)))
+    assert results == [None] * 10
+    assert (await _queued(runtime)).count(sync_job_id(str(mailbox.id)).encode()) == 1
+    with fake_provider():
+        assert await drain(runtime) == 1

@@ -1,0 +1,35 @@
+"""Run the real arq worker functions in-process, against the real Redis queue."""
+
+from __future__ import annotations
+
+from arq.connections import RedisSettings
+from arq.worker import Worker
+
+from backend.runtime import Runtime
+from worker.settings import WorkerSettings
+
+
+def burst_worker(runtime: Runtime) -> Worker:
+    return Worker(
+        functions=WorkerSettings.functions,
+        redis_settings=RedisSettings.from_dsn(runtime.settings.redis_url),
+        burst=True,
+        ctx={"runtime": runtime},
+        after_job_end=WorkerSettings.after_job_end,
+        poll_delay=0.05,
+        handle_signals=False,
+    )
+
+
+async def drain(runtime: Runtime) -> int:
+    """Run every queued job, including the ones jobs enqueue; return how many ran."""
+    ran = 0
+    while True:
+        worker = burst_worker(runtime)
+        try:
+            await worker.main()
+        finally:
+            await worker.close()
+        ran += worker.jobs_complete + worker.jobs_failed
+        if not await runtime.redis.zcard("arq:queue"):
+            return ran
