@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -87,16 +88,17 @@ class Loaders:
                 s, ws, addresses, primary_only=primary_only
             )
         )
-        self._own_addresses: dict[str, uuid.UUID] | None = None
+        self._own_addresses: asyncio.Future[dict[str, uuid.UUID]] | None = None
         self._session = session
         self._workspace_id = ws
 
     async def own_addresses(self) -> dict[str, uuid.UUID]:
+        """Loaded once per operation; concurrent resolvers share the one in-flight query."""
         if self._own_addresses is None:
-            self._own_addresses = await workspace_queries.own_addresses(
-                self._session, self._workspace_id
+            self._own_addresses = asyncio.ensure_future(
+                workspace_queries.own_addresses(self._session, self._workspace_id)
             )
-        return self._own_addresses
+        return await asyncio.shield(self._own_addresses)
 
     async def contacts(self, ids: Sequence[uuid.UUID]) -> list[Contact]:
         loaded = await self.contact.load_many(list(ids))
