@@ -11,14 +11,27 @@ from strawberry.extensions import SchemaExtension
 from strawberry.types.graphql import OperationType
 
 from backend.graphql.context import Context, current_scope
+from backend.kit.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
 
 def is_unexpected(error: GraphQLError) -> bool:
-    """Errors we raise on purpose (auth, validation) pass; everything else is masked."""
+    """Errors we raise on purpose (auth, validation, bad arguments) pass; the rest is masked."""
     original = error.original_error
-    return original is not None and not isinstance(original, GraphQLError)
+    return original is not None and not isinstance(original, GraphQLError | ServiceError)
+
+
+class ExpectedErrors(SchemaExtension):
+    """Bad query arguments (a malformed cursor, say) are the client's to fix: give them a code."""
+
+    async def on_operation(self) -> AsyncIterator[None]:  # type: ignore[override]
+        yield
+        result = self.execution_context.result
+        for error in getattr(result, "errors", None) or []:
+            original = error.original_error
+            if isinstance(original, ServiceError):
+                error.extensions = {"code": original.code, **({"field": original.field} if original.field else {})}
 
 
 class UnitOfWork(SchemaExtension):

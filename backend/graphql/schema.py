@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from graphql import GraphQLError
+
 import strawberry
 from strawberry.extensions import (
     MaskErrors,
@@ -13,6 +15,7 @@ from strawberry.extensions import (
     ValidationCache,
 )
 from strawberry.tools import merge_types
+from strawberry.types import ExecutionContext
 from strawberry.types.graphql import OperationType
 
 from backend.contacts.resolvers import ContactMutation, ContactQuery
@@ -22,7 +25,7 @@ from backend.exclusions.service import visible_exclusion
 from backend.exclusions.types import Exclusion
 from backend.graphql.context import Info
 from backend.graphql.errors import require_viewer
-from backend.graphql.extensions import UnitOfWork, is_unexpected
+from backend.graphql.extensions import ExpectedErrors, UnitOfWork, is_unexpected
 from backend.graphql.relay import Node, parse_global_id
 from backend.graphql.subscriptions import Subscription
 from backend.mail.resolvers import MailMutation, MailQuery
@@ -78,6 +81,14 @@ Mutation = merge_types(
 
 
 class MailsyncSchema(strawberry.Schema):
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        """Log what went wrong on our side; a client's bad query or token is not our error."""
+        unexpected = [e for e in errors if is_unexpected(e)]
+        if unexpected:
+            super().process_errors(unexpected, execution_context)
+
     async def subscribe(  # type: ignore[override]
         self,
         query: str | None,
@@ -118,6 +129,7 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
             # Both caches live at module level keyed by maxsize: shared by every request.
             lambda: ParserCache(maxsize=512),
             lambda: ValidationCache(maxsize=512),
+            ExpectedErrors,
             lambda: MaskErrors(should_mask_error=is_unexpected),
         ],
     )
