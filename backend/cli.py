@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import timedelta
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -31,7 +31,7 @@ def _settings() -> Settings:
         raise typer.Exit(2) from exc
 
 
-def _run(work: Callable[[Settings], Awaitable[T]]) -> T:
+def _run(work: Callable[[Settings], Coroutine[Any, Any, T]]) -> T:
     settings = _settings()
     return asyncio.run(work(settings))
 
@@ -217,6 +217,17 @@ def token_revoke(token: Annotated[str, typer.Argument(help="The token to revoke.
     if not _run(work):
         _fail("not a valid, unrevoked token")
     typer.echo("revoked")
+
+
+@app.command()
+def demo(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """Seed a demo workspace, print a token and run the API and a worker (SQLite by default)."""
+    from backend import demo as demo_module
+
+    demo_module.run(_settings(), host, port)
 
 
 @app.command("export-schema")

@@ -23,15 +23,21 @@ class GQL:
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
 
-    async def raw(self, query: str, variables: dict[str, Any] | None = None, token: str | None = None) -> dict[str, Any]:
+    async def raw(
+        self, query: str, variables: dict[str, Any] | None = None, token: str | None = None
+    ) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         async with httpx.AsyncClient(base_url=self.base_url, timeout=30) as client:
-            response = await client.post("/graphql", json={"query": query, "variables": variables or {}}, headers=headers)
+            response = await client.post(
+                "/graphql", json={"query": query, "variables": variables or {}}, headers=headers
+            )
         response.raise_for_status()
         body: dict[str, Any] = response.json()
         return body
 
-    async def __call__(self, query: str, variables: dict[str, Any] | None = None, token: str | None = None) -> dict[str, Any]:
+    async def __call__(
+        self, query: str, variables: dict[str, Any] | None = None, token: str | None = None
+    ) -> dict[str, Any]:
         body = await self.raw(query, variables, token)
         if body.get("errors"):
             raise GraphQLFailed(json.dumps(body["errors"], indent=2))
@@ -93,15 +99,25 @@ async def ws_connect(
         yield ws, protocol
 
 
-async def start(ws: Any, protocol: str, op_id: str, query: str, variables: dict[str, Any] | None = None) -> Subscription:
+async def start(
+    ws: Any, protocol: str, op_id: str, query: str, variables: dict[str, Any] | None = None
+) -> Subscription:
     kind = "subscribe" if protocol == TRANSPORT_WS else "start"
-    await ws.send(json.dumps({"id": op_id, "type": kind, "payload": {"query": query, "variables": variables or {}}}))
+    await ws.send(
+        json.dumps(
+            {"id": op_id, "type": kind, "payload": {"query": query, "variables": variables or {}}}
+        )
+    )
     return Subscription(ws, protocol, op_id)
 
 
 @asynccontextmanager
 async def subscribe(
-    url: str, token: str, query: str, variables: dict[str, Any] | None = None, protocol: str = TRANSPORT_WS
+    url: str,
+    token: str,
+    query: str,
+    variables: dict[str, Any] | None = None,
+    protocol: str = TRANSPORT_WS,
 ) -> AsyncIterator[Subscription]:
     async with ws_connect(url, token, [protocol]) as (ws, chosen):
         sub = await start(ws, chosen, "1", query, variables)

@@ -27,7 +27,9 @@ from backend.settings import Settings, get_settings
 from tests.client import GQL
 from tests.factories import Factory
 
-POSTGRES_ADMIN_URL = os.environ.get("MAILSYNC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "MAILSYNC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 REDIS_URL = os.environ.get("MAILSYNC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 BACKEND = os.environ.get("MAILSYNC_TEST_DB", "sqlite")
 SECRET = "test-secret-key-that-is-long-enough-0123456789"
@@ -102,7 +104,9 @@ class LiveServer:
         self.port = free_port()
         self.app = create_app(settings)
         self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+            uvicorn.Config(
+                self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            )
         )
         self.task: asyncio.Task[None] | None = None
 
@@ -149,3 +153,11 @@ def gql(api: LiveServer) -> GQL:
 def _reset_clock() -> Iterator[None]:
     yield
     clock.reset()
+
+
+@pytest.fixture(autouse=True)
+async def _empty_job_queue(request: pytest.FixtureRequest) -> None:
+    if "runtime" in request.fixturenames:
+        from tests.worker import clear_queue
+
+        await clear_queue(request.getfixturevalue("runtime"))

@@ -87,7 +87,9 @@ class Factory:
             workspace, owner = await workspaces_service.create_workspace(
                 session, unique("Workspace "), f"{unique('owner')}@crm.test", "Owner"
             )
-            token = await issue_token(session, self.runtime.settings.secret, owner, timedelta(hours=1))
+            token = await issue_token(
+                session, self.runtime.settings.secret, owner, timedelta(hours=1)
+            )
         return Member(owner, workspace, token)
 
     async def member(self, of: Member, role: Role = Role.USER, name: str = "Teammate") -> Member:
@@ -95,11 +97,17 @@ class Factory:
             user = await workspaces_service.add_user(
                 session, of.workspace, f"{unique('user')}@crm.test", role, name
             )
-            token = await issue_token(session, self.runtime.settings.secret, user, timedelta(hours=1))
+            token = await issue_token(
+                session, self.runtime.settings.secret, user, timedelta(hours=1)
+            )
         return Member(user, of.workspace, token)
 
     async def contact(
-        self, of: Member, email: str | None = None, name: str = "Contact", additional: list[str] | None = None
+        self,
+        of: Member,
+        email: str | None = None,
+        name: str = "Contact",
+        additional: list[str] | None = None,
     ) -> Contact:
         async with self.db.transaction() as session:
             return await contacts_service.create_contact(
@@ -111,7 +119,10 @@ class Factory:
             )
 
     async def mailbox(
-        self, owner: Member, address: str | None = None, provider: Provider = Provider.GMAIL,
+        self,
+        owner: Member,
+        address: str | None = None,
+        provider: Provider = Provider.GMAIL,
         connected_at: datetime | None = None,
     ) -> Mailbox:
         async with self.db.transaction() as session:
@@ -129,7 +140,9 @@ class Factory:
                 session.add(mailbox)
             return mailbox
 
-    async def email(self, owner: Member, mailbox: Mailbox, raw: bytes, provider_id: str | None = None) -> Email:
+    async def email(
+        self, owner: Member, mailbox: Mailbox, raw: bytes, provider_id: str | None = None
+    ) -> Email:
         """File a message through the ingest service, as a sync pass would."""
         effects = AfterCommit()
         async with self.db.transaction() as session:

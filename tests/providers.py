@@ -58,7 +58,10 @@ class FakeProvider(MailProvider):
     async def fetch(self, refs: Sequence[MessageRef]) -> list[FetchedMessage | ProviderError]:
         self._check()
         by_id = {pid: (raw, tid) for pid, raw, tid in self.store.messages[self.address]}
-        return [FetchedMessage(ref=r, raw=by_id[r.provider_id][0], thread_id=by_id[r.provider_id][1]) for r in refs]
+        return [
+            FetchedMessage(ref=r, raw=by_id[r.provider_id][0], thread_id=by_id[r.provider_id][1])
+            for r in refs
+        ]
 
     async def send(self, raw: bytes, thread_id: str | None = None) -> SentMessage:
         return SentMessage(self.store.deliver(self.address, raw, thread_id), thread_id)

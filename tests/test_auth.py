@@ -45,7 +45,9 @@ async def test_expired_token_is_rejected(gql: GQL, factory: Factory) -> None:
     assert error_codes(await gql.raw(VIEWER, token=owner.token)) == ["UNAUTHENTICATED"]
 
 
-async def test_revoked_token_is_rejected_at_once(gql: GQL, factory: Factory, runtime: Runtime) -> None:
+async def test_revoked_token_is_rejected_at_once(
+    gql: GQL, factory: Factory, runtime: Runtime
+) -> None:
     owner = await factory.workspace()
     claims = decode_token(runtime.settings.secret, owner.token)
     assert claims is not None

@@ -21,7 +21,13 @@ async def test_create_normalizes_addresses(gql: GQL, factory: Factory) -> None:
     owner = await factory.workspace()
     data = await gql(
         CREATE,
-        {"input": {"name": " Ann ", "email": " Ann@Example.COM ", "additionalEmails": ["ann@bücher.example"]}},
+        {
+            "input": {
+                "name": " Ann ",
+                "email": " Ann@Example.COM ",
+                "additionalEmails": ["ann@bücher.example"],
+            }
+        },
         token=owner.token,
     )
     contact = data["createContact"]["contact"]
@@ -35,40 +41,77 @@ async def test_bad_input_is_a_user_error_and_stores_nothing(gql: GQL, factory: F
     owner = await factory.workspace()
     cases = [
         ({"email": "not-an-address"}, ["input", "email"], "INVALID_EMAIL"),
-        ({"email": "a@b.test", "additionalEmails": ["ok@b.test", "nope"]}, ["input", "additionalEmails", "1"], "INVALID_EMAIL"),
-        ({"email": "a@b.test", "additionalEmails": ["A@B.test"]}, ["input", "additionalEmails", "0"], "DUPLICATE_EMAIL"),
-        ({"email": "a@b.test", "ownerId": "VXNlcjpub3QtYS11dWlk"}, ["input", "ownerId"], "NOT_FOUND"),
-        ({"email": "a@b.test", "additionalEmails": [f"x{i}@b.test" for i in range(60)]}, ["input", "additionalEmails"], "LIMIT_REACHED"),
+        (
+            {"email": "a@b.test", "additionalEmails": ["ok@b.test", "nope"]},
+            ["input", "additionalEmails", "1"],
+            "INVALID_EMAIL",
+        ),
+        (
+            {"email": "a@b.test", "additionalEmails": ["A@B.test"]},
+            ["input", "additionalEmails", "0"],
+            "DUPLICATE_EMAIL",
+        ),
+        (
+            {"email": "a@b.test", "ownerId": "VXNlcjpub3QtYS11dWlk"},
+            ["input", "ownerId"],
+            "NOT_FOUND",
+        ),
+        (
+            {"email": "a@b.test", "additionalEmails": [f"x{i}@b.test" for i in range(60)]},
+            ["input", "additionalEmails"],
+            "LIMIT_REACHED",
+        ),
     ]
     for payload, field, code in cases:
         result = (await gql(CREATE, {"input": payload}, token=owner.token))["createContact"]
         assert result["contact"] is None
         assert [(e["field"], e["code"]) for e in result["userErrors"]] == [(field, code)], payload
-    assert (await gql("{ contacts { totalCount } }", token=owner.token))["contacts"]["totalCount"] == 0
+    assert (await gql("{ contacts { totalCount } }", token=owner.token))["contacts"][
+        "totalCount"
+    ] == 0
 
 
 async def test_update_changes_only_what_is_given(gql: GQL, factory: Factory) -> None:
     owner = await factory.workspace()
     teammate = await factory.member(owner)
-    created = (await gql(CREATE, {"input": {"name": "Bo", "email": "bo@x.test", "additionalEmails": ["bo@y.test"]}}, token=owner.token))
+    created = await gql(
+        CREATE,
+        {"input": {"name": "Bo", "email": "bo@x.test", "additionalEmails": ["bo@y.test"]}},
+        token=owner.token,
+    )
     contact_id = created["createContact"]["contact"]["id"]
     from backend.graphql.relay import to_global_id
 
-    renamed = await gql(UPDATE, {"input": {"id": contact_id, "name": "Bo Diddley"}}, token=owner.token)
+    renamed = await gql(
+        UPDATE, {"input": {"id": contact_id, "name": "Bo Diddley"}}, token=owner.token
+    )
     assert renamed["updateContact"]["contact"] == {
-        "name": "Bo Diddley", "email": "bo@x.test", "additionalEmails": ["bo@y.test"], "owner": None,
+        "name": "Bo Diddley",
+        "email": "bo@x.test",
+        "additionalEmails": ["bo@y.test"],
+        "owner": None,
     }
     moved = await gql(
         UPDATE,
-        {"input": {"id": contact_id, "email": "bo@z.test", "ownerId": to_global_id("User", teammate.user.id)}},
+        {
+            "input": {
+                "id": contact_id,
+                "email": "bo@z.test",
+                "ownerId": to_global_id("User", teammate.user.id),
+            }
+        },
         token=owner.token,
     )
     assert moved["updateContact"]["contact"]["email"] == "bo@z.test"
     assert moved["updateContact"]["contact"]["additionalEmails"] == ["bo@y.test"]
     assert moved["updateContact"]["contact"]["owner"] == {"email": teammate.email}
     bad = await gql(UPDATE, {"input": {"id": contact_id, "email": "broken"}}, token=owner.token)
-    assert bad["updateContact"]["userErrors"] == [{"field": ["input", "email"], "code": "INVALID_EMAIL"}]
-    still = await gql("query($id: ID!) { contact(id: $id) { email } }", {"id": contact_id}, token=owner.token)
+    assert bad["updateContact"]["userErrors"] == [
+        {"field": ["input", "email"], "code": "INVALID_EMAIL"}
+    ]
+    still = await gql(
+        "query($id: ID!) { contact(id: $id) { email } }", {"id": contact_id}, token=owner.token
+    )
     assert still["contact"]["email"] == "bo@z.test"
 
 
@@ -78,9 +121,15 @@ async def test_delete_contact(gql: GQL, factory: Factory) -> None:
     from backend.graphql.relay import to_global_id
 
     gid = to_global_id("Contact", contact.id)
-    result = await gql("mutation($id: ID!) { deleteContact(id: $id) { deletedId userErrors { code } } }", {"id": gid}, token=owner.token)
+    result = await gql(
+        "mutation($id: ID!) { deleteContact(id: $id) { deletedId userErrors { code } } }",
+        {"id": gid},
+        token=owner.token,
+    )
     assert result["deleteContact"] == {"deletedId": gid, "userErrors": []}
-    assert (await gql("query($id: ID!) { contact(id: $id) { id } }", {"id": gid}, token=owner.token))["contact"] is None
+    assert (
+        await gql("query($id: ID!) { contact(id: $id) { id } }", {"id": gid}, token=owner.token)
+    )["contact"] is None
 
 
 async def test_search_by_name_and_address(gql: GQL, factory: Factory) -> None:
@@ -88,7 +137,7 @@ async def test_search_by_name_and_address(gql: GQL, factory: Factory) -> None:
     await factory.contact(owner, "hana@alpha.test", "Hana Lee")
     await factory.contact(owner, "ivo@beta.test", "Ivo")
     await factory.contact(owner, "jo@gamma.test", "Jo", additional=["jo@alpha.test"])
-    query = 'query($s: String) { contacts(search: $s) { totalCount edges { node { name } } } }'
+    query = "query($s: String) { contacts(search: $s) { totalCount edges { node { name } } } }"
     by_name = await gql(query, {"s": "hana"}, token=owner.token)
     assert [e["node"]["name"] for e in by_name["contacts"]["edges"]] == ["Hana Lee"]
     by_domain = await gql(query, {"s": "@ALPHA"}, token=owner.token)
@@ -99,15 +148,19 @@ async def test_cursors_stay_stable_while_new_contacts_arrive(gql: GQL, factory: 
     owner = await factory.workspace()
     for i in range(5):
         await factory.contact(owner, f"p{i}@page.test", f"P{i}")
-    page = 'query($after: String) { contacts(first: 2, after: $after) { edges { node { name } } pageInfo { hasNextPage hasPreviousPage endCursor } } }'
+    page = "query($after: String) { contacts(first: 2, after: $after) { edges { node { name } } pageInfo { hasNextPage hasPreviousPage endCursor } } }"
     first = (await gql(page, {"after": None}, token=owner.token))["contacts"]
     assert [e["node"]["name"] for e in first["edges"]] == ["P4", "P3"]
     assert first["pageInfo"]["hasNextPage"] and not first["pageInfo"]["hasPreviousPage"]
     await factory.contact(owner, "new@page.test", "Newcomer")  # lands at the head, not mid-page
-    second = (await gql(page, {"after": first["pageInfo"]["endCursor"]}, token=owner.token))["contacts"]
+    second = (await gql(page, {"after": first["pageInfo"]["endCursor"]}, token=owner.token))[
+        "contacts"
+    ]
     assert [e["node"]["name"] for e in second["edges"]] == ["P2", "P1"]
     assert second["pageInfo"]["hasPreviousPage"]
-    third = (await gql(page, {"after": second["pageInfo"]["endCursor"]}, token=owner.token))["contacts"]
+    third = (await gql(page, {"after": second["pageInfo"]["endCursor"]}, token=owner.token))[
+        "contacts"
+    ]
     assert [e["node"]["name"] for e in third["edges"]] == ["P0"]
     assert not third["pageInfo"]["hasNextPage"]
 

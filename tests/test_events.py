@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from backend.runtime import Runtime
-from tests.client import LEGACY_WS, TRANSPORT_WS, GQL, subscribe
+from tests.client import GQL, LEGACY_WS, TRANSPORT_WS, subscribe
 from tests.conftest import LiveServer
 from tests.factories import Factory, raw_message
 from tests.providers import fake_provider
@@ -29,7 +29,10 @@ async def test_worker_job_files_mail_and_subscribers_of_that_workspace_only_get_
     mailbox = await factory.mailbox(owner)
     contact = await factory.contact(owner, "ann@client.test", "Ann Client")
     with fake_provider() as store:
-        store.deliver(mailbox.email_address, raw_message("Ann Client <ann@client.test>", [owner.email], "Quote", "Numbers inside"))
+        store.deliver(
+            mailbox.email_address,
+            raw_message("Ann Client <ann@client.test>", [owner.email], "Quote", "Numbers inside"),
+        )
         async with (
             subscribe(api.ws_url, owner.token, EMAIL_RECEIVED) as mine,
             subscribe(api.ws_url, stranger.token, EMAIL_RECEIVED) as theirs,
@@ -56,12 +59,16 @@ async def test_worker_job_files_mail_and_subscribers_of_that_workspace_only_get_
     assert timeline["contact"]["timeline"]["totalCount"] == 1
 
 
-async def test_subscription_filters_by_contact(api: LiveServer, factory: Factory, runtime: Runtime) -> None:
+async def test_subscription_filters_by_contact(
+    api: LiveServer, factory: Factory, runtime: Runtime
+) -> None:
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
     ann = await factory.contact(owner, "ann@one.test", "Ann")
     await factory.contact(owner, "bob@two.test", "Bob")
-    async with subscribe(api.ws_url, owner.token, EMAIL_RECEIVED, {"contactId": _gid("Contact", ann.id)}) as sub:
+    async with subscribe(
+        api.ws_url, owner.token, EMAIL_RECEIVED, {"contactId": _gid("Contact", ann.id)}
+    ) as sub:
         await factory.email(owner, mailbox, raw_message("bob@two.test", [owner.email], "From Bob"))
         await factory.email(owner, mailbox, raw_message("ann@one.test", [owner.email], "From Ann"))
         event = (await sub.next())["data"]["emailReceived"]
@@ -77,7 +84,9 @@ async def test_legacy_graphql_ws_protocol_delivers_events(
     await factory.contact(owner, "carol@three.test", "Carol")
     async with subscribe(api.ws_url, owner.token, EMAIL_RECEIVED, protocol=LEGACY_WS) as sub:
         assert sub.protocol == LEGACY_WS
-        await factory.email(owner, mailbox, raw_message("carol@three.test", [owner.email], "Legacy"))
+        await factory.email(
+            owner, mailbox, raw_message("carol@three.test", [owner.email], "Legacy")
+        )
         event = (await sub.next())["data"]["emailReceived"]
     assert event["email"]["subject"] == "Legacy"
 
@@ -92,7 +101,9 @@ async def test_client_offering_the_legacy_protocol_first_gets_queries_and_mutati
         query = await start(ws, protocol, "q", "{ viewer { user { email } } }")
         assert (await query.next())["data"]["viewer"]["user"]["email"] == owner.email
         mutation = await start(
-            ws, protocol, "m",
+            ws,
+            protocol,
+            "m",
             'mutation { createContact(input: {email: "ws@client.test"}) { contact { email } userErrors { code } } }',
         )
         created = (await mutation.next())["data"]["createContact"]
@@ -102,12 +113,16 @@ async def test_client_offering_the_legacy_protocol_first_gets_queries_and_mutati
     assert stored == 1  # the mutation committed
 
 
-async def test_mailbox_status_and_pass_events(api: LiveServer, factory: Factory, runtime: Runtime) -> None:
+async def test_mailbox_status_and_pass_events(
+    api: LiveServer, factory: Factory, runtime: Runtime
+) -> None:
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
     await factory.contact(owner, "dan@four.test", "Dan")
     status_sub = "subscription { mailboxStatusChanged { mailbox { status } previousStatus } }"
-    pass_sub = "subscription { syncPassCompleted { mailbox { emailAddress lastSyncedAt } filed failed } }"
+    pass_sub = (
+        "subscription { syncPassCompleted { mailbox { emailAddress lastSyncedAt } filed failed } }"
+    )
     with fake_provider() as store:
         store.deliver(mailbox.email_address, raw_message("dan@four.test", [owner.email], "Hi"))
         async with (
@@ -129,7 +144,9 @@ def _gid(kind: str, row_id: object) -> str:
     return str(to_global_id(kind, row_id))  # type: ignore[arg-type]
 
 
-async def test_hub_keeps_one_redis_subscription_for_many_clients(api: LiveServer, factory: Factory) -> None:
+async def test_hub_keeps_one_redis_subscription_for_many_clients(
+    api: LiveServer, factory: Factory
+) -> None:
     owner = await factory.workspace()
     hub = api.app.state.runtime.hub
     before = hub.subscriber_count
@@ -141,7 +158,9 @@ async def test_hub_keeps_one_redis_subscription_for_many_clients(api: LiveServer
         assert hub.subscriber_count == before + 3
         clients = await api.app.state.runtime.redis.execute_command("PUBSUB", "NUMPAT")
         assert clients >= 1
-        channels = await api.app.state.runtime.redis.execute_command("PUBSUB", "CHANNELS", "mailsync:events:*")
+        channels = await api.app.state.runtime.redis.execute_command(
+            "PUBSUB", "CHANNELS", "mailsync:events:*"
+        )
         assert channels == []  # one pattern subscription, no channel per subscriber
     await asyncio.sleep(0.2)
     assert hub.subscriber_count == before

@@ -36,7 +36,9 @@ async def test_unexpected_errors_are_masked_and_logged(
     owner = await factory.workspace()
     monkeypatch.setattr(queries, "count_contacts", broken)
     with caplog.at_level("ERROR"):
-        body = await gql.raw("{ viewer { user { email } } contacts { totalCount } }", token=owner.token)
+        body = await gql.raw(
+            "{ viewer { user { email } } contacts { totalCount } }", token=owner.token
+        )
     assert body["data"] is None  # contacts is non-null, so the error propagates to the root
     assert [e["message"] for e in body["errors"]] == ["Unexpected error."]
     assert "secret" not in str(body)

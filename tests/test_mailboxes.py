@@ -31,12 +31,22 @@ async def test_users_see_their_own_mailboxes_admins_see_all(gql: GQL, factory: F
     await factory.mailbox(owner)
     theirs = await factory.mailbox(user)
     assert len((await gql("{ mailboxes { id } }", token=owner.token))["mailboxes"]) == 2
-    assert (await gql("{ mailboxes { id } }", token=user.token))["mailboxes"] == [{"id": to_global_id("Mailbox", theirs.id)}]
-    statuses = await gql("{ connectionStatuses { user { email } health mailboxes { emailAddress } } }", token=owner.token)
-    assert {s["user"]["email"]: s["health"] for s in statuses["connectionStatuses"]} == {owner.email: "OK", user.email: "OK"}
+    assert (await gql("{ mailboxes { id } }", token=user.token))["mailboxes"] == [
+        {"id": to_global_id("Mailbox", theirs.id)}
+    ]
+    statuses = await gql(
+        "{ connectionStatuses { user { email } health mailboxes { emailAddress } } }",
+        token=owner.token,
+    )
+    assert {s["user"]["email"]: s["health"] for s in statuses["connectionStatuses"]} == {
+        owner.email: "OK",
+        user.email: "OK",
+    }
 
 
-async def test_sync_pass_updates_status_activity_and_errors(gql: GQL, factory: Factory, runtime: Runtime) -> None:
+async def test_sync_pass_updates_status_activity_and_errors(
+    gql: GQL, factory: Factory, runtime: Runtime
+) -> None:
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
     gid = to_global_id("Mailbox", mailbox.id)
@@ -44,8 +54,14 @@ async def test_sync_pass_updates_status_activity_and_errors(gql: GQL, factory: F
     with fake_provider() as store:
         store.deliver(mailbox.email_address, raw_message("mo@client.test", [owner.email], "One"))
         store.deliver(mailbox.email_address, b"\x00\x01 not mail at all")
-        store.deliver(mailbox.email_address, raw_message("stranger@else.test", [owner.email], "Not a contact"))
-        result = await gql("mutation($id: ID!) { syncMailbox(id: $id) { mailbox { status } userErrors { code } } }", {"id": gid}, token=owner.token)
+        store.deliver(
+            mailbox.email_address, raw_message("stranger@else.test", [owner.email], "Not a contact")
+        )
+        result = await gql(
+            "mutation($id: ID!) { syncMailbox(id: $id) { mailbox { status } userErrors { code } } }",
+            {"id": gid},
+            token=owner.token,
+        )
         assert result["syncMailbox"] == {"mailbox": {"status": "PENDING"}, "userErrors": []}
         await drain(runtime)
         box = (await gql(MAILBOX, {"id": gid}, token=owner.token))["mailbox"]
@@ -73,7 +89,10 @@ async def test_sync_pass_updates_status_activity_and_errors(gql: GQL, factory: F
         await drain(runtime)
         box = (await gql(MAILBOX, {"id": gid}, token=owner.token))["mailbox"]
         assert box["lastError"]["code"] == "ACCESS_REVOKED"
-        assert box["lastError"]["recommendation"] == "Reconnect the mailbox and grant the requested permissions."
+        assert (
+            box["lastError"]["recommendation"]
+            == "Reconnect the mailbox and grant the requested permissions."
+        )
     statuses = await gql("{ connectionStatuses { health } }", token=owner.token)
     assert statuses["connectionStatuses"] == [{"health": "ERROR"}]
 
@@ -86,7 +105,10 @@ async def test_update_mailbox_settings(gql: GQL, factory: Factory) -> None:
         {"id": to_global_id("Mailbox", mailbox.id)},
         token=owner.token,
     )
-    assert result["updateMailbox"] == {"mailbox": {"syncMode": "ONE_WAY", "visibility": "SUBJECT_ONLY"}, "userErrors": []}
+    assert result["updateMailbox"] == {
+        "mailbox": {"syncMode": "ONE_WAY", "visibility": "SUBJECT_ONLY"},
+        "userErrors": [],
+    }
 
 
 async def test_disconnect_with_erase_history_keeps_mail_another_mailbox_brought(
@@ -101,7 +123,7 @@ async def test_disconnect_with_erase_history_keeps_mail_another_mailbox_brought(
     await factory.email(owner, first, shared)
     await factory.email(teammate, second, shared)  # R7: the same email, seen again
     await factory.email(owner, first, raw_message("nia@client.test", [owner.email], "Only mine"))
-    count = '{ emails { totalCount edges { node { subject } } } }'
+    count = "{ emails { totalCount edges { node { subject } } } }"
     assert (await gql(count, token=owner.token))["emails"]["totalCount"] == 2
     result = await gql(
         "mutation($id: ID!) { disconnectMailbox(input: {id: $id, eraseHistory: true}) { mailbox { status } userErrors { code } } }",
@@ -119,32 +141,49 @@ async def test_disconnect_with_erase_history_keeps_mail_another_mailbox_brought(
     assert again["syncMailbox"]["userErrors"] == [{"code": "MAILBOX_DISCONNECTED"}]
 
 
-async def test_mailbox_limit_holds_new_mailboxes_until_room_frees_up(gql: GQL, factory: Factory) -> None:
+async def test_mailbox_limit_holds_new_mailboxes_until_room_frees_up(
+    gql: GQL, factory: Factory
+) -> None:
     owner = await factory.workspace()
-    await gql("mutation { updateWorkspaceSettings(input: {mailboxLimit: 1}) { userErrors { code } } }", token=owner.token)
+    await gql(
+        "mutation { updateWorkspaceSettings(input: {mailboxLimit: 1}) { userErrors { code } } }",
+        token=owner.token,
+    )
     first = await factory.mailbox(owner, "one@crm.test")
     second = await factory.mailbox(owner, "two@crm.test")
     assert first.status == MailboxStatus.PENDING
     assert second.status == MailboxStatus.PENDING_LIMIT
     blocked = await gql(
         "mutation($id: ID!) { syncMailbox(id: $id) { userErrors { code } } }",
-        {"id": to_global_id("Mailbox", second.id)}, token=owner.token,
+        {"id": to_global_id("Mailbox", second.id)},
+        token=owner.token,
     )
     assert blocked["syncMailbox"]["userErrors"] == [{"code": "LIMIT_REACHED"}]
     await gql(
         "mutation($id: ID!) { disconnectMailbox(input: {id: $id}) { userErrors { code } } }",
-        {"id": to_global_id("Mailbox", first.id)}, token=owner.token,
+        {"id": to_global_id("Mailbox", first.id)},
+        token=owner.token,
     )
-    promoted = await gql("query($id: ID!) { mailbox(id: $id) { status } }", {"id": to_global_id("Mailbox", second.id)}, token=owner.token)
+    promoted = await gql(
+        "query($id: ID!) { mailbox(id: $id) { status } }",
+        {"id": to_global_id("Mailbox", second.id)},
+        token=owner.token,
+    )
     assert promoted["mailbox"]["status"] == "PENDING"
 
 
 async def test_raising_the_limit_starts_waiting_mailboxes(gql: GQL, factory: Factory) -> None:
     owner = await factory.workspace()
-    await gql("mutation { updateWorkspaceSettings(input: {mailboxLimit: 0}) { userErrors { code } } }", token=owner.token)
+    await gql(
+        "mutation { updateWorkspaceSettings(input: {mailboxLimit: 0}) { userErrors { code } } }",
+        token=owner.token,
+    )
     waiting = await factory.mailbox(owner)
     assert waiting.status == MailboxStatus.PENDING_LIMIT
-    raised = await gql("mutation { updateWorkspaceSettings(input: {mailboxLimit: null}) { settings { mailboxLimit } } }", token=owner.token)
+    raised = await gql(
+        "mutation { updateWorkspaceSettings(input: {mailboxLimit: null}) { settings { mailboxLimit } } }",
+        token=owner.token,
+    )
     assert raised["updateWorkspaceSettings"]["settings"] == {"mailboxLimit": None}
     started = await gql("{ mailboxes { status } }", token=owner.token)
     assert started["mailboxes"] == [{"status": "PENDING"}]
@@ -152,6 +191,9 @@ async def test_raising_the_limit_starts_waiting_mailboxes(gql: GQL, factory: Fac
 
 async def test_not_yet_available_mutations_say_so(gql: GQL, factory: Factory) -> None:
     owner = await factory.workspace()
-    result = await gql('mutation { connectMailbox(input: {provider: GMAIL}) { authorizationUrl userErrors { code message } } }', token=owner.token)
+    result = await gql(
+        "mutation { connectMailbox(input: {provider: GMAIL}) { authorizationUrl userErrors { code message } } }",
+        token=owner.token,
+    )
     assert result["connectMailbox"]["authorizationUrl"] is None
     assert result["connectMailbox"]["userErrors"][0]["code"] == "NOT_IMPLEMENTED"

@@ -35,7 +35,9 @@ async def api_process() -> AsyncIterator[str]:
         async with httpx.AsyncClient() as client:
             for _ in range(300):
                 if proc.poll() is not None:
-                    raise RuntimeError(f"API process exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+                    raise RuntimeError(
+                        f"API process exited: {proc.stderr.read().decode() if proc.stderr else ''}"
+                    )
                 try:
                     if (await client.get(f"{url}/readyz")).status_code == 200:
                         break
@@ -50,17 +52,28 @@ async def api_process() -> AsyncIterator[str]:
         proc.wait(10)
 
 
-async def test_one_event_reaches_subscribers_on_two_api_processes(factory: Factory, runtime: Runtime) -> None:
+async def test_one_event_reaches_subscribers_on_two_api_processes(
+    factory: Factory, runtime: Runtime
+) -> None:
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
     await factory.contact(owner, "erin@five.test", "Erin")
     with fake_provider() as store:
-        store.deliver(mailbox.email_address, raw_message("erin@five.test", [owner.email], "Both see me"))
-        async with api_process() as first, api_process() as second:
-            async with subscribe(first, owner.token, QUERY) as one, subscribe(second, owner.token, QUERY) as two:
-                await runtime.enqueue_sync(str(mailbox.id))
-                assert await drain(runtime) == 1
-                events = await asyncio.gather(one.next(), two.next())
-                await one.nothing_within(0.5)  # published once, delivered once per subscriber
+        store.deliver(
+            mailbox.email_address, raw_message("erin@five.test", [owner.email], "Both see me")
+        )
+        async with (
+            api_process() as first,
+            api_process() as second,
+            subscribe(first, owner.token, QUERY) as one,
+            subscribe(second, owner.token, QUERY) as two,
+        ):
+            await runtime.enqueue_sync(str(mailbox.id))
+            assert await drain(runtime) == 1
+            events = await asyncio.gather(one.next(), two.next())
+            await one.nothing_within(0.5)  # published once, delivered once per subscriber
     for event in events:
-        assert event["data"]["emailReceived"] == {"email": {"subject": "Both see me"}, "contacts": [{"name": "Erin"}]}
+        assert event["data"]["emailReceived"] == {
+            "email": {"subject": "Both see me"},
+            "contacts": [{"name": "Erin"}],
+        }

@@ -59,7 +59,9 @@ def counting(api: LiveServer) -> Iterator[list[str]]:
         event.remove(engine, "before_cursor_execute", record)
 
 
-async def test_timeline_statement_count_is_pinned_and_flat(gql: GQL, factory: Factory, api: LiveServer) -> None:
+async def test_timeline_statement_count_is_pinned_and_flat(
+    gql: GQL, factory: Factory, api: LiveServer
+) -> None:
     owner = await factory.workspace()
     teammate = await factory.member(owner)
     mailbox = await factory.mailbox(owner)
@@ -82,7 +84,11 @@ async def test_timeline_statement_count_is_pinned_and_flat(gql: GQL, factory: Fa
     counts = {}
     for first in (5, 20):
         with counting(api) as statements:
-            data = await gql(TIMELINE, {"id": to_global_id("Contact", contact.id), "first": first}, token=owner.token)
+            data = await gql(
+                TIMELINE,
+                {"id": to_global_id("Contact", contact.id), "first": first},
+                token=owner.token,
+            )
         edges = data["contact"]["timeline"]["edges"]
         assert len(edges) == first
         assert edges[0]["node"]["from"]["contact"] == {"name": "Pat", "email": "pat@bigclient.test"}

@@ -12,7 +12,9 @@ CONTRACT = ROOT.parent / "shared" / "api-contract.graphql"
 def test_committed_schema_matches_the_code() -> None:
     exported = build_schema().as_str() + "\n"
     committed = (ROOT / "schema.graphql").read_text()
-    assert committed == exported, "schema.graphql drifted: run `mailsync export-schema > schema.graphql`"
+    assert committed == exported, (
+        "schema.graphql drifted: run `mailsync export-schema > schema.graphql`"
+    )
 
 
 def test_schema_contains_the_whole_api_contract() -> None:

@@ -17,7 +17,9 @@ async def two_tenants(factory: Factory) -> tuple[Member, Member, dict[str, str]]
     beta = await factory.workspace()
     mailbox = await factory.mailbox(alpha)
     contact = await factory.contact(alpha, "zed@alpha-client.test", "Zed")
-    email = await factory.email(alpha, mailbox, raw_message("zed@alpha-client.test", [alpha.email], "Secret"))
+    email = await factory.email(
+        alpha, mailbox, raw_message("zed@alpha-client.test", [alpha.email], "Secret")
+    )
     ids = {
         "user": to_global_id("User", alpha.user.id),
         "workspace": to_global_id("Workspace", alpha.workspace.id),
@@ -31,7 +33,7 @@ async def two_tenants(factory: Factory) -> tuple[Member, Member, dict[str, str]]
     return alpha, beta, ids
 
 
-class GQL_for:  # noqa: N801 (a small helper, named for how it reads)
+class GQL_for:
     def __init__(self, factory: Factory) -> None:
         self.factory = factory
 
@@ -46,9 +48,13 @@ class GQL_for:  # noqa: N801 (a small helper, named for how it reads)
 async def test_root_fields_see_nothing_of_another_workspace(gql: GQL, two_tenants: Any) -> None:
     alpha, beta, ids = two_tenants
     for kind, gid in ids.items():
-        assert (await gql("query($id: ID!) { node(id: $id) { id } }", {"id": gid}, token=beta.token))["node"] is None, kind
+        assert (
+            await gql("query($id: ID!) { node(id: $id) { id } }", {"id": gid}, token=beta.token)
+        )["node"] is None, kind
         # The owner of the data does see it, so the test is not vacuous.
-        assert (await gql("query($id: ID!) { node(id: $id) { id } }", {"id": gid}, token=alpha.token))["node"] == {"id": gid}
+        assert (
+            await gql("query($id: ID!) { node(id: $id) { id } }", {"id": gid}, token=alpha.token)
+        )["node"] == {"id": gid}
     singles = {
         "contact": "query($id: ID!) { contact(id: $id) { id } }",
         "email": "query($id: ID!) { email(id: $id) { id } }",
@@ -77,26 +83,77 @@ async def test_root_fields_see_nothing_of_another_workspace(gql: GQL, two_tenant
     variables = {"contact": ids["contact"], "mailbox": ids["mailbox"]}
     seen_by_beta = await gql(lists, variables, token=beta.token)
     assert seen_by_beta["viewer"]["workspace"]["id"] != ids["workspace"]
-    for field in ("contacts", "emails", "byContact", "byMailbox", "threads", "contactThreads", "exclusions", "unassignedEmails"):
+    for field in (
+        "contacts",
+        "emails",
+        "byContact",
+        "byMailbox",
+        "threads",
+        "contactThreads",
+        "exclusions",
+        "unassignedEmails",
+    ):
         assert seen_by_beta[field]["totalCount"] == 0, field
     assert seen_by_beta["mailboxes"] == []
-    assert [s["user"]["id"] for s in seen_by_beta["connectionStatuses"]] == [to_global_id("User", beta.user.id)]
+    assert [s["user"]["id"] for s in seen_by_beta["connectionStatuses"]] == [
+        to_global_id("User", beta.user.id)
+    ]
     seen_by_alpha = await gql(lists, variables, token=alpha.token)
-    for field in ("contacts", "emails", "byContact", "byMailbox", "threads", "contactThreads", "exclusions"):
+    for field in (
+        "contacts",
+        "emails",
+        "byContact",
+        "byMailbox",
+        "threads",
+        "contactThreads",
+        "exclusions",
+    ):
         assert seen_by_alpha[field]["totalCount"] == 1, field
 
 
 async def test_mutations_cannot_touch_another_workspace(gql: GQL, two_tenants: Any) -> None:
     alpha, beta, ids = two_tenants
     mutations = [
-        ("updateContact", 'mutation($id: ID!) { updateContact(input: {id: $id, name: "x"}) { userErrors { code } } }', ids["contact"]),
-        ("setContactEmailSync", "mutation($id: ID!) { setContactEmailSync(contactId: $id, enabled: false) { userErrors { code } } }", ids["contact"]),
-        ("deleteEmail", "mutation($id: ID!) { deleteEmail(id: $id) { userErrors { code } } }", ids["email"]),
-        ("removeExclusion", "mutation($id: ID!) { removeExclusion(id: $id) { userErrors { code } } }", ids["exclusion"]),
-        ("updateMailbox", "mutation($id: ID!) { updateMailbox(input: {id: $id, visibility: METADATA_ONLY}) { userErrors { code } } }", ids["mailbox"]),
-        ("syncMailbox", "mutation($id: ID!) { syncMailbox(id: $id) { userErrors { code } } }", ids["mailbox"]),
-        ("disconnectMailbox", "mutation($id: ID!) { disconnectMailbox(input: {id: $id, eraseHistory: true}) { userErrors { code } } }", ids["mailbox"]),
-        ("deleteContact", "mutation($id: ID!) { deleteContact(id: $id) { userErrors { code } } }", ids["contact"]),
+        (
+            "updateContact",
+            'mutation($id: ID!) { updateContact(input: {id: $id, name: "x"}) { userErrors { code } } }',
+            ids["contact"],
+        ),
+        (
+            "setContactEmailSync",
+            "mutation($id: ID!) { setContactEmailSync(contactId: $id, enabled: false) { userErrors { code } } }",
+            ids["contact"],
+        ),
+        (
+            "deleteEmail",
+            "mutation($id: ID!) { deleteEmail(id: $id) { userErrors { code } } }",
+            ids["email"],
+        ),
+        (
+            "removeExclusion",
+            "mutation($id: ID!) { removeExclusion(id: $id) { userErrors { code } } }",
+            ids["exclusion"],
+        ),
+        (
+            "updateMailbox",
+            "mutation($id: ID!) { updateMailbox(input: {id: $id, visibility: METADATA_ONLY}) { userErrors { code } } }",
+            ids["mailbox"],
+        ),
+        (
+            "syncMailbox",
+            "mutation($id: ID!) { syncMailbox(id: $id) { userErrors { code } } }",
+            ids["mailbox"],
+        ),
+        (
+            "disconnectMailbox",
+            "mutation($id: ID!) { disconnectMailbox(input: {id: $id, eraseHistory: true}) { userErrors { code } } }",
+            ids["mailbox"],
+        ),
+        (
+            "deleteContact",
+            "mutation($id: ID!) { deleteContact(id: $id) { userErrors { code } } }",
+            ids["contact"],
+        ),
     ]
     for field, mutation, gid in mutations:
         result = await gql(mutation, {"id": gid}, token=beta.token)
@@ -112,5 +169,9 @@ async def test_mutations_cannot_touch_another_workspace(gql: GQL, two_tenants: A
         {"id": ids["contact"]},
         token=alpha.token,
     )
-    assert still_there["contact"] == {"name": "Zed", "emailSyncEnabled": True, "timeline": {"totalCount": 1}}
+    assert still_there["contact"] == {
+        "name": "Zed",
+        "emailSyncEnabled": True,
+        "timeline": {"totalCount": 1},
+    }
     assert still_there["mailboxes"] == [{"status": "PENDING", "visibility": "SHARE_EVERYTHING"}]

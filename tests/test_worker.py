@@ -8,7 +8,7 @@ from arq.constants import in_progress_key_prefix
 
 from backend.runtime import Runtime, sync_job_id
 from backend.sync import jobs
-from tests.factories import Factory, raw_message
+from tests.factories import Factory
 from tests.providers import fake_provider
 from tests.worker import drain
 
@@ -17,7 +17,9 @@ async def _queued(runtime: Runtime) -> list[bytes]:
     return list(await runtime.redis.zrange("arq:queue", 0, -1))
 
 
-async def test_requests_while_queued_collapse_into_one_job(factory: Factory, runtime: Runtime) -> None:
+async def test_requests_while_queued_collapse_into_one_job(
+    factory: Factory, runtime: Runtime
+) -> None:
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
     for _ in range(3):
@@ -27,7 +29,9 @@ async def test_requests_while_queued_collapse_into_one_job(factory: Factory, run
         assert await drain(runtime) == 1
 
 
-async def test_request_during_a_running_pass_runs_exactly_one_more(factory: Factory, runtime: Runtime) -> None:
+async def test_request_during_a_running_pass_runs_exactly_one_more(
+    factory: Factory, runtime: Runtime
+) -> None:
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
     mailbox_id = str(mailbox.id)
@@ -73,7 +77,9 @@ async def test_scheduler_enqueues_only_due_mailboxes(factory: Factory, runtime: 
         await drain(runtime)
 
 
-async def test_concurrent_jobs_for_one_mailbox_never_overlap(factory: Factory, runtime: Runtime) -> None:
+async def test_concurrent_jobs_for_one_mailbox_never_overlap(
+    factory: Factory, runtime: Runtime
+) -> None:
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
     results = await asyncio.gather(*(runtime.enqueue_sync(str(mailbox.id)) for _ in range(10)))

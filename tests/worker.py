@@ -33,3 +33,10 @@ async def drain(runtime: Runtime) -> int:
         ran += worker.jobs_complete + worker.jobs_failed
         if not await runtime.redis.zcard("arq:queue"):
             return ran
+
+
+async def clear_queue(runtime: Runtime) -> None:
+    """Forget jobs other tests left queued, so each test counts only its own."""
+    keys = [key async for key in runtime.redis.scan_iter("arq:*")]
+    if keys:
+        await runtime.redis.delete(*keys)

@@ -4,8 +4,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col, select
 
 from backend.auth.tables import ApiToken
 from backend.auth.tokens import TokenClaims, decode_token, encode_token
@@ -40,7 +41,7 @@ async def issue_token(session: AsyncSession, secret: bytes, user: User, ttl: tim
 async def revoke_token(session: AsyncSession, token_id: uuid.UUID) -> bool:
     result = await session.execute(
         update(ApiToken)
-        .where(ApiToken.id == token_id, ApiToken.revoked_at.is_(None))  # type: ignore[union-attr]
+        .where(col(ApiToken.id) == token_id, col(ApiToken.revoked_at).is_(None))
         .values(revoked_at=now())
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
@@ -58,7 +59,7 @@ async def authenticate(session: AsyncSession, secret: bytes, token: str | None) 
             select(ApiToken, User, Workspace)
             .join(User, User.id == ApiToken.user_id)  # type: ignore[arg-type]
             .join(Workspace, Workspace.id == User.workspace_id)  # type: ignore[arg-type]
-            .where(ApiToken.id == claims.token_id, ApiToken.user_id == claims.user_id)  # type: ignore[arg-type]
+            .where(ApiToken.id == claims.token_id, ApiToken.user_id == claims.user_id)
         )
     ).one_or_none()
     if row is None:

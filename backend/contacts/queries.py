@@ -5,9 +5,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
+from sqlmodel import col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from backend.contacts.tables import Contact, ContactAddress
 from backend.kit.pagination import Page, PageRequest, count, keyset_page
@@ -48,7 +48,7 @@ def _search_filter(search: str) -> sa.ColumnElement[bool]:
 
 async def contacts_page(
     session: AsyncSession, workspace_id: uuid.UUID, request: PageRequest, search: str | None
-) -> tuple[Page[Contact], sa.Select[tuple[Contact]]]:
+) -> tuple[Page[Contact], SelectOfScalar[Contact]]:
     stmt = select(Contact).where(Contact.workspace_id == workspace_id)
     if search and search.strip():
         stmt = stmt.where(_search_filter(search))
@@ -63,7 +63,7 @@ async def contacts_page(
     return page, stmt
 
 
-async def count_contacts(session: AsyncSession, stmt: sa.Select[tuple[Contact]]) -> int:
+async def count_contacts(session: AsyncSession, stmt: SelectOfScalar[Contact]) -> int:
     return await count(session, stmt)
 
 

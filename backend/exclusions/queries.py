@@ -2,10 +2,9 @@ from __future__ import annotations
 
 import uuid
 
-import sqlalchemy as sa
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
+from sqlmodel import col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from backend.exclusions.tables import Exclusion
 from backend.kit.pagination import Page, PageRequest, keyset_page
@@ -13,7 +12,7 @@ from backend.kit.pagination import Page, PageRequest, keyset_page
 
 def visible_exclusions(
     workspace_id: uuid.UUID, user_id: uuid.UUID | None
-) -> sa.Select[tuple[Exclusion]]:
+) -> SelectOfScalar[Exclusion]:
     """R4: owners and admins see every exclusion (user_id None); a USER only their own."""
     stmt = select(Exclusion).where(Exclusion.workspace_id == workspace_id)
     if user_id is not None:
@@ -22,7 +21,7 @@ def visible_exclusions(
 
 
 async def exclusions_page(
-    session: AsyncSession, stmt: sa.Select[tuple[Exclusion]], request: PageRequest
+    session: AsyncSession, stmt: SelectOfScalar[Exclusion], request: PageRequest
 ) -> Page[Exclusion]:
     return await keyset_page(
         session,

@@ -3,9 +3,9 @@ from __future__ import annotations
 import uuid
 
 import sqlalchemy as sa
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
+from sqlmodel import col, select
 
 from backend.auth.service import Viewer
 from backend.contacts.tables import Contact, ContactAddress
@@ -66,7 +66,9 @@ async def purge_excluded(session: AsyncSession, workspace_id: uuid.UUID, value: 
     covered = {value}
     pattern = f"%@{value}" if "@" not in value else value
     matches = (
-        col(Participant.address).like(pattern) if "@" not in value else Participant.address == value
+        col(Participant.address).like(pattern)
+        if "@" not in value
+        else col(Participant.address) == value
     )
     subdomains = col(Participant.address).like(f"%.{value}") if "@" not in value else sa.false()
     touched = (
@@ -100,7 +102,7 @@ async def purge_excluded(session: AsyncSession, workspace_id: uuid.UUID, value: 
         excluded_contacts = select(ContactAddress.contact_id).where(
             ContactAddress.workspace_id == workspace_id,
             sa.or_(
-                ContactAddress.address == value,
+                col(ContactAddress.address) == value,
                 col(ContactAddress.address).like(f"%@{value}"),
                 col(ContactAddress.address).like(f"%.{value}"),
             )
@@ -118,7 +120,7 @@ async def purge_excluded(session: AsyncSession, workspace_id: uuid.UUID, value: 
     await mail_service.delete_unfiled(session, list(email_ids))
     await session.execute(
         sa.update(Contact)
-        .where(Contact.workspace_id == workspace_id)
+        .where(col(Contact.workspace_id) == workspace_id)
         .values(
             last_email_at=select(sa.func.max(TimelineEntry.sent_at))
             .where(TimelineEntry.contact_id == Contact.id)

@@ -7,7 +7,8 @@ from backend.graphql.context import Info
 from backend.graphql.relay import Connection, Node, to_global_id
 from backend.workspaces.types import User
 
-ExclusionKind = strawberry.enum(tables.ExclusionKind)
+ExclusionKind = tables.ExclusionKind
+strawberry.enum(ExclusionKind)
 
 
 @strawberry.type

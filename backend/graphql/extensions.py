@@ -25,17 +25,20 @@ def is_unexpected(error: GraphQLError) -> bool:
 class ExpectedErrors(SchemaExtension):
     """Bad query arguments (a malformed cursor, say) are the client's to fix: give them a code."""
 
-    async def on_operation(self) -> AsyncIterator[None]:  # type: ignore[override]
+    async def on_operation(self) -> AsyncIterator[None]:
         yield
         result = self.execution_context.result
         for error in getattr(result, "errors", None) or []:
             original = error.original_error
             if isinstance(original, ServiceError):
-                error.extensions = {"code": original.code, **({"field": original.field} if original.field else {})}
+                error.extensions = {
+                    "code": original.code,
+                    **({"field": original.field} if original.field else {}),
+                }
 
 
 class UnitOfWork(SchemaExtension):
-    async def on_operation(self) -> AsyncIterator[None]:  # type: ignore[override]
+    async def on_operation(self) -> AsyncIterator[None]:
         execution = self.execution_context
         context = execution.context
         if not isinstance(context, Context):

@@ -6,7 +6,7 @@ import base64
 import binascii
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import strawberry
 
@@ -69,7 +69,7 @@ class Connection(Generic[T]):
         return await self.counter()
 
 
-def page_info(page: Page[object]) -> PageInfo:
+def page_info(page: Page[Any]) -> PageInfo:
     return PageInfo(
         has_next_page=page.has_next,
         has_previous_page=page.has_previous,
@@ -86,7 +86,7 @@ C = TypeVar("C", bound=Connection)  # type: ignore[type-arg]
 
 
 def connection(
-    cls: type[C], nodes: Sequence[object], page: Page[object], counter: Callable[[], Awaitable[int]]
+    cls: type[C], nodes: Sequence[object], page: Page[Any], counter: Callable[[], Awaitable[int]]
 ) -> C:
     return cls(edges=edges(nodes, page.cursors), page_info=page_info(page), counter=counter)
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphql import GraphQLError
-
 import strawberry
+from graphql import GraphQLError
 from strawberry.extensions import (
     MaskErrors,
     MaxAliasesLimiter,
@@ -89,7 +88,7 @@ class MailsyncSchema(strawberry.Schema):
         if unexpected:
             super().process_errors(unexpected, execution_context)
 
-    async def subscribe(  # type: ignore[override]
+    async def subscribe(
         self,
         query: str | None,
         variable_values: dict[str, Any] | None = None,

@@ -29,17 +29,17 @@ def domain_of(address: str) -> str:
 
 
 # Syntax only: intranet and special-use domains (corp.local, example.test) are real to CRM users.
-_VALIDATION = {
-    "check_deliverability": False,
-    "globally_deliverable": False,
-    "test_environment": True,
-}
 
 
 def validate_address(address: str, field: list[str]) -> str:
     """Validate user input and return its normalized form, or raise INVALID_EMAIL."""
     try:
-        checked = validate_email(address.strip(), **_VALIDATION)
+        checked = validate_email(
+            address.strip(),
+            check_deliverability=False,
+            globally_deliverable=False,
+            test_environment=True,
+        )
     except EmailNotValidError as exc:
         raise ServiceError(
             "INVALID_EMAIL", f"'{address}' is not a valid email address: {exc}", field
@@ -51,7 +51,12 @@ def validate_domain(domain: str, field: list[str]) -> str:
     """Validate a bare domain (exclusions) by checking a probe address on it."""
     candidate = domain.strip().lstrip("@").lower()
     try:
-        validate_email(f"probe@{candidate}", **_VALIDATION)
+        validate_email(
+            f"probe@{candidate}",
+            check_deliverability=False,
+            globally_deliverable=False,
+            test_environment=True,
+        )
     except EmailNotValidError as exc:
         raise ServiceError("INVALID_DOMAIN", f"'{domain}' is not a valid domain.", field) from exc
     return _idna_domain(candidate)

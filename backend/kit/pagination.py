@@ -73,7 +73,7 @@ def clamp_first(first: int, maximum: int) -> int:
 async def keyset_page(
     session: AsyncSession,
     stmt: sa.Select[Any],
-    order_by: Sequence[sa.ColumnElement[Any]],
+    order_by: Sequence[Any],
     key_of: Callable[[Any], Sequence[Any]],
     request: PageRequest,
     *,

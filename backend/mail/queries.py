@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
+from sqlmodel import col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from backend.kit.pagination import Page, PageRequest, keyset_page
 from backend.mail.tables import Email as EmailRow
@@ -112,7 +112,7 @@ async def thread_subject_viewers(
     return grouped
 
 
-def _filtered(workspace_id: uuid.UUID, query: EmailQuery) -> sa.Select[tuple[EmailRow]]:
+def _filtered(workspace_id: uuid.UUID, query: EmailQuery) -> SelectOfScalar[EmailRow]:
     stmt = select(EmailRow).where(EmailRow.workspace_id == workspace_id)
     if query.match_nothing:
         stmt = stmt.where(sa.false())
@@ -125,7 +125,7 @@ def _filtered(workspace_id: uuid.UUID, query: EmailQuery) -> sa.Select[tuple[Ema
     if query.unassigned:
         stmt = stmt.where(
             EmailRow.source == EmailSource.CAPTURE,
-            ~sa.exists().where(TimelineEntry.email_id == EmailRow.id),
+            ~sa.exists().where(col(TimelineEntry.email_id) == EmailRow.id),
         )
     if query.mailbox_id is not None:
         stmt = stmt.where(EmailRow.mailbox_id == query.mailbox_id)
@@ -159,7 +159,7 @@ def _filtered(workspace_id: uuid.UUID, query: EmailQuery) -> sa.Select[tuple[Ema
 
 async def emails_page(
     session: AsyncSession, workspace_id: uuid.UUID, query: EmailQuery, request: PageRequest
-) -> tuple[Page[EmailRow], sa.Select[tuple[EmailRow]]]:
+) -> tuple[Page[EmailRow], SelectOfScalar[EmailRow]]:
     """Newest first."""
     stmt = _filtered(workspace_id, query)
     page = await keyset_page(
@@ -175,7 +175,7 @@ async def emails_page(
 
 async def timeline_page(
     session: AsyncSession, contact_id: uuid.UUID, request: PageRequest
-) -> tuple[Page[EmailRow], sa.Select[tuple[EmailRow]]]:
+) -> tuple[Page[EmailRow], SelectOfScalar[EmailRow]]:
     """A contact's timeline, newest first, walking the (contact, sent_at, email) index."""
     stmt = (
         select(EmailRow)
@@ -195,7 +195,7 @@ async def timeline_page(
 
 async def thread_emails_page(
     session: AsyncSession, thread_id: uuid.UUID, request: PageRequest
-) -> tuple[Page[EmailRow], sa.Select[tuple[EmailRow]]]:
+) -> tuple[Page[EmailRow], SelectOfScalar[EmailRow]]:
     """Oldest first, as a conversation reads."""
     stmt = select(EmailRow).where(EmailRow.thread_id == thread_id)
     page = await keyset_page(
@@ -214,7 +214,7 @@ async def threads_page(
     workspace_id: uuid.UUID,
     contact_id: uuid.UUID | None,
     request: PageRequest,
-) -> tuple[Page[Thread], sa.Select[tuple[Thread]]]:
+) -> tuple[Page[Thread], SelectOfScalar[Thread]]:
     stmt = select(Thread).where(Thread.workspace_id == workspace_id)
     if contact_id is not None:
         stmt = stmt.where(

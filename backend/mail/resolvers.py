@@ -77,7 +77,7 @@ def _email_query(filter: EmailFilter | None, *, unassigned: bool = False) -> que
 
 
 async def _emails(
-    info: Info, first: int, after: str | None, query: queries.EmailQuery
+    info: Info, first: int | None, after: str | None, query: queries.EmailQuery
 ) -> EmailConnection:
     viewer = require_viewer(info)
     session = info.context.session

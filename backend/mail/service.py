@@ -7,9 +7,9 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
+from sqlmodel import col, select
 
 from backend.auth.service import Viewer
 from backend.contacts.tables import Contact
@@ -103,7 +103,7 @@ async def delete_unfiled(session: AsyncSession, email_ids: Sequence[uuid.UUID]) 
             select(Email.id, Email.thread_id).where(
                 col(Email.id).in_(email_ids),
                 Email.source != EmailSource.CAPTURE,
-                ~sa.exists().where(TimelineEntry.email_id == Email.id),
+                ~sa.exists().where(col(TimelineEntry.email_id) == Email.id),
             )
         )
     ).all()

@@ -16,9 +16,12 @@ from backend.workspaces.types import User
 if TYPE_CHECKING:
     from backend.mailboxes.types import Mailbox
 
-EmailDirection = strawberry.enum(tables.EmailDirection)
-EmailSource = strawberry.enum(tables.EmailSource)
-DeliveryStatus = strawberry.enum(tables.DeliveryStatus)
+EmailDirection = tables.EmailDirection
+strawberry.enum(EmailDirection)
+EmailSource = tables.EmailSource
+strawberry.enum(EmailSource)
+DeliveryStatus = tables.DeliveryStatus
+strawberry.enum(DeliveryStatus)
 
 
 class Access(enum.IntEnum):

@@ -6,9 +6,8 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 import sqlalchemy as sa
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
+from sqlmodel import col, select
 
 from backend.kit.clock import now
 from backend.kit.pagination import Page, PageRequest, keyset_page

@@ -13,7 +13,7 @@ from backend.mailboxes.types import EmailVisibility, Mailbox, Provider, SyncMode
 class ConnectMailboxInput:
     provider: Provider
     login_hint: str | None = None
-    sync_mode: SyncMode | None = SyncMode.TWO_WAY  # type: ignore[assignment]
+    sync_mode: SyncMode | None = SyncMode.TWO_WAY
 
 
 @strawberry.type
@@ -34,7 +34,7 @@ class ConnectImapMailboxInput:
     security: str | None = strawberry.field(
         default="TLS", description="TLS | STARTTLS | NONE (NONE allowed only for loopback hosts)"
     )
-    sync_mode: SyncMode | None = SyncMode.TWO_WAY  # type: ignore[assignment]
+    sync_mode: SyncMode | None = SyncMode.TWO_WAY
 
 
 @strawberry.input

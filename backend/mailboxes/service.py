@@ -5,9 +5,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
+from sqlmodel import col, select
 
 from backend.auth.service import Viewer
 from backend.kit.addresses import normalize_address
@@ -180,7 +180,7 @@ async def erase_history(session: AsyncSession, mailbox: Mailbox) -> int:
             select(Email.id, Email.thread_id).where(
                 Email.source == EmailSource.SYNC,
                 sa.or_(
-                    Email.mailbox_id == mailbox.id,
+                    col(Email.mailbox_id) == mailbox.id,
                     col(Email.id).in_(
                         select(MailboxMessage.email_id).where(
                             MailboxMessage.mailbox_id == mailbox.id

@@ -2,7 +2,7 @@ import datetime
 import enum
 
 import strawberry
-from sqlalchemy import select
+from sqlmodel import select
 
 from backend.graphql.context import Info
 from backend.graphql.relay import Connection, Node, connection, page_request, to_global_id
@@ -11,11 +11,16 @@ from backend.mailboxes import queries, tables
 from backend.sync import tables as sync_tables
 from backend.workspaces.types import User
 
-Provider = strawberry.enum(tables.Provider)
-SyncMode = strawberry.enum(tables.SyncMode)
-EmailVisibility = strawberry.enum(tables.EmailVisibility)
-MailboxStatus = strawberry.enum(tables.MailboxStatus)
-SyncErrorCode = strawberry.enum(sync_tables.SyncErrorCode)
+Provider = tables.Provider
+strawberry.enum(Provider)
+SyncMode = tables.SyncMode
+strawberry.enum(SyncMode)
+EmailVisibility = tables.EmailVisibility
+strawberry.enum(EmailVisibility)
+MailboxStatus = tables.MailboxStatus
+strawberry.enum(MailboxStatus)
+SyncErrorCode = sync_tables.SyncErrorCode
+strawberry.enum(SyncErrorCode)
 
 FAILING = {tables.MailboxStatus.ERROR, tables.MailboxStatus.SUSPENDED}
 

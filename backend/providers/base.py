@@ -61,7 +61,7 @@ class ProviderError(Exception):
 
 
 class TransientProviderError(ProviderError):
-    """Worth retrying: rate limits, timeouts, 5xx. `retry_after` is the provider's wish, in seconds."""
+    """Worth retrying: rate limits, timeouts, 5xx; `retry_after` is in seconds."""
 
     code = SyncErrorCode.PROVIDER_UNAVAILABLE
 

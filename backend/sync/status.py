@@ -48,7 +48,7 @@ BACKOFF_MAX = timedelta(hours=1)
 
 def backoff(consecutive_failures: int, retry_after: float | None = None) -> timedelta:
     """Exponential from 30 s to an hour; never sooner than the provider's Retry-After."""
-    delay = min(BACKOFF_BASE * (2 ** max(consecutive_failures - 1, 0)), BACKOFF_MAX)
+    delay: timedelta = min(BACKOFF_BASE * (2 ** max(consecutive_failures - 1, 0)), BACKOFF_MAX)
     if retry_after is not None:
         delay = max(delay, timedelta(seconds=retry_after))
     return delay

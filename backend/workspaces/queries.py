@@ -3,9 +3,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
+from sqlmodel import col, select
 
 from backend.kit.addresses import normalize_address
 from backend.mailboxes.tables import Mailbox

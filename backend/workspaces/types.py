@@ -10,9 +10,12 @@ from backend.workspaces.service import capture_address
 if TYPE_CHECKING:
     from backend.mailboxes.types import Mailbox
 
-Role = strawberry.enum(tables.Role)
-ContactMatching = strawberry.enum(tables.ContactMatching)
-ContactAutoCreation = strawberry.enum(tables.ContactAutoCreation)
+Role = tables.Role
+strawberry.enum(Role)
+ContactMatching = tables.ContactMatching
+strawberry.enum(ContactMatching)
+ContactAutoCreation = tables.ContactAutoCreation
+strawberry.enum(ContactAutoCreation)
 
 
 @strawberry.type
