@@ -1,0 +1,37 @@
+# Shared by scripts/test and scripts/demo: install what a fresh Debian machine lacks.
+
+apt_updated=""
+apt_install() {
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing: $* (install them, or run this script as root)" >&2
+    exit 1
+  fi
+  if [ -z "$apt_updated" ]; then
+    apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_uv() {
+  if ! command -v uv >/dev/null 2>&1; then
+    python3 -m pip install --quiet uv
+  fi
+  uv sync --frozen --quiet
+}
+
+ensure_graphiql_assets() {
+  # GraphiQL is served by the API itself (no CDN): its npm packages are pinned in
+  # backend/graphiql/package-lock.json and installed here.
+  if ! command -v npm >/dev/null 2>&1; then
+    apt_install nodejs npm
+  fi
+  if [ ! -f backend/graphiql/node_modules/.package-lock.json ] \
+     || ! cmp -s backend/graphiql/package-lock.json backend/graphiql/node_modules/.package-lock.json 2>/dev/null; then
+    (cd backend/graphiql && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  fi
+}
+
+redis_answers() {
+  uv run --quiet python -c "import redis,sys; sys.exit(0 if redis.Redis.from_url('$1', socket_connect_timeout=1).ping() else 1)" 2>/dev/null
+}
