@@ -14,10 +14,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def compose_command() -> list[str]:
     docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True, check=False).returncode == 0:
+    if (
+        docker
+        and subprocess.run(
+            [docker, "compose", "version"], capture_output=True, check=False
+        ).returncode
+        == 0
+    ):
         return [docker, "compose"]
     legacy = shutil.which("docker-compose")
-    assert legacy, "neither `docker compose` nor `docker-compose` is installed (scripts/test installs it)"
+    assert legacy, (
+        "neither `docker compose` nor `docker-compose` is installed (scripts/test installs it)"
+    )
     return [legacy]
 
 
@@ -25,7 +33,10 @@ def test_compose_file_validates() -> None:
     env = {**os.environ, "MAILSYNC_SECRET_KEY": "x" * 48}
     out = subprocess.run(
         [*compose_command(), "-f", str(ROOT / "docker" / "compose.yaml"), "config"],
-        capture_output=True, text=True, env=env, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     config = yaml.safe_load(out.stdout)
@@ -37,7 +48,10 @@ def test_compose_refuses_to_run_without_a_secret() -> None:
     env = {k: v for k, v in os.environ.items() if k != "MAILSYNC_SECRET_KEY"}
     out = subprocess.run(
         [*compose_command(), "-f", str(ROOT / "docker" / "compose.yaml"), "config"],
-        capture_output=True, text=True, env=env, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     assert out.returncode != 0
     assert "MAILSYNC_SECRET_KEY" in out.stderr
