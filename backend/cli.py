@@ -59,6 +59,8 @@ def serve(
         workers=workers,
         log_level=settings.log_level.lower(),
         ws="websockets-sansio",
+        # Open subscriptions would otherwise hold a restart forever; clients reconnect.
+        timeout_graceful_shutdown=10,
     )
 
 

@@ -54,10 +54,13 @@ class Runtime:
     async def publish(self, workspace_id: str, event: dict[str, Any]) -> None:
         await self.bus.publish(workspace_id, event)
 
-    async def enqueue_sync(self, mailbox_id: str) -> None:
+    async def enqueue_sync(self, mailbox_id: str, defer_seconds: float = 0) -> None:
         """Queue one pass (R14). A request during a running pass earns exactly one more after it."""
         job = await self.redis.enqueue_job(
-            SYNC_FUNCTION, mailbox_id, _job_id=sync_job_id(mailbox_id)
+            SYNC_FUNCTION,
+            mailbox_id,
+            _job_id=sync_job_id(mailbox_id),
+            _defer_by=defer_seconds or None,
         )
         if job is not None:
             return

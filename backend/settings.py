@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     max_aliases: int = 30
     max_page_size: int = 100
     sync_interval_seconds: int = 300
+    # Scheduled passes start spread over this many seconds rather than all at once.
+    sync_spread_seconds: int = 60
     # A pass whose lock outlives this is taken to be dead (worker killed).
     sync_lock_seconds: int = 600
     capture_domain: str = "capture.mailsync.local"

@@ -82,6 +82,8 @@ def settings(database_url: str) -> Iterator[Settings]:
         "MAILSYNC_REDIS_URL": REDIS_URL,
         "MAILSYNC_SECRET_KEY": SECRET,
         "MAILSYNC_LOG_LEVEL": "WARNING",
+        # Burst workers in tests should not wait for spread-out passes (tested on its own).
+        "MAILSYNC_SYNC_SPREAD_SECONDS": "0",
     }
     os.environ.update(env)
     get_settings.cache_clear()
@@ -105,7 +107,12 @@ class LiveServer:
         self.app = create_app(settings)
         self.server = uvicorn.Server(
             uvicorn.Config(
-                self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+                self.app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                lifespan="on",
+                timeout_graceful_shutdown=2,
             )
         )
         self.task: asyncio.Task[None] | None = None

@@ -19,7 +19,7 @@ from backend.mailboxes import service as mailboxes_service
 from backend.mailboxes.tables import Mailbox, Provider
 from backend.providers.base import FetchedMessage, MessageRef
 from backend.runtime import Runtime
-from backend.sync.ingest import filing_context, ingest
+from backend.sync.ingest import IngestResult, filing_context, ingest
 from backend.workspaces import service as workspaces_service
 from backend.workspaces.tables import Role, User, Workspace
 
@@ -140,22 +140,37 @@ class Factory:
                 session.add(mailbox)
             return mailbox
 
-    async def email(
-        self, owner: Member, mailbox: Mailbox, raw: bytes, provider_id: str | None = None
-    ) -> Email:
-        """File a message through the ingest service, as a sync pass would."""
+    async def ingest(
+        self,
+        mailbox: Mailbox,
+        raw: bytes,
+        provider_id: str | None = None,
+        thread_id: str | None = None,
+    ) -> IngestResult:
+        """Put one message through the ingest service, as a sync pass would."""
         effects = AfterCommit()
         async with self.db.transaction() as session:
             box = await session.get(Mailbox, mailbox.id)
-            workspace = await session.get(Workspace, owner.workspace.id)
-            assert box is not None and workspace is not None
+            assert box is not None
+            workspace = await session.get(Workspace, box.workspace_id)
+            assert workspace is not None
             ctx = await filing_context(session, workspace, box)
-            fetched = FetchedMessage(ref=MessageRef(provider_id or unique("msg-")), raw=raw)
+            fetched = FetchedMessage(
+                ref=MessageRef(provider_id or unique("msg-"), thread_id), raw=raw
+            )
             result = await ingest(session, effects, workspace, box, ctx, fetched)
-            assert result.email_id is not None, f"not filed: {result.reason}"
-            email = await session.get(Email, result.email_id)
-            assert email is not None
         await effects.release(self.runtime, self.runtime)
+        return result
+
+    async def email(
+        self, owner: Member, mailbox: Mailbox, raw: bytes, provider_id: str | None = None
+    ) -> Email:
+        """File a message that must be filed, and return the stored email."""
+        result = await self.ingest(mailbox, raw, provider_id)
+        assert result.email_id is not None, f"not filed: {result.reason}"
+        async with self.db.sessionmaker() as session:
+            email = await session.get(Email, result.email_id)
+        assert email is not None
         return email
 
 

@@ -10,7 +10,7 @@ from backend.runtime import Runtime, sync_job_id
 from backend.sync import jobs
 from tests.factories import Factory
 from tests.providers import fake_provider
-from tests.worker import drain
+from tests.worker import clear_queue, drain
 
 
 async def _queued(runtime: Runtime) -> list[bytes]:
@@ -87,3 +87,25 @@ async def test_concurrent_jobs_for_one_mailbox_never_overlap(
     assert (await _queued(runtime)).count(sync_job_id(str(mailbox.id)).encode()) == 1
     with fake_provider():
         assert await drain(runtime) == 1
+
+
+async def test_scheduled_passes_are_spread_over_the_minute(
+    factory: Factory, runtime: Runtime
+) -> None:
+    import time
+
+    owner = await factory.workspace()
+    mailboxes = [await factory.mailbox(owner, f"spread{i}@crm.test") for i in range(8)]
+    runtime.settings.sync_spread_seconds = 60
+    try:
+        await jobs.schedule_due(runtime)
+    finally:
+        runtime.settings.sync_spread_seconds = 0
+    scores = {
+        member.decode(): score / 1000 - time.time()
+        for member, score in await runtime.redis.zrange("arq:queue", 0, -1, withscores=True)
+    }
+    offsets = [scores[sync_job_id(str(m.id))] for m in mailboxes]
+    assert all(-5 < o < 61 for o in offsets)
+    assert len({round(o) for o in offsets}) > 1  # not all at the same moment
+    await clear_queue(runtime)

@@ -33,6 +33,11 @@ async def after_sync(runtime: Runtime, mailbox_id: str) -> None:
 async def schedule_due(runtime: Runtime) -> int:
     async with runtime.db.sessionmaker() as session:
         due = await due_mailboxes(session, runtime.settings.sync_interval_seconds)
+    spread = runtime.settings.sync_spread_seconds
     for mailbox_id in due:
-        await runtime.enqueue_sync(str(mailbox_id))
+        # Spread the minute's passes instead of starting them all at once; the offset is
+        # stable per mailbox, so each keeps its own rhythm.
+        await runtime.enqueue_sync(
+            str(mailbox_id), defer_seconds=mailbox_id.int % spread if spread else 0
+        )
     return len(due)

@@ -129,6 +129,17 @@ def _message_ids(value: str | None) -> list[str]:
     return _MSGID.findall(value or "")
 
 
+def _message_id(value: str | None) -> str | None:
+    """The Message-ID, also when a sender forgot the angle brackets (R7 needs it)."""
+    found = _message_ids(value)
+    if found:
+        return found[0]
+    bare = (value or "").strip()
+    if bare and "@" in bare and not any(c.isspace() for c in bare) and len(bare) < 990:
+        return f"<{bare.strip('<>')}>"
+    return None
+
+
 def _date(msg: Message) -> datetime | None:
     raw = _header(msg, "date")
     if not raw:
@@ -213,10 +224,9 @@ def parse_message(raw: bytes) -> ParsedMessage:
             text = html_to_text(html_body)
     senders = _addresses(msg, "from") or _addresses(msg, "sender")
     headers = {name: value for name in KEPT_HEADERS if (value := _header(msg, name)) is not None}
-    message_ids = _message_ids(_header(msg, "message-id"))
     in_reply_to = _message_ids(_header(msg, "in-reply-to"))
     return ParsedMessage(
-        message_id=message_ids[0] if message_ids else None,
+        message_id=_message_id(_header(msg, "message-id")),
         subject=_header(msg, "subject"),
         sender=senders[0] if senders else None,
         to=_addresses(msg, "to"),
