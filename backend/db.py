@@ -50,6 +50,12 @@ class UtcDateTime(sa.TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def table_of(model: type[SQLModel]) -> sa.Table:
+    """The Core table of a model, for bulk statements that skip the ORM's per-row work."""
+    table: sa.Table = model.__table__  # type: ignore[attr-defined]
+    return table
+
+
 def enum_type(enum_cls: type[enum.Enum]) -> sa.Enum:
     """Enums as plain strings: no native PostgreSQL types, so migrations stay portable."""
     return sa.Enum(

@@ -28,12 +28,17 @@ from backend.mail.tables import (
 )
 
 
-def email_received_event(email: Email, contact_ids: Iterable[uuid.UUID]) -> dict[str, Any]:
+def email_received_event(
+    email_id: uuid.UUID,
+    thread_id: uuid.UUID,
+    mailbox_id: uuid.UUID | None,
+    contact_ids: Iterable[uuid.UUID],
+) -> dict[str, Any]:
     return {
         "type": "emailReceived",
-        "emailId": str(email.id),
-        "threadId": str(email.thread_id),
-        "mailboxId": str(email.mailbox_id) if email.mailbox_id else None,
+        "emailId": str(email_id),
+        "threadId": str(thread_id),
+        "mailboxId": str(mailbox_id) if mailbox_id else None,
         "contactIds": [str(c) for c in contact_ids],
     }
 
@@ -162,7 +167,10 @@ async def file_email(
             "ALREADY_FILED", "This email is already on that contact's timeline.", ["contactId"]
         )
     await session.flush()
-    effects.publish(email.workspace_id, email_received_event(email, [contact.id]))
+    effects.publish(
+        email.workspace_id,
+        email_received_event(email.id, email.thread_id, email.mailbox_id, [contact.id]),
+    )
     return email
 
 
@@ -191,7 +199,10 @@ async def move_email(
             "NOT_FILED", "This email is not on that contact's timeline.", ["fromContactId"]
         )
     if await _link(session, email, target):
-        effects.publish(email.workspace_id, email_received_event(email, [target.id]))
+        effects.publish(
+            email.workspace_id,
+            email_received_event(email.id, email.thread_id, email.mailbox_id, [target.id]),
+        )
     await session.flush()
     return email
 

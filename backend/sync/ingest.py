@@ -1,11 +1,20 @@
-"""Filing one fetched message: parse, decide, store once per workspace (R7), link timelines."""
+"""Filing fetched messages: decide (R1-R6, R12), store once per workspace (R7), thread (R9),
+link timelines.
+
+Mail is filed a batch at a time: one query per lookup for the whole batch and bulk inserts,
+because per-message ORM round trips cost far more than parsing does. A batch that loses a
+race with a concurrent pass (the unique Message-ID of R7) is filed again one message at a
+time, where the loser simply records its sighting.
+"""
 
 from __future__ import annotations
 
 import enum
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -14,15 +23,24 @@ from sqlmodel import col, select
 
 from backend.contacts import queries as contact_queries
 from backend.contacts.tables import Contact, ContactAddress
+from backend.db import table_of
 from backend.exclusions.queries import excluded_values
 from backend.kit.clock import now
 from backend.kit.effects import AfterCommit
-from backend.mail import service as mail_service
-from backend.mail.service import NewEmail, ParticipantData, email_received_event
-from backend.mail.tables import Email, EmailSource, MailboxMessage, ParticipantRole, Thread
-from backend.mailboxes.tables import Mailbox
+from backend.mail.service import email_received_event
+from backend.mail.tables import (
+    Email,
+    EmailDirection,
+    EmailSource,
+    MailboxMessage,
+    Participant,
+    ParticipantRole,
+    Thread,
+    TimelineEntry,
+)
+from backend.mailboxes.tables import Mailbox, SyncMode
 from backend.providers.base import FetchedMessage
-from backend.sync.filing import FilingContext, decide
+from backend.sync.filing import FilingContext, FilingDecision, decide
 from backend.sync.parsing import ParsedMessage, parse_message
 from backend.workspaces import queries as workspace_queries
 from backend.workspaces.tables import ContactMatching, Workspace
@@ -64,93 +82,370 @@ def synthetic_message_id(mailbox: Mailbox, provider_id: str) -> str:
     return f"<{provider_id}@{mailbox.provider.value.lower()}.{mailbox.id.hex}.mailsync.invalid>"
 
 
-async def _existing(
-    session: AsyncSession, workspace_id: uuid.UUID, message_id: str
-) -> Email | None:
-    return (
-        await session.scalars(
-            select(Email).where(Email.workspace_id == workspace_id, Email.message_id == message_id)
-        )
-    ).first()
+@dataclass
+class _Item:
+    fetched: FetchedMessage
+    parsed: ParsedMessage
+    message_id: str
+    thread_ref: str | None
+    sent_at: datetime
+    result: IngestResult | None = None
+    decision: FilingDecision | None = None
+    contacts: list[Contact] = field(default_factory=list)
 
 
-async def _thread_for(
-    session: AsyncSession,
-    workspace_id: uuid.UUID,
-    mailbox: Mailbox,
-    provider_thread_id: str | None,
-    parsed: ParsedMessage,
-) -> Thread | None:
-    """R9: the mailbox's provider thread first, then In-Reply-To/References; never the subject."""
-    if provider_thread_id:
-        thread_id = await session.scalar(
-            select(Email.thread_id)
-            .join(MailboxMessage, col(MailboxMessage.email_id) == Email.id)
-            .where(
-                MailboxMessage.mailbox_id == mailbox.id,
-                MailboxMessage.provider_thread_id == provider_thread_id,
+class _Batch:
+    """The lookups of one batch, each one query, and the rows it will insert."""
+
+    def __init__(self, session: AsyncSession, workspace: Workspace, mailbox: Mailbox) -> None:
+        self.session = session
+        self.workspace = workspace
+        self.mailbox = mailbox
+        self.threads_by_ref: dict[str, uuid.UUID] = {}
+        self.threads_by_message_id: dict[str, uuid.UUID] = {}
+        self.new_threads: dict[uuid.UUID, dict[str, Any]] = {}
+        self.thread_changes: dict[uuid.UUID, list[Any]] = {}  # id -> [added, last, subject]
+        self.contact_last: dict[uuid.UUID, datetime] = {}
+        self.emails: list[dict[str, Any]] = []
+        self.participants: list[dict[str, Any]] = []
+        self.timeline: list[dict[str, Any]] = []
+        self.sightings: list[dict[str, Any]] = []
+
+    async def existing(self, message_ids: Sequence[str]) -> dict[str, uuid.UUID]:
+        rows = await self.session.execute(
+            select(Email.message_id, Email.id).where(
+                Email.workspace_id == self.workspace.id, col(Email.message_id).in_(message_ids)
             )
-            .limit(1)
         )
-        if thread_id is not None:
-            return await session.get(Thread, thread_id)
-    related = [*([parsed.in_reply_to] if parsed.in_reply_to else []), *reversed(parsed.references)]
-    if related:
-        thread_id = await session.scalar(
+        return {message_id: email_id for message_id, email_id in rows}
+
+    async def seen(self, provider_ids: Sequence[str]) -> set[str]:
+        rows = await self.session.scalars(
+            select(MailboxMessage.provider_message_id).where(
+                MailboxMessage.mailbox_id == self.mailbox.id,
+                col(MailboxMessage.provider_message_id).in_(provider_ids),
+            )
+        )
+        return set(rows)
+
+    async def load_threads(self, refs: Sequence[str], related: Sequence[str]) -> None:
+        """R9: the mailbox's provider threads, and the threads of the mail being replied to."""
+        if refs:
+            rows = await self.session.execute(
+                select(MailboxMessage.provider_thread_id, Email.thread_id)
+                .join(Email, col(Email.id) == MailboxMessage.email_id)
+                .where(
+                    MailboxMessage.mailbox_id == self.mailbox.id,
+                    col(MailboxMessage.provider_thread_id).in_(refs),
+                )
+            )
+            self.threads_by_ref.update({ref: thread for ref, thread in rows if ref})
+        if related:
+            rows = await self.session.execute(
+                select(Email.message_id, Email.thread_id).where(
+                    Email.workspace_id == self.workspace.id, col(Email.message_id).in_(related)
+                )
+            )
+            self.threads_by_message_id.update({message_id: thread for message_id, thread in rows})
+
+    async def crm_threads(self, thread_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        if not thread_ids:
+            return set()
+        rows = await self.session.scalars(
             select(Email.thread_id)
-            .where(Email.workspace_id == workspace_id, col(Email.message_id).in_(related))
-            .order_by(col(Email.sent_at).desc())
-            .limit(1)
+            .where(col(Email.thread_id).in_(thread_ids), Email.source == EmailSource.CRM)
+            .distinct()
         )
-        if thread_id is not None:
-            return await session.get(Thread, thread_id)
-    return None
+        return set(rows)
+
+    def thread_for(self, item: _Item) -> uuid.UUID | None:
+        if item.thread_ref and item.thread_ref in self.threads_by_ref:
+            return self.threads_by_ref[item.thread_ref]
+        parsed = item.parsed
+        for message_id in [
+            *([parsed.in_reply_to] if parsed.in_reply_to else []),
+            *reversed(parsed.references),
+        ]:
+            if message_id in self.threads_by_message_id:
+                return self.threads_by_message_id[message_id]
+        return None  # R9: never by subject
+
+    def add(self, item: _Item, thread_id: uuid.UUID | None, direction: EmailDirection) -> uuid.UUID:
+        parsed = item.parsed
+        if thread_id is None:
+            thread_id = uuid.uuid4()
+            self.new_threads[thread_id] = {
+                "id": thread_id,
+                "workspace_id": self.workspace.id,
+                "subject": parsed.subject,
+                "last_email_at": item.sent_at,
+                "email_count": 0,
+                "created_at": now(),
+            }
+        if thread_id in self.new_threads:  # inserted with its final counters, no UPDATE
+            new = self.new_threads[thread_id]
+            new["email_count"] += 1
+            new["last_email_at"] = max(new["last_email_at"], item.sent_at)
+        else:
+            change = self.thread_changes.setdefault(thread_id, [0, item.sent_at, parsed.subject])
+            change[0] += 1
+            change[1] = max(change[1], item.sent_at)
+        if item.thread_ref:
+            self.threads_by_ref.setdefault(item.thread_ref, thread_id)
+        self.threads_by_message_id[item.message_id] = thread_id
+        email_id = uuid.uuid4()
+        self.emails.append(
+            {
+                "id": email_id,
+                "workspace_id": self.workspace.id,
+                "thread_id": thread_id,
+                "mailbox_id": self.mailbox.id,
+                "message_id": item.message_id,
+                "in_reply_to": parsed.in_reply_to,
+                "references": parsed.references,
+                "direction": direction,
+                "source": EmailSource.SYNC,
+                "subject": parsed.subject,
+                "snippet": parsed.snippet,
+                "body_text": parsed.body_text,
+                "body_html": parsed.body_html,
+                "headers": parsed.headers,
+                "attachments": parsed.attachments,
+                "sent_at": item.sent_at,
+                "sent_by_id": self.mailbox.owner_id,
+                "delivery_status": None,
+                "delivery_error": None,
+                "idempotency_key": None,
+                "created_at": now(),
+            }
+        )
+        self.participants.extend(
+            {
+                "id": uuid.uuid4(),
+                "email_id": email_id,
+                "role": role,
+                "position": i,
+                "address": address,
+                "name": name,
+            }
+            for i, (role, address, name) in enumerate(_participants(parsed))
+        )
+        for contact in item.contacts:
+            self.timeline.append(
+                {
+                    "email_id": email_id,
+                    "contact_id": contact.id,
+                    "workspace_id": self.workspace.id,
+                    "sent_at": item.sent_at,
+                    "filed_at": now(),
+                }
+            )
+            if contact.id not in self.contact_last or self.contact_last[contact.id] < item.sent_at:
+                self.contact_last[contact.id] = item.sent_at
+        self.sight(item, email_id)
+        return email_id
+
+    def sight(self, item: _Item, email_id: uuid.UUID) -> None:
+        self.sightings.append(
+            {
+                "id": uuid.uuid4(),
+                "mailbox_id": self.mailbox.id,
+                "email_id": email_id,
+                "provider_message_id": item.fetched.ref.provider_id,
+                "provider_thread_id": item.thread_ref,
+                "seen_at": now(),
+            }
+        )
+
+    async def write(self) -> None:
+        s = self.session
+        if self.new_threads:
+            await s.execute(sa.insert(table_of(Thread)), list(self.new_threads.values()))
+        if self.emails:
+            await s.execute(sa.insert(table_of(Email)), self.emails)
+        if self.participants:
+            await s.execute(sa.insert(table_of(Participant)), self.participants)
+        if self.timeline:
+            await s.execute(sa.insert(table_of(TimelineEntry)), self.timeline)
+        if self.sightings:
+            await s.execute(sa.insert(table_of(MailboxMessage)), self.sightings)
+        for thread_id, (added, last, subject) in self.thread_changes.items():
+            await s.execute(
+                sa.update(Thread)
+                .where(col(Thread.id) == thread_id)
+                .values(
+                    email_count=col(Thread.email_count) + added,
+                    last_email_at=sa.case(
+                        (col(Thread.last_email_at) < last, last), else_=col(Thread.last_email_at)
+                    ),
+                    subject=sa.func.coalesce(col(Thread.subject), subject),
+                )
+            )
+        for contact_id, last in self.contact_last.items():
+            await s.execute(
+                sa.update(Contact)
+                .where(
+                    col(Contact.id) == contact_id,
+                    sa.or_(col(Contact.last_email_at).is_(None), col(Contact.last_email_at) < last),
+                )
+                .values(last_email_at=last)
+            )
 
 
-async def _contacts_for(
-    session: AsyncSession, workspace: Workspace, addresses: list[str]
-) -> list[Contact]:
-    matched = await contact_queries.contacts_for_addresses(
-        session,
-        workspace.id,
-        addresses,
-        primary_only=workspace.contact_matching == ContactMatching.PRIMARY_EMAIL_ONLY,
-    )
-    contacts: list[Contact] = []
-    for address in addresses:
-        contact = matched.get(address)
-        if contact is not None and contact not in contacts:
-            contacts.append(contact)
-    return contacts
+def _participants(parsed: ParsedMessage) -> list[tuple[ParticipantRole, str, str | None]]:
+    out: list[tuple[ParticipantRole, str, str | None]] = []
+    if parsed.sender:
+        out.append((ParticipantRole.FROM, parsed.sender.address, parsed.sender.name))
+    for role, group in (
+        (ParticipantRole.TO, parsed.to),
+        (ParticipantRole.CC, parsed.cc),
+        (ParticipantRole.BCC, parsed.bcc),
+    ):
+        out.extend((role, p.address, p.name) for p in group)
+    return out
 
 
 async def _create_contacts(
-    session: AsyncSession, workspace: Workspace, parsed_addresses: list[tuple[str, str | None]]
+    session: AsyncSession, workspace: Workspace, item: _Item
 ) -> list[Contact]:
-    created: list[Contact] = []
-    for address, name in parsed_addresses:
-        contact = Contact(workspace_id=workspace.id, name=name)
+    """R5 auto-creation: rare enough to go through the ORM."""
+    assert item.decision is not None
+    created = []
+    for p in item.decision.creatable:
+        contact = Contact(workspace_id=workspace.id, name=p.name)
         session.add(contact)
         await session.flush()
         session.add(
-            ContactAddress(workspace_id=workspace.id, contact_id=contact.id, address=address)
+            ContactAddress(workspace_id=workspace.id, contact_id=contact.id, address=p.address)
         )
         created.append(contact)
     await session.flush()
     return created
 
 
-def _participants(parsed: ParsedMessage) -> list[ParticipantData]:
-    out: list[ParticipantData] = []
-    if parsed.sender:
-        out.append(ParticipantData(ParticipantRole.FROM, parsed.sender.address, parsed.sender.name))
-    for role, group in (
-        (ParticipantRole.TO, parsed.to),
-        (ParticipantRole.CC, parsed.cc),
-        (ParticipantRole.BCC, parsed.bcc),
-    ):
-        out.extend(ParticipantData(role, p.address, p.name) for p in group)
-    return out
+async def ingest_batch(
+    session: AsyncSession,
+    effects: AfterCommit,
+    workspace: Workspace,
+    mailbox: Mailbox,
+    ctx: FilingContext,
+    messages: Sequence[tuple[FetchedMessage, ParsedMessage]],
+) -> list[IngestResult]:
+    """File parsed messages; results come back in order. Raises only for storage failures."""
+    try:
+        async with session.begin_nested():
+            return await _ingest_batch(session, effects, workspace, mailbox, ctx, messages)
+    except IntegrityError:
+        pass
+    # A concurrent pass stored some of these first (R7): go one by one. Once the other pass
+    # has committed, the loser finds the email and only records where it saw it.
+    results: list[IngestResult] = []
+    for message in messages:
+        for attempt in range(2):
+            try:
+                async with session.begin_nested():
+                    results.extend(
+                        await _ingest_batch(session, effects, workspace, mailbox, ctx, [message])
+                    )
+                break
+            except IntegrityError:
+                if attempt:
+                    raise
+    return results
+
+
+async def _ingest_batch(
+    session: AsyncSession,
+    effects: AfterCommit,
+    workspace: Workspace,
+    mailbox: Mailbox,
+    ctx: FilingContext,
+    messages: Sequence[tuple[FetchedMessage, ParsedMessage]],
+) -> list[IngestResult]:
+    items = [
+        _Item(
+            fetched=fetched,
+            parsed=parsed,
+            message_id=parsed.message_id or synthetic_message_id(mailbox, fetched.ref.provider_id),
+            thread_ref=fetched.thread_id or fetched.ref.thread_id,
+            sent_at=parsed.date or fetched.internal_date or now(),
+        )
+        for fetched, parsed in messages
+    ]
+    batch = _Batch(session, workspace, mailbox)
+    known = await batch.existing([i.message_id for i in items])
+    already_seen = await batch.seen(
+        [i.fetched.ref.provider_id for i in items if i.message_id in known]
+    )
+    pending: list[_Item] = []
+    for item in items:
+        if item.message_id in known:
+            # R7: seen before (another mailbox, a replay, a crash before commit): never twice.
+            if item.fetched.ref.provider_id not in already_seen:
+                batch.sight(item, known[item.message_id])
+                already_seen.add(item.fetched.ref.provider_id)
+            item.result = IngestResult(Outcome.DUPLICATE, known[item.message_id])
+        elif item.sent_at < mailbox.connected_at:
+            item.result = IngestResult(Outcome.SKIPPED, reason="dated before the connection")  # R6
+        else:
+            item.decision = decide(item.parsed, ctx)
+            if item.decision.skip_reason is not None:
+                item.result = IngestResult(Outcome.SKIPPED, reason=item.decision.skip_reason)
+            else:
+                pending.append(item)
+    matched = await contact_queries.contacts_for_addresses(
+        session,
+        workspace.id,
+        sorted({a for i in pending for a in i.decision.candidates}),  # type: ignore[union-attr]
+        primary_only=workspace.contact_matching == ContactMatching.PRIMARY_EMAIL_ONLY,
+    )
+    await batch.load_threads(
+        sorted({i.thread_ref for i in pending if i.thread_ref}),
+        sorted({m for i in pending for m in [*i.parsed.references, i.parsed.in_reply_to] if m}),
+    )
+    crm_threads = (
+        await batch.crm_threads(list({t for i in pending if (t := batch.thread_for(i))}))
+        if ctx.sync_mode == SyncMode.CRM_THREADS_ONLY
+        else set()
+    )
+    filed: list[tuple[uuid.UUID, _Item]] = []
+    in_batch: dict[str, uuid.UUID] = {}
+    for item in pending:
+        assert item.decision is not None
+        if item.message_id in in_batch:  # the same message twice in one batch
+            batch.sight(item, in_batch[item.message_id])
+            item.result = IngestResult(Outcome.DUPLICATE, in_batch[item.message_id])
+            continue
+        for address in item.decision.candidates:
+            contact = matched.get(address)
+            if contact is not None and contact not in item.contacts:
+                item.contacts.append(contact)
+        if not item.contacts and item.decision.creatable:
+            item.contacts = await _create_contacts(session, workspace, item)
+            matched.update(
+                {p.address: c for p, c in zip(item.decision.creatable, item.contacts, strict=True)}
+            )
+        if not item.contacts:
+            item.result = IngestResult(
+                Outcome.SKIPPED, reason="no contact"
+            )  # R5: not stored at all
+            continue
+        thread_id = batch.thread_for(item)
+        if ctx.sync_mode == SyncMode.CRM_THREADS_ONLY and thread_id not in crm_threads:
+            item.result = IngestResult(Outcome.SKIPPED, reason="not a CRM thread")  # R12
+            continue
+        email_id = batch.add(item, thread_id, item.decision.direction)
+        in_batch[item.message_id] = email_id
+        item.result = IngestResult(Outcome.FILED, email_id)
+        filed.append((email_id, item))
+    await batch.write()
+    for email_id, item in filed:
+        thread_id = batch.threads_by_message_id[item.message_id]
+        effects.publish(
+            workspace.id,
+            email_received_event(email_id, thread_id, mailbox.id, [c.id for c in item.contacts]),
+        )
+    return [i.result for i in items if i.result is not None]
 
 
 async def ingest(
@@ -162,81 +457,7 @@ async def ingest(
     fetched: FetchedMessage,
     parsed: ParsedMessage | None = None,
 ) -> IngestResult:
-    """File one message. Raises only for storage failures; parse failures are the caller's."""
+    """File one message: a batch of one."""
     parsed = parsed or parse_message(fetched.raw)
-    message_id = parsed.message_id or synthetic_message_id(mailbox, fetched.ref.provider_id)
-    thread_ref = fetched.thread_id or fetched.ref.thread_id
-    existing = await _existing(session, workspace.id, message_id)
-    if existing is not None:
-        # R7: seen before (another mailbox, a replay, a crash before commit): never filed twice.
-        await mail_service.record_sighting(
-            session, mailbox.id, existing.id, fetched.ref.provider_id, thread_ref
-        )
-        return IngestResult(Outcome.DUPLICATE, existing.id)
-    sent_at: datetime = parsed.date or fetched.internal_date or now()
-    if sent_at < mailbox.connected_at:
-        return IngestResult(Outcome.SKIPPED, reason="dated before the connection")  # R6
-    decision = decide(parsed, ctx)
-    if decision.skip_reason is not None:
-        return IngestResult(Outcome.SKIPPED, reason=decision.skip_reason)
-    contacts = await _contacts_for(session, workspace, decision.candidates)
-    if not contacts and decision.creatable:
-        contacts = await _create_contacts(
-            session, workspace, [(p.address, p.name) for p in decision.creatable]
-        )
-    if not contacts:
-        return IngestResult(Outcome.SKIPPED, reason="no contact")  # R5: not stored at all
-    thread = await _thread_for(session, workspace.id, mailbox, thread_ref, parsed)
-    if ctx.sync_mode.value == "CRM_THREADS_ONLY":
-        started_in_crm = thread is not None and await session.scalar(
-            select(sa.func.count())
-            .select_from(Email)
-            .where(Email.thread_id == thread.id, Email.source == EmailSource.CRM)
-        )
-        if not started_in_crm:
-            return IngestResult(Outcome.SKIPPED, reason="not a CRM thread")  # R12
-    try:
-        async with session.begin_nested():
-            if thread is None:
-                thread = Thread(
-                    workspace_id=workspace.id, subject=parsed.subject, last_email_at=sent_at
-                )
-                session.add(thread)
-                await session.flush()
-            email = await mail_service.store_email(
-                session,
-                workspace_id=workspace.id,
-                thread=thread,
-                mailbox_id=mailbox.id,
-                data=NewEmail(
-                    message_id=message_id,
-                    direction=decision.direction,
-                    sent_at=sent_at,
-                    participants=_participants(parsed),
-                    subject=parsed.subject,
-                    snippet=parsed.snippet,
-                    body_text=parsed.body_text,
-                    body_html=parsed.body_html,
-                    in_reply_to=parsed.in_reply_to,
-                    references=parsed.references,
-                    headers=parsed.headers,
-                    attachments=parsed.attachments,
-                    sent_by_id=mailbox.owner_id,
-                ),
-                contacts=contacts,
-            )
-            await mail_service.record_sighting(
-                session, mailbox.id, email.id, fetched.ref.provider_id, thread_ref
-            )
-            await session.flush()
-    except IntegrityError:
-        # A concurrent pass of another mailbox stored it first (R7): that one files it.
-        existing = await _existing(session, workspace.id, message_id)
-        if existing is None:
-            raise
-        await mail_service.record_sighting(
-            session, mailbox.id, existing.id, fetched.ref.provider_id, thread_ref
-        )
-        return IngestResult(Outcome.DUPLICATE, existing.id)
-    effects.publish(workspace.id, email_received_event(email, [c.id for c in contacts]))
-    return IngestResult(Outcome.FILED, email.id)
+    (result,) = await ingest_batch(session, effects, workspace, mailbox, ctx, [(fetched, parsed)])
+    return result

@@ -23,8 +23,9 @@ from backend.providers.base import (
     TransientProviderError,
 )
 from backend.providers.registry import provider_for
-from backend.sync.ingest import Outcome, filing_context, ingest
-from backend.sync.parsing import parse_message
+from backend.sync.filing import FilingContext
+from backend.sync.ingest import Outcome, filing_context, ingest_batch
+from backend.sync.parsing import ParsedMessage, parse_message
 from backend.sync.status import MESSAGES, SUSPEND_AFTER, backoff
 from backend.sync.tables import SyncActivityDay, SyncErrorCode, SyncErrorEntry
 from backend.workspaces.tables import Workspace
@@ -107,6 +108,7 @@ async def _file_all(
     filed = failed = duplicates = 0
     for start in range(0, len(changes.refs), FETCH_BATCH):
         batch = changes.refs[start : start + FETCH_BATCH]
+        parsed: list[tuple[FetchedMessage, ParsedMessage]] = []
         for ref, item in zip(batch, await provider.fetch(batch), strict=True):
             if isinstance(item, ProviderError):
                 failed += 1
@@ -117,7 +119,12 @@ async def _file_all(
                     f"message {ref.provider_id}: {item}",
                 )
                 continue
-            outcome = await _file_one(session, effects, workspace, mailbox, ctx, item)
+            try:
+                parsed.append((item, parse_message(item.raw)))
+            except Exception as exc:
+                failed += 1
+                _import_failed(session, mailbox, item, exc)
+        for outcome in await _file_parsed(session, effects, workspace, mailbox, ctx, parsed):
             if outcome is None:
                 failed += 1
             elif outcome == Outcome.FILED:
@@ -128,30 +135,44 @@ async def _file_all(
     return filed, failed, duplicates, changes.cursor
 
 
-async def _file_one(
+def _import_failed(
+    session: AsyncSession, mailbox: Mailbox, item: FetchedMessage, exc: BaseException
+) -> None:
+    log.warning(
+        "mailbox %s: could not import message %s: %r", mailbox.id, item.ref.provider_id, exc
+    )
+    record_error(
+        session, mailbox.id, SyncErrorCode.IMPORT_FAILED, f"message {item.ref.provider_id}"
+    )
+
+
+async def _file_parsed(
     session: AsyncSession,
     effects: AfterCommit,
     workspace: Workspace,
     mailbox: Mailbox,
-    ctx: Any,
-    item: FetchedMessage,
-) -> Outcome | None:
-    """File one message; a message we cannot import is logged as IMPORT_FAILED, never fatal."""
+    ctx: FilingContext,
+    parsed: list[tuple[FetchedMessage, ParsedMessage]],
+) -> list[Outcome | None]:
+    """File a batch; if the batch cannot be stored, file it one message at a time so that only
+    the message at fault ends as IMPORT_FAILED (None), never the pass."""
+    if not parsed:
+        return []
     marks = (len(effects.events), len(effects.sync_requests))
     try:
-        parsed = parse_message(item.raw)
-        async with session.begin_nested():
-            return (await ingest(session, effects, workspace, mailbox, ctx, item, parsed)).outcome
+        return [
+            r.outcome for r in await ingest_batch(session, effects, workspace, mailbox, ctx, parsed)
+        ]
     except Exception as exc:
         del effects.events[marks[0] :]
         del effects.sync_requests[marks[1] :]
-        log.warning(
-            "mailbox %s: could not import message %s: %r", mailbox.id, item.ref.provider_id, exc
-        )
-        record_error(
-            session, mailbox.id, SyncErrorCode.IMPORT_FAILED, f"message {item.ref.provider_id}"
-        )
-        return None
+        if len(parsed) == 1:
+            _import_failed(session, mailbox, parsed[0][0], exc)
+            return [None]
+    outcomes: list[Outcome | None] = []
+    for one in parsed:
+        outcomes.extend(await _file_parsed(session, effects, workspace, mailbox, ctx, [one]))
+    return outcomes
 
 
 def _succeeded(mailbox: Mailbox, filed: int, effects: AfterCommit) -> None:
