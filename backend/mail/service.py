@@ -20,7 +20,6 @@ from backend.mail.tables import (
     Email,
     EmailDirection,
     EmailSource,
-    MailboxMessage,
     Participant,
     ParticipantRole,
     Thread,
@@ -264,27 +263,3 @@ async def store_email(
     session.add(thread)
     await session.flush()
     return email
-
-
-async def record_sighting(
-    session: AsyncSession,
-    mailbox_id: uuid.UUID,
-    email_id: uuid.UUID,
-    provider_message_id: str,
-    provider_thread_id: str | None,
-) -> None:
-    exists = await session.scalar(
-        select(MailboxMessage.id).where(
-            MailboxMessage.mailbox_id == mailbox_id,
-            MailboxMessage.provider_message_id == provider_message_id,
-        )
-    )
-    if exists is None:
-        session.add(
-            MailboxMessage(
-                mailbox_id=mailbox_id,
-                email_id=email_id,
-                provider_message_id=provider_message_id,
-                provider_thread_id=provider_thread_id,
-            )
-        )
