@@ -23,7 +23,7 @@ from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.types.unset import UnsetType
 
-from backend import graphiql
+from backend import graphiql, routes
 from backend.auth.service import authenticate
 from backend.auth.tokens import bearer_value
 from backend.graphql.context import Context
@@ -124,6 +124,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/graphiql/static/{name}", graphiql_asset),
             Route("/graphql", graphql_app, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", graphql_app),
+            Route("/oauth/complete", routes.oauth_complete),
+            Route("/oauth/{provider}/callback", routes.oauth_callback),
+            Route("/webhooks/google", routes.google_push, methods=["POST"]),
         ],
         lifespan=lifespan,
     )

@@ -78,6 +78,33 @@ def worker(
 
 
 @app.command()
+def sandbox(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8900,
+    push_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="Where Gmail push notifications go, e.g. the API's /webhooks/google URL."
+        ),
+    ] = None,
+) -> None:
+    """Run the provider sandbox: Google OAuth and the Gmail API, in memory.
+
+    Point mailsync at it with MAILSYNC_GOOGLE_BASE_URL=http://HOST:PORT.
+    """
+    import uvicorn
+
+    from backend.sandbox.app import create_sandbox_app
+    from backend.sandbox.google import GoogleSandbox
+
+    google = GoogleSandbox()
+    if push_endpoint:
+        google.push_endpoints["*"] = push_endpoint
+    typer.echo(f"sandbox: Google OAuth and Gmail API on http://{host}:{port}")
+    uvicorn.run(create_sandbox_app(google), host=host, port=port, log_level="warning")
+
+
+@app.command()
 def migrate(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
     downgrade: Annotated[bool, typer.Option(help="Downgrade to REVISION instead.")] = False,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +18,13 @@ DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"  # noqa: S105 (refused outs
 PLACEHOLDER_SECRETS = frozenset(
     {"", "changeme", "change-me", "secret", "please-change", "xxx", DEV_SECRET_KEY}
 )
+
+
+class GoogleEndpoints(NamedTuple):
+    oauth_url: str
+    token_url: str
+    revoke_url: str
+    api_url: str
 
 
 class Settings(BaseSettings):
@@ -38,6 +47,24 @@ class Settings(BaseSettings):
     # A pass whose lock outlives this is taken to be dead (worker killed).
     sync_lock_seconds: int = 600
     capture_domain: str = "capture.mailsync.local"
+    # Where the browser lands after an OAuth connect, with ?mailboxId= or ?error= appended.
+    oauth_return_url: str | None = None
+
+    # Google: the real endpoints by default; MAILSYNC_GOOGLE_BASE_URL points all of them at
+    # one server (`mailsync sandbox`).
+    google_base_url: str | None = None
+    google_oauth_url: str = "https://accounts.google.com/o/oauth2/v2/auth"
+    google_token_url: str = "https://oauth2.googleapis.com/token"  # noqa: S105 (a URL)
+    google_revoke_url: str = "https://oauth2.googleapis.com/revoke"
+    google_api_url: str = "https://gmail.googleapis.com/"
+    google_client_id: str = "mailsync-development.apps.googleusercontent.com"
+    google_client_secret: SecretStr = SecretStr("mailsync-development-secret")
+    # The Pub/Sub topic Gmail publishes to; its push subscription targets /webhooks/google.
+    google_pubsub_topic: str = "projects/mailsync/topics/gmail"
+    # Shared secret in the push URL (?token=); derived from SECRET_KEY when unset.
+    google_push_token: SecretStr | None = None
+    # A rate limit asking for at most this many seconds is waited out inside the pass.
+    provider_inline_wait_seconds: float = 5.0
 
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> Settings:
@@ -57,6 +84,26 @@ class Settings(BaseSettings):
     def secret(self) -> bytes:
         key = self.secret_key.get_secret_value() if self.secret_key else DEV_SECRET_KEY
         return key.encode()
+
+    @property
+    def google(self) -> GoogleEndpoints:
+        base = self.google_base_url.rstrip("/") if self.google_base_url else None
+        return GoogleEndpoints(
+            oauth_url=f"{base}/o/oauth2/v2/auth" if base else self.google_oauth_url,
+            token_url=f"{base}/token" if base else self.google_token_url,
+            revoke_url=f"{base}/revoke" if base else self.google_revoke_url,
+            api_url=f"{base}/" if base else self.google_api_url,
+        )
+
+    @property
+    def push_token(self) -> str:
+        if self.google_push_token is not None:
+            return self.google_push_token.get_secret_value()
+        return hmac.new(self.secret, b"google-push", hashlib.sha256).hexdigest()[:40]
+
+    @property
+    def return_url(self) -> str:
+        return self.oauth_return_url or f"{self.public_url.rstrip('/')}/oauth/complete"
 
     @property
     def is_sqlite(self) -> bool:

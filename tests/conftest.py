@@ -13,6 +13,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -23,9 +24,11 @@ from backend import migrations
 from backend.app import create_app
 from backend.kit import clock
 from backend.runtime import Runtime
+from backend.sandbox.google import GoogleSandbox
 from backend.settings import Settings, get_settings
 from tests.client import GQL
 from tests.factories import Factory
+from tests.sandbox import SandboxServer
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "MAILSYNC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -39,6 +42,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# Chosen up front: the settings name both (OAuth redirect URI, Google endpoints).
+API_PORT = free_port()
+SANDBOX_PORT = free_port()
 
 
 async def create_postgres_database() -> tuple[str, str]:
@@ -84,6 +92,8 @@ def settings(database_url: str) -> Iterator[Settings]:
         "MAILSYNC_LOG_LEVEL": "WARNING",
         # Burst workers in tests should not wait for spread-out passes (tested on its own).
         "MAILSYNC_SYNC_SPREAD_SECONDS": "0",
+        "MAILSYNC_PUBLIC_URL": f"http://127.0.0.1:{API_PORT}",
+        "MAILSYNC_GOOGLE_BASE_URL": f"http://127.0.0.1:{SANDBOX_PORT}",
     }
     os.environ.update(env)
     get_settings.cache_clear()
@@ -102,9 +112,9 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
 
 
 class LiveServer:
-    def __init__(self, settings: Settings) -> None:
-        self.port = free_port()
-        self.app = create_app(settings)
+    def __init__(self, settings: Settings, port: int | None = None, app: Any = None) -> None:
+        self.port = port or free_port()
+        self.app = app if app is not None else create_app(settings)
         self.server = uvicorn.Server(
             uvicorn.Config(
                 self.app,
@@ -140,10 +150,31 @@ class LiveServer:
 
 @pytest.fixture(scope="session")
 async def api(settings: Settings, runtime: Runtime) -> AsyncIterator[LiveServer]:
-    server = LiveServer(settings)
+    server = LiveServer(settings, API_PORT)
     await server.start()
     yield server
     await server.stop()
+
+
+@pytest.fixture(scope="session")
+async def google_server(settings: Settings) -> AsyncIterator[SandboxServer]:
+    server = SandboxServer(GoogleSandbox(push_min_interval=0.2), SANDBOX_PORT)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def google(
+    google_server: SandboxServer, api: LiveServer, settings: Settings
+) -> AsyncIterator[SandboxServer]:
+    """The Google sandbox, pushing to the API's webhook, with no faults left from other tests."""
+    google_server.google.push_endpoints["*"] = (
+        f"{api.url}/webhooks/google?token={settings.push_token}"
+    )
+    yield google_server
+    await google_server.google.drain_pushes()
+    google_server.google.faults.clear()
 
 
 @pytest.fixture(scope="session")

@@ -192,7 +192,7 @@ async def test_raising_the_limit_starts_waiting_mailboxes(gql: GQL, factory: Fac
 async def test_not_yet_available_mutations_say_so(gql: GQL, factory: Factory) -> None:
     owner = await factory.workspace()
     result = await gql(
-        "mutation { connectMailbox(input: {provider: GMAIL}) { authorizationUrl userErrors { code message } } }",
+        "mutation { connectMailbox(input: {provider: MICROSOFT}) { authorizationUrl userErrors { code message } } }",
         token=owner.token,
     )
     assert result["connectMailbox"]["authorizationUrl"] is None

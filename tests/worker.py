@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from arq.connections import RedisSettings
 from arq.worker import Worker
 
@@ -40,3 +45,24 @@ async def clear_queue(runtime: Runtime) -> None:
     keys = [key async for key in runtime.redis.scan_iter("arq:*")]
     if keys:
         await runtime.redis.delete(*keys)
+
+
+@asynccontextmanager
+async def live_worker(runtime: Runtime) -> AsyncIterator[Worker]:
+    """A worker that keeps polling, as `mailsync worker` does, inside the test's event loop."""
+    worker = Worker(
+        functions=WorkerSettings.functions,
+        redis_settings=RedisSettings.from_dsn(runtime.settings.redis_url),
+        ctx={"runtime": runtime},
+        after_job_end=WorkerSettings.after_job_end,
+        poll_delay=0.05,
+        handle_signals=False,
+    )
+    task = asyncio.create_task(worker.async_run())
+    try:
+        yield worker
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await worker.close()

@@ -5,7 +5,7 @@ from backend.graphql.errors import UserError, attempt, require_viewer, user_erro
 from backend.graphql.inputs import required_id
 from backend.graphql.relay import id_of
 from backend.kit.errors import ServiceError
-from backend.mailboxes import service, tables
+from backend.mailboxes import connect, service, tables
 from backend.mailboxes.types import EmailVisibility, Mailbox, Provider, SyncMode
 
 
@@ -64,6 +64,16 @@ def mailbox_payload(
     return MailboxPayload(mailbox=Mailbox(row=result), user_errors=[])
 
 
+def authorization_payload(
+    result: str | ServiceError, prefix: list[str] | None
+) -> ConnectMailboxPayload:
+    if isinstance(result, ServiceError):
+        return ConnectMailboxPayload(
+            authorization_url=None, user_errors=user_errors(result, prefix)
+        )
+    return ConnectMailboxPayload(authorization_url=result, user_errors=[])
+
+
 def not_implemented(what: str) -> list[UserError]:
     return [
         UserError(
@@ -97,18 +107,32 @@ class MailboxMutation:
     async def connect_mailbox(
         self, info: Info, input: ConnectMailboxInput
     ) -> ConnectMailboxPayload:
-        require_viewer(info)
-        return ConnectMailboxPayload(
-            authorization_url=None,
-            user_errors=not_implemented(f"Connecting a {input.provider.value} mailbox"),
-        )
+        viewer = require_viewer(info)
+        settings = info.context.runtime.settings
+
+        async def begin() -> str:
+            return connect.begin(
+                settings,
+                viewer,
+                tables.Provider(input.provider.value),
+                login_hint=input.login_hint,
+                sync_mode=tables.SyncMode((input.sync_mode or SyncMode.TWO_WAY).value),
+            )
+
+        return authorization_payload(await attempt(info, begin), ["input"])
 
     @strawberry.mutation(description="same account or a new address, keeping history")
     async def reconnect_mailbox(self, info: Info, id: strawberry.ID) -> ConnectMailboxPayload:
-        require_viewer(info)
-        return ConnectMailboxPayload(
-            authorization_url=None, user_errors=not_implemented("Reconnecting a mailbox")
+        viewer = require_viewer(info)
+        session = info.context.session
+        settings = info.context.runtime.settings
+        result = await attempt(
+            info,
+            lambda: connect.begin_reconnect(
+                session, settings, viewer, required_id(id, "Mailbox", ["id"])
+            ),
         )
+        return authorization_payload(result, None)
 
     @strawberry.mutation
     async def connect_imap_mailbox(

@@ -128,6 +128,24 @@ async def connect_mailbox(
     return mailbox
 
 
+async def revive(session: AsyncSession, effects: AfterCommit, mailbox: Mailbox) -> None:
+    """Fresh credentials: forget the failure streak and sync again (R13: reconnect ends
+    ERROR and SUSPENDED)."""
+    workspace = await session.get(Workspace, mailbox.workspace_id)
+    counted = mailbox.status not in (MailboxStatus.DISCONNECTED, MailboxStatus.PENDING_LIMIT)
+    room = counted or workspace is None or await _has_room(session, workspace)
+    mailbox.failing_since = None
+    mailbox.consecutive_failures = 0
+    mailbox.next_attempt_at = None
+    mailbox.disconnected_at = None
+    mailbox.push_renewed_at = None
+    set_status(mailbox, MailboxStatus.PENDING if room else MailboxStatus.PENDING_LIMIT, effects)
+    session.add(mailbox)
+    await session.flush()
+    if mailbox.status == MailboxStatus.PENDING:
+        effects.request_sync(mailbox.id)
+
+
 async def update_mailbox(
     session: AsyncSession,
     viewer: Viewer,

@@ -74,5 +74,7 @@ class Mailbox(SQLModel, table=True):
     pass_token: str | None = Field(default=None, max_length=64)
     pass_lock_expires_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     pass_requested: bool = False
+    # Last Gmail watch / Graph subscription; renewed by a pass once it is a day old.
+    push_renewed_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     disconnected_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     created_at: datetime = Field(default_factory=now, sa_type=UtcDateTime)

@@ -117,5 +117,17 @@ class MailProvider(abc.ABC):
     async def mark(self, provider_id: str, label: str) -> None:
         """Tag a synced message (Gmail label, Outlook category, IMAP keyword)."""
 
+    async def subscribe(self) -> datetime | None:
+        """Ask the provider to push news of this mailbox (Gmail watch, Graph subscription);
+        the answer is when the registration lapses. None: this provider cannot push."""
+        return None
+
+    async def unsubscribe(self) -> None:  # noqa: B027 (optional hook)
+        """Stop the pushes started by `subscribe`."""
+
+    def updated_credentials(self) -> dict[str, Any] | None:
+        """Credentials to store after the pass when they changed (a refreshed access token)."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections; most providers hold none between calls."""

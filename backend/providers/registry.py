@@ -13,6 +13,15 @@ from backend.sync.tables import SyncErrorCode
 ProviderFactory = Callable[[Mailbox, dict[str, Any], Settings], MailProvider]
 
 _factories: dict[Provider, ProviderFactory] = {}
+_builtin_loaded = False
+
+
+def _load_builtin() -> None:
+    """Import the providers that ship with mailsync; each registers itself."""
+    global _builtin_loaded
+    if not _builtin_loaded:
+        _builtin_loaded = True
+        import backend.providers.gmail  # noqa: F401
 
 
 def register(provider: Provider, factory: ProviderFactory) -> None:
@@ -24,6 +33,7 @@ def unregister(provider: Provider) -> None:
 
 
 def provider_for(mailbox: Mailbox, credentials: dict[str, Any], settings: Settings) -> MailProvider:
+    _load_builtin()
     factory = _factories.get(mailbox.provider)
     if factory is None:
         raise PermanentProviderError(
@@ -33,4 +43,5 @@ def provider_for(mailbox: Mailbox, credentials: dict[str, Any], settings: Settin
 
 
 def factory_for(provider: Provider) -> ProviderFactory | None:
+    _load_builtin()
     return _factories.get(provider)

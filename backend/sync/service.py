@@ -13,7 +13,7 @@ from sqlmodel import select
 
 from backend.kit.clock import now
 from backend.kit.effects import AfterCommit
-from backend.mailboxes.service import read_credentials, set_status
+from backend.mailboxes.service import read_credentials, set_status, write_credentials
 from backend.mailboxes.tables import Mailbox, MailboxStatus
 from backend.providers.base import (
     CursorInvalid,
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SYNCABLE = {MailboxStatus.PENDING, MailboxStatus.ACTIVE, MailboxStatus.ERROR}
 FETCH_BATCH = 50
+PUSH_RENEWAL = timedelta(days=1)
 
 
 @dataclass
@@ -204,6 +205,19 @@ def _failed(
     set_status(mailbox, MailboxStatus.ERROR, effects)
 
 
+async def _renew_push(provider: MailProvider, mailbox: Mailbox) -> None:
+    """Start the provider's push on the first pass and renew it daily (Gmail asks for at
+    least weekly). Push only speeds sync up, so a failure here never fails the pass."""
+    moment = now()
+    if mailbox.push_renewed_at is not None and moment - mailbox.push_renewed_at < PUSH_RENEWAL:
+        return
+    try:
+        if await provider.subscribe() is not None:
+            mailbox.push_renewed_at = moment
+    except ProviderError as exc:
+        log.warning("mailbox %s: could not start push notifications: %s", mailbox.id, exc)
+
+
 async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None:
     """Run one pass. The job wrapper guarantees one pass per mailbox at a time (R14)."""
     started = now()
@@ -217,6 +231,7 @@ async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None
             return None
         error: ProviderError | None = None
         filed = failed = duplicates = 0
+        refreshed: dict[str, Any] | None = None
         try:
             provider = provider_for(
                 mailbox, read_credentials(runtime.settings.secret, mailbox), runtime.settings
@@ -225,9 +240,13 @@ async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None
                 filed, failed, duplicates, cursor = await _file_all(
                     session, effects, provider, workspace, mailbox
                 )
+                await _renew_push(provider, mailbox)
             finally:
+                refreshed = provider.updated_credentials()
                 await provider.close()
             mailbox.cursor = cursor
+            if refreshed is not None:
+                write_credentials(runtime.settings.secret, mailbox, refreshed)
             _succeeded(mailbox, filed, effects)
             session.add(mailbox)
             await session.commit()
@@ -243,6 +262,8 @@ async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None
             if mailbox is None:
                 return None
             filed = duplicates = 0
+            if refreshed is not None:
+                write_credentials(runtime.settings.secret, mailbox, refreshed)
             _failed(session, mailbox, error, effects)
             session.add(mailbox)
             await session.commit()

@@ -1,0 +1,214 @@
+"""google-api-python-client, set up for one mailbox and made safe to call from async code.
+
+The bundled discovery document is built with `rootUrl` patched to the configured API URL:
+moving only `api_endpoint` would leave uploads and /batch on Google's hosts. Calls block,
+so they run in a thread; one client is used by one pass, one call at a time (httplib2 is not
+thread-safe, sequential use from different threads is fine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import functools
+import json
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import googleapiclient
+import httplib2
+from google.auth.exceptions import RefreshError, TransportError
+from google.oauth2.credentials import Credentials
+from google_auth_httplib2 import AuthorizedHttp
+from googleapiclient.discovery import Resource, build_from_document
+from googleapiclient.errors import HttpError
+
+from backend.providers.base import (
+    AccessDenied,
+    AccessRevoked,
+    MailboxNotFound,
+    ProviderError,
+    RateLimited,
+    TransientProviderError,
+)
+from backend.settings import Settings
+from backend.sync.tables import SyncErrorCode
+
+log = logging.getLogger(__name__)
+
+SCOPES = [
+    "https://www.googleapis.com/auth/gmail.modify",  # read, label
+    "https://www.googleapis.com/auth/gmail.send",
+]
+RATE_REASONS = {"rateLimitExceeded", "userRateLimitExceeded", "dailyLimitExceeded", "quotaExceeded"}
+INLINE_RETRIES = 2
+
+
+@functools.cache
+def _bundled_document() -> dict[str, Any]:
+    path = Path(googleapiclient.__file__).parent / "discovery_cache" / "documents" / "gmail.v1.json"
+    document: dict[str, Any] = json.loads(path.read_text())
+    return document
+
+
+@functools.cache
+def _document(root_url: str) -> dict[str, Any]:
+    document = copy.deepcopy(_bundled_document())
+    document["rootUrl"] = document["mtlsRootUrl"] = root_url.rstrip("/") + "/"
+    return document
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode()
+
+
+def unb64url(data: str) -> bytes:
+    return base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
+
+
+def error_reason(exc: HttpError) -> str | None:
+    details = exc.error_details
+    if isinstance(details, list) and details and isinstance(details[0], dict):
+        reason = details[0].get("reason")
+        return str(reason) if reason else None
+    return None
+
+
+def retry_after(exc: HttpError) -> float | None:
+    value = exc.resp.get("retry-after") if exc.resp is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def translate(exc: HttpError, *, what: str) -> ProviderError:
+    """Gmail's answer in terms of the R13 codes."""
+    status = exc.status_code
+    reason = error_reason(exc)
+    detail = f"{what}: HTTP {status} {reason or ''} {exc.reason}".strip()
+    if status == 429 or (status == 403 and reason in RATE_REASONS):
+        wait = retry_after(exc)
+        if reason == "dailyLimitExceeded" and wait is None:
+            wait = 3600.0
+        return RateLimited(detail, retry_after=wait)
+    if status == 401:
+        return AccessDenied(detail)
+    if status == 403:
+        return AccessDenied(detail)
+    if status == 400 and reason == "failedPrecondition":
+        return MailboxNotFound(detail)
+    if status >= 500 or status == 408:
+        return TransientProviderError(detail, retry_after=retry_after(exc))
+    return ProviderError(detail, SyncErrorCode.READ_FAILED)
+
+
+def refresh_failure(exc: RefreshError, *, what: str) -> ProviderError:
+    text = str(exc)
+    if "invalid_grant" in text or not getattr(exc, "retryable", True):
+        return AccessRevoked(f"{what}: {text}")
+    return TransientProviderError(f"{what}: {text}")
+
+
+class GmailClient:
+    def __init__(self, settings: Settings, credentials: dict[str, Any]) -> None:
+        endpoints = settings.google
+        expiry = credentials.get("expiry")
+        self.creds = Credentials(  # type: ignore[no-untyped-call]
+            token=credentials.get("access_token"),
+            refresh_token=credentials.get("refresh_token"),
+            token_uri=endpoints.token_url,
+            client_id=settings.google_client_id,
+            client_secret=settings.google_client_secret.get_secret_value(),
+            scopes=credentials.get("scopes") or SCOPES,
+            # google-auth compares naive UTC datetimes.
+            expiry=datetime.fromisoformat(expiry).astimezone(UTC).replace(tzinfo=None)
+            if expiry
+            else None,
+        )
+        self._issued_token = self.creds.token
+        self.http = AuthorizedHttp(self.creds, http=httplib2.Http(timeout=30, proxy_info=None))
+        self.service: Resource = build_from_document(_document(endpoints.api_url), http=self.http)
+        self.inline_wait = settings.provider_inline_wait_seconds
+
+    @property
+    def users(self) -> Any:
+        return self.service.users()
+
+    async def execute(self, build: Callable[[], Any], *, what: str) -> Any:
+        """Run one API call, waiting out short rate limits and blips inside the pass."""
+        for attempt in range(INLINE_RETRIES + 1):
+            try:
+                return await asyncio.to_thread(lambda: build().execute(num_retries=0))
+            except HttpError as exc:
+                error = translate(exc, what=what)
+            except RefreshError as exc:
+                raise refresh_failure(exc, what=what) from exc
+            except (httplib2.HttpLib2Error, TransportError, OSError, TimeoutError) as exc:
+                error = TransientProviderError(f"{what}: {exc!r}")
+            if not self._worth_waiting(error, attempt):
+                raise error
+            assert isinstance(error, TransientProviderError)
+            await asyncio.sleep(error.retry_after if error.retry_after is not None else attempt + 1)
+        raise AssertionError("unreachable")
+
+    def _worth_waiting(self, error: ProviderError, attempt: int) -> bool:
+        if not isinstance(error, TransientProviderError) or attempt >= INLINE_RETRIES:
+            return False
+        return error.retry_after is None or error.retry_after <= self.inline_wait
+
+    async def batch_get(
+        self, ids: list[str], **params: Any
+    ) -> dict[str, dict[str, Any] | HttpError]:
+        """messages.get for many ids in one HTTP request (Gmail allows 100; we send ≤ 50)."""
+        results: dict[str, dict[str, Any] | HttpError] = {}
+
+        def run() -> None:
+            batch = self.service.new_batch_http_request()
+            for message_id in ids:
+                batch.add(
+                    self.users.messages().get(userId="me", id=message_id, **params),
+                    request_id=message_id,
+                    callback=lambda rid, response, exc: results.__setitem__(rid, exc or response),
+                )
+            batch.execute()
+
+        try:
+            await asyncio.to_thread(run)
+        except HttpError as exc:
+            raise translate(exc, what="messages.get batch") from exc
+        except RefreshError as exc:
+            raise refresh_failure(exc, what="messages.get batch") from exc
+        except (httplib2.HttpLib2Error, TransportError, OSError, TimeoutError) as exc:
+            raise TransientProviderError(f"messages.get batch: {exc!r}") from exc
+        return results
+
+    def refreshed_credentials(self) -> dict[str, Any] | None:
+        """The credentials to store if google-auth refreshed the access token."""
+        if self.creds.token == self._issued_token:
+            return None
+        return credentials_dict(
+            self.creds.token,
+            self.creds.refresh_token,
+            self.creds.expiry.replace(tzinfo=UTC) if self.creds.expiry else None,
+            list(self.creds.scopes or SCOPES),
+        )
+
+    def close(self) -> None:
+        for connection in self.http.http.connections.values():
+            connection.close()
+
+
+def credentials_dict(
+    access_token: str | None, refresh_token: str | None, expiry: datetime | None, scopes: list[str]
+) -> dict[str, Any]:
+    return {
+        "access_token": access_token,
+        "refresh_token": refresh_token,
+        "expiry": expiry.isoformat() if expiry else None,
+        "scopes": scopes,
+    }
