@@ -46,6 +46,10 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(help="Uvicorn worker processes.")] = 1,
+    access_log: Annotated[
+        bool,
+        typer.Option(help="Log every request (URLs carry OAuth codes and the push secret)."),
+    ] = False,
 ) -> None:
     """Run the GraphQL API (HTTP and websockets) with uvicorn."""
     import uvicorn
@@ -58,6 +62,7 @@ def serve(
         port=port,
         workers=workers,
         log_level=settings.log_level.lower(),
+        access_log=access_log,
         ws="websockets-sansio",
         # Open subscriptions would otherwise hold a restart forever; clients reconnect.
         timeout_graceful_shutdown=10,

@@ -1,14 +1,17 @@
 """`mailsync demo`: one command from a fresh checkout to a live API with a seeded workspace.
 
-It runs on SQLite, uses the Redis at MAILSYNC_REDIS_URL when one answers and otherwise
-starts a private `redis-server`, migrates, seeds a workspace, prints a token and the
-GraphiQL link, then runs the API and a worker until interrupted.
+It runs on a fresh SQLite database, uses the Redis at MAILSYNC_REDIS_URL when one answers
+and otherwise starts a private `redis-server`, starts the Google sandbox, the API and a
+worker, seeds a workspace, connects each user's Gmail through the real OAuth flow against
+the sandbox, prints the GraphiQL link and then generates mail traffic until interrupted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import random
 import shutil
 import signal
 import socket
@@ -17,8 +20,11 @@ import sys
 import tempfile
 import time
 from datetime import timedelta
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
 from pathlib import Path
 
+import httpx
 from redis import Redis
 from redis.exceptions import RedisError
 
@@ -26,19 +32,36 @@ from backend import migrations
 from backend.auth.service import Viewer, issue_token
 from backend.contacts import service as contacts_service
 from backend.db import Database
+from backend.exclusions import service as exclusions_service
 from backend.settings import Settings
-from backend.workspaces import queries as workspace_queries
 from backend.workspaces import service as workspace_service
 from backend.workspaces.tables import Role
 
 DEMO_WORKSPACE = "Demo Co"
 OWNER_EMAIL = "olivia@demo.mailsync.test"
-TEAMMATE_EMAIL = "sam@demo.mailsync.test"
+TEAM = [
+    ("sam@demo.mailsync.test", Role.USER, "Sam Seller"),
+    ("max@demo.mailsync.test", Role.USER, "Max Manager"),
+]
 CONTACTS = [
     ("Ada Lovelace", "ada@analytical.example"),
     ("Grace Hopper", "grace@cobol.example"),
     ("Alan Turing", "alan@bletchley.example"),
+    ("Katherine Johnson", "katherine@orbit.example"),
 ]
+EXCLUDED_DOMAIN = "newsletters.example"
+SUBJECTS = [
+    "Quote for 40 seats",
+    "Contract redlines",
+    "Can we move our call?",
+    "Invoice question",
+    "Intro: our CTO",
+    "Renewal in March",
+]
+CONNECT = """
+mutation($hint: String) {
+  connectMailbox(input: {provider: GMAIL, loginHint: $hint}) { authorizationUrl userErrors { code } }
+}"""
 
 
 def _free_port() -> int:
@@ -80,48 +103,90 @@ def ensure_redis(url: str, workdir: Path) -> tuple[str, subprocess.Popen[bytes] 
     raise SystemExit("redis-server did not start")
 
 
-async def seed(settings: Settings) -> str:
-    """Create the demo workspace once; return a fresh token for its owner."""
+async def seed(settings: Settings) -> dict[str, str]:
+    """Create the demo workspace; return an API token per user."""
     db = Database(settings.database_url)
     try:
         async with db.transaction() as session:
-            owner = await workspace_queries.user_by_email(session, OWNER_EMAIL)
-            if owner is None:
-                workspace, owner = await workspace_service.create_workspace(
-                    session, DEMO_WORKSPACE, OWNER_EMAIL, "Olivia Owner"
+            workspace, owner = await workspace_service.create_workspace(
+                session, DEMO_WORKSPACE, OWNER_EMAIL, "Olivia Owner"
+            )
+            users = [owner]
+            for address, role, name in TEAM:
+                users.append(
+                    await workspace_service.add_user(session, workspace, address, role, name)
                 )
-                await workspace_service.add_user(
-                    session, workspace, TEAMMATE_EMAIL, Role.USER, "Sam Seller"
-                )
-                viewer = Viewer(user=owner, workspace=workspace)
-                for name, email in CONTACTS:
-                    await contacts_service.create_contact(session, viewer, email=email, name=name)
-            return await issue_token(session, settings.secret, owner, timedelta(days=7))
+            viewer = Viewer(user=owner, workspace=workspace)
+            for name, address in CONTACTS:
+                await contacts_service.create_contact(session, viewer, email=address, name=name)
+            await exclusions_service.add_exclusion(session, viewer, EXCLUDED_DOMAIN)
+            return {
+                user.email: await issue_token(session, settings.secret, user, timedelta(days=7))
+                for user in users
+            }
     finally:
         await db.dispose()
+
+
+def _wait_for(url: str, children: list[subprocess.Popen[bytes]], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if any(child.poll() is not None for child in children):
+            raise SystemExit("a demo process exited during start-up (see its output above)")
+        try:
+            if httpx.get(url, timeout=1, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def connect_gmail(api: str, token: str, address: str) -> str:
+    """What a user does in the app: connectMailbox, consent at 'Google', back to mailsync."""
+    with httpx.Client(trust_env=False, timeout=30) as http:
+        answer = http.post(
+            f"{api}/graphql",
+            json={"query": CONNECT, "variables": {"hint": address}},
+            headers={"Authorization": f"Bearer {token}"},
+        ).json()
+        url = answer["data"]["connectMailbox"]["authorizationUrl"]
+        consent = http.get(url)
+        landed = http.get(consent.headers["location"])
+        return str(landed.headers.get("location", ""))
 
 
 def run(settings: Settings, host: str, port: int) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="mailsync-demo-"))
     redis_url, redis_proc = ensure_redis(settings.redis_url, workdir)
-    migrations.upgrade(settings.database_url)
-    token = asyncio.run(seed(settings))
-    env = {**os.environ, "MAILSYNC_REDIS_URL": redis_url}
-    env["MAILSYNC_DATABASE_URL"] = settings.database_url
+    # The sandbox keeps its mailboxes in memory, so the demo starts from a fresh database.
+    database_url = os.environ.get(
+        "MAILSYNC_DATABASE_URL", f"sqlite+aiosqlite:///{workdir / 'demo.db'}"
+    )
+    sandbox_port = _free_port()
+    api = f"http://{host}:{port}"
+    sandbox = f"http://127.0.0.1:{sandbox_port}"
+    env = {
+        **os.environ,
+        "MAILSYNC_REDIS_URL": redis_url,
+        "MAILSYNC_DATABASE_URL": database_url,
+        "MAILSYNC_PUBLIC_URL": api,
+        "MAILSYNC_GOOGLE_BASE_URL": sandbox,
+    }
+    settings = Settings(
+        **{**settings.model_dump(), "database_url": database_url, "public_url": api}
+    )
+    migrations.upgrade(database_url)
+    tokens = asyncio.run(seed(settings))
+    push = f"{api}/webhooks/google?token={settings.push_token}"
     cli = [sys.executable, "-m", "backend.cli"]
     children = [
+        subprocess.Popen(  # noqa: S603
+            [*cli, "sandbox", "--port", str(sandbox_port), "--push-endpoint", push], env=env
+        ),
         subprocess.Popen([*cli, "worker"], env=env),  # noqa: S603
         subprocess.Popen([*cli, "serve", "--host", host, "--port", str(port)], env=env),  # noqa: S603
     ]
-    base = f"http://{host}:{port}"
-    print(
-        f"\nmailsync is starting on {base}\n"
-        f"  GraphiQL (signed in as {OWNER_EMAIL}):\n    {base}/graphql?token={token}\n"
-        f"  Bearer token:\n    {token}\n"
-        f"  Database: {settings.database_url}\n  Redis: {redis_url}\n"
-        "Press Ctrl+C to stop.\n",
-        flush=True,
-    )
     stopping = False
 
     def stop(*_: object) -> None:
@@ -131,8 +196,24 @@ def run(settings: Settings, host: str, port: int) -> None:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
+        _wait_for(f"{sandbox}/_sandbox/health", children)
+        _wait_for(f"{api}/healthz", children)
+        for address, token in tokens.items():
+            connect_gmail(api, token, address)
+        owner_token = tokens[OWNER_EMAIL]
+        print(
+            f"\nmailsync demo is running on {api}\n"
+            f"  GraphiQL (signed in as {OWNER_EMAIL}): run the `Live` subscription and watch\n"
+            f"  mail arrive every few seconds:\n    {api}/graphql?token={owner_token}\n"
+            f"  Bearer token:\n    {owner_token}\n"
+            f"  Gmail sandbox: {sandbox}   Database: {database_url}   Redis: {redis_url}\n"
+            "Press Ctrl+C to stop.\n",
+            flush=True,
+        )
+        traffic = Traffic(sandbox, list(tokens), settings_interval())
         while not stopping and all(child.poll() is None for child in children):
-            time.sleep(0.3)
+            traffic.tick()
+            time.sleep(0.2)
     finally:
         for child in children:
             child.terminate()
@@ -145,3 +226,92 @@ def run(settings: Settings, host: str, port: int) -> None:
             redis_proc.terminate()
             redis_proc.wait(5)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def settings_interval() -> float:
+    return float(os.environ.get("MAILSYNC_DEMO_TRAFFIC_SECONDS", "4"))
+
+
+class Traffic:
+    """Mail the way it flows for a sales team: contacts write, users reply, a newsletter
+    the workspace excluded, a stranger (never filed), and now and then a mailbox failing."""
+
+    def __init__(self, sandbox: str, users: list[str], interval: float) -> None:
+        self.sandbox = sandbox
+        self.users = users
+        self.interval = interval
+        self.next_at = time.monotonic() + 1
+        self.count = 0
+        self.random = random.Random(7)
+        self.received: dict[str, list[tuple[str, str, str]]] = {u: [] for u in users}
+        self.http = httpx.Client(trust_env=False, timeout=10)
+
+    def tick(self) -> None:
+        if time.monotonic() < self.next_at:
+            return
+        self.next_at = time.monotonic() + self.interval
+        self.count += 1
+        try:
+            self._one()
+        except httpx.HTTPError as exc:
+            print(f"  traffic: {exc!r}", flush=True)
+
+    def _one(self) -> None:
+        roll = self.random.random()
+        user = self.random.choice(self.users)
+        if self.count % 15 == 0:
+            failing = self.users[-1]
+            self.http.post(
+                f"{self.sandbox}/_sandbox/faults",
+                json={"account": failing, "status": 503, "path": "/history", "times": 2},
+            )
+            print(f"  ! Gmail is failing for {failing} for a while (503)", flush=True)
+        elif roll < 0.5 or not self.received[user]:
+            name, contact = self.random.choice(CONTACTS)
+            subject = self.random.choice(SUBJECTS)
+            message_id = make_msgid(domain=contact.split("@")[1])
+            self._deliver(user, f"{name} <{contact}>", subject, message_id)
+            self.received[user].append((contact, subject, message_id))
+            print(f"  <- {contact} wrote to {user}: {subject}", flush=True)
+        elif roll < 0.75:
+            contact, subject, message_id = self.received[user].pop(0)
+            self._reply(user, contact, subject, message_id)
+            print(f"  -> {user} replied to {contact}: Re: {subject}", flush=True)
+        elif roll < 0.88:
+            self._deliver(user, f"Offers <deals@{EXCLUDED_DOMAIN}>", "50% off today", make_msgid())
+            print(
+                f"  x  newsletter from {EXCLUDED_DOMAIN} to {user} (excluded, not filed)",
+                flush=True,
+            )
+        else:
+            self._deliver(user, "someone@unknown.example", "Quick question", make_msgid())
+            print(f"  x  a stranger wrote to {user} (no contact, not filed)", flush=True)
+
+    def _deliver(self, user: str, sender: str, subject: str, message_id: str) -> None:
+        message = EmailMessage()
+        message["From"] = sender
+        message["To"] = user
+        message["Subject"] = subject
+        message["Message-ID"] = message_id
+        message["Date"] = formatdate(usegmt=True)
+        message.set_content(f"{subject}\n\nSent by the mailsync demo traffic generator.")
+        self.http.post(
+            f"{self.sandbox}/_sandbox/google/accounts/{user}/messages",
+            json={"rawBase64": base64.b64encode(message.as_bytes()).decode()},
+        ).raise_for_status()
+
+    def _reply(self, user: str, contact: str, subject: str, message_id: str) -> None:
+        token = self.http.post(f"{self.sandbox}/_sandbox/google/accounts/{user}/token").json()
+        message = EmailMessage()
+        message["From"] = user
+        message["To"] = contact
+        message["Subject"] = f"Re: {subject}"
+        message["In-Reply-To"] = message_id
+        message["References"] = message_id
+        message.set_content("Thanks, I'll get back to you today.")
+        raw = base64.urlsafe_b64encode(message.as_bytes()).decode()
+        self.http.post(
+            f"{self.sandbox}/gmail/v1/users/me/messages/send",
+            json={"raw": raw},
+            headers={"Authorization": f"Bearer {token['access_token']}"},
+        ).raise_for_status()

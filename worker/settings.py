@@ -47,4 +47,6 @@ class WorkerSettings:
     after_job_end = after_job_end
     redis_settings = RedisSettings.from_dsn(get_settings().redis_url)
     max_jobs = 20
+    # Pushes enqueue a pass; polling the queue often keeps mail on the timeline within seconds.
+    poll_delay = 0.1
     health_check_interval = 30
