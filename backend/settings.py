@@ -44,8 +44,8 @@ class Settings(BaseSettings):
     sync_interval_seconds: int = 300
     # Scheduled passes start spread over this many seconds rather than all at once.
     sync_spread_seconds: int = 60
-    # A pass whose lock outlives this is taken to be dead (worker killed).
-    sync_lock_seconds: int = 600
+    # A pass running longer is cancelled; one whose worker died is retried this + 10 s later.
+    sync_pass_timeout_seconds: int = 300
     capture_domain: str = "capture.mailsync.local"
     # Where the browser lands after an OAuth connect, with ?mailboxId= or ?error= appended.
     oauth_return_url: str | None = None

@@ -25,6 +25,7 @@ class FakeMailStore:
     def __init__(self) -> None:
         self.messages: dict[str, list[tuple[str, bytes, str | None]]] = defaultdict(list)
         self.failures: dict[str, ProviderError] = {}
+        self.marked: dict[str, list[str]] = {}
 
     def deliver(self, address: str, raw: bytes, thread_id: str | None = None) -> str:
         box = self.messages[address]
@@ -66,8 +67,8 @@ class FakeProvider(MailProvider):
     async def send(self, raw: bytes, thread_id: str | None = None) -> SentMessage:
         return SentMessage(self.store.deliver(self.address, raw, thread_id), thread_id)
 
-    async def mark(self, provider_id: str, label: str) -> None:
-        return None
+    async def mark(self, provider_ids: Sequence[str], label: str) -> None:
+        self.store.marked.setdefault(label, []).extend(provider_ids)
 
 
 @contextmanager

@@ -213,12 +213,55 @@ async def test_r9_a_reply_sent_from_gmail_is_filed_outgoing_in_the_same_thread(
     assert sent["threadId"] == got["threadId"]
     await settle(google)
     await drain(runtime)
-    emails = await emails_of(runtime, owner.workspace.id)
+    # Both carry the same Date to the second, so order by subject.
+    emails = sorted(await emails_of(runtime, owner.workspace.id), key=lambda e: e.subject or "")
     assert [(e.subject, e.direction) for e in emails] == [
         ("Pricing", EmailDirection.INCOMING),
         ("Re: Pricing", EmailDirection.OUTGOING),
     ]
     assert emails[0].thread_id == emails[1].thread_id
+
+
+SETTINGS = """
+mutation($on: Boolean) {
+  updateWorkspaceSettings(input: {labelSyncedMail: $on}) {
+    settings { labelSyncedMail } userErrors { code }
+  }
+}"""
+
+
+async def test_synced_mail_gets_the_crm_label_when_the_workspace_asks_for_it(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
+) -> None:
+    owner, _, address = await connected(gql, factory, google, runtime)
+    await factory.contact(owner, "lu@client.test", "Lu")
+    before = await deliver(google, address, raw_message("lu@client.test", [address], "Unlabelled"))
+    await settle(google)
+    await drain(runtime)
+    account = google.google.account(address)
+    assert account is not None
+    assert not any(label["name"] == "CRM" for label in account.labels.values())
+
+    changed = await gql(SETTINGS, {"on": True}, token=owner.token)
+    assert changed["updateWorkspaceSettings"] == {
+        "settings": {"labelSyncedMail": True},
+        "userErrors": [],
+    }
+    filed = await deliver(google, address, raw_message("lu@client.test", [address], "Labelled"))
+    stranger = await deliver(
+        google, address, raw_message("nobody@elsewhere.test", [address], "Not on a timeline")
+    )
+    await settle(google)
+    await drain(runtime)
+    crm = next(label["id"] for label in account.labels.values() if label["name"] == "CRM")
+    assert crm in account.messages[filed["id"]].label_ids
+    assert crm not in account.messages[stranger["id"]].label_ids
+    # Only what this pass synced is tagged; mail filed before the setting stays as it was.
+    assert crm not in account.messages[before["id"]].label_ids
+    assert {e.subject for e in await emails_of(runtime, owner.workspace.id)} == {
+        "Unlabelled",
+        "Labelled",
+    }
 
 
 async def test_history_404_relists_since_the_connection_without_duplicates(
@@ -389,7 +432,7 @@ async def test_provider_sends_raw_mail_in_a_thread(
             raw_message(address, [client], "Re: Offer", "Yes", in_reply_to="<o-1@c.test>"),
             got["threadId"],
         )
-        await provider.mark(sent.provider_id, "CRM")
+        await provider.mark([sent.provider_id], "CRM")
     finally:
         await provider.close()
     assert sent.thread_id == got["threadId"]

@@ -39,8 +39,16 @@ async def after_job_end(ctx: dict[str, Any]) -> None:
         await jobs.after_sync(ctx["runtime"], job_id.removeprefix(SYNC_PREFIX))
 
 
+# arq keeps a running job's in-progress key for the longest timeout + 10 s; when a worker is
+# killed mid-pass the key expires and another worker retries the pass (R14).
+PASS_TIMEOUT = get_settings().sync_pass_timeout_seconds
+
+
 class WorkerSettings:
-    functions = [func(sync_mailbox, name=SYNC_FUNCTION, keep_result=0, timeout=300, max_tries=5)]
+    functions = [
+        func(sync_mailbox, name=SYNC_FUNCTION, keep_result=0, timeout=PASS_TIMEOUT, max_tries=5)
+    ]
+    job_timeout = PASS_TIMEOUT
     cron_jobs = [cron(schedule_due, second={0}, run_at_startup=True, unique=True, keep_result=0)]
     on_startup = startup
     on_shutdown = shutdown

@@ -228,7 +228,6 @@ async def disconnect_mailbox(
         return mailbox
     set_status(mailbox, MailboxStatus.DISCONNECTED, effects)
     mailbox.credentials_encrypted = None
-    mailbox.pass_requested = False
     mailbox.next_attempt_at = None
     mailbox.disconnected_at = now()
     session.add(mailbox)

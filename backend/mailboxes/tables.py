@@ -70,10 +70,6 @@ class Mailbox(SQLModel, table=True):
     failing_since: datetime | None = Field(default=None, sa_type=UtcDateTime)
     consecutive_failures: int = 0
     next_attempt_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
-    # Cross-process pass lock (R14): who holds it and until when it is trusted.
-    pass_token: str | None = Field(default=None, max_length=64)
-    pass_lock_expires_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
-    pass_requested: bool = False
     # Last Gmail watch / Graph subscription; renewed by a pass once it is a day old.
     push_renewed_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     disconnected_at: datetime | None = Field(default=None, sa_type=UtcDateTime)

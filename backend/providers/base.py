@@ -114,8 +114,8 @@ class MailProvider(abc.ABC):
         """Send an RFC 5322 message through the mailbox; it lands in its Sent folder."""
 
     @abc.abstractmethod
-    async def mark(self, provider_id: str, label: str) -> None:
-        """Tag a synced message (Gmail label, Outlook category, IMAP keyword)."""
+    async def mark(self, provider_ids: Sequence[str], label: str) -> None:
+        """Tag synced messages (Gmail label, Outlook category, IMAP keyword)."""
 
     async def subscribe(self) -> datetime | None:
         """Ask the provider to push news of this mailbox (Gmail watch, Graph subscription);

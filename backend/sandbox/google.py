@@ -62,6 +62,7 @@ COSTS = {
     "messages.get": 5,
     "messages.list": 5,
     "messages.modify": 5,
+    "messages.batchModify": 50,
     "messages.send": 100,
     "messages.insert": 25,
     "messages.import": 25,
@@ -557,6 +558,12 @@ class GoogleSandbox:
                     INSERT_SCOPES,
                     lambda: self._insert(account, req, upload, imported=False),
                 )
+        if len(parts) == 2 and method == "POST" and parts[1] == "batchModify":
+            return charged(
+                "messages.batchModify",
+                FULL_ACCESS | LABEL_SCOPES,
+                lambda: self._batch_modify(account, req.body),
+            )
         if len(parts) == 2 and method == "POST" and parts[1] in ("send", "import"):
             if parts[1] == "send":
                 return charged(
@@ -748,6 +755,23 @@ class GoogleSandbox:
             if label not in account.labels:
                 raise BadRequest(f"Invalid label: {label}")
         return self._relabel(account, message, add, remove)
+
+    def _batch_modify(self, account: Account, body: bytes) -> SubResponse:
+        data = json_body(body)
+        ids = list(data.get("ids") or [])
+        if not ids or len(ids) > 1000:
+            raise BadRequest("ids must name between 1 and 1000 messages")
+        add = list(data.get("addLabelIds") or [])
+        remove = list(data.get("removeLabelIds") or [])
+        for label in add + remove:
+            if label not in account.labels:
+                raise BadRequest(f"Invalid label: {label}")
+        # A message deleted since it was listed must not fail the labelling of the rest.
+        for message_id in ids:
+            message = account.messages.get(str(message_id))
+            if message is not None:
+                self._relabel(account, message, add, remove)
+        return SubResponse(204, b"")
 
     def _relabel(
         self, account: Account, message: StoredMessage, add: list[str], remove: list[str]

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 SYNCABLE = {MailboxStatus.PENDING, MailboxStatus.ACTIVE, MailboxStatus.ERROR}
 FETCH_BATCH = 50
 PUSH_RENEWAL = timedelta(days=1)
+SYNCED_MAIL_LABEL = "CRM"
+# A duplicate is already stored, hence filed, so its copy in this mailbox is synced mail too.
+ON_TIMELINE = {Outcome.FILED, Outcome.DUPLICATE}
 
 
 @dataclass
@@ -94,19 +97,30 @@ async def count_activity(
     session.add(row)
 
 
+@dataclass
+class _Filed:
+    filed: int
+    failed: int
+    duplicates: int
+    cursor: dict[str, Any]
+    # Provider ids of this pass's messages that are on a timeline (to tag in the mailbox).
+    on_timeline: list[str]
+
+
 async def _file_all(
     session: AsyncSession,
     effects: AfterCommit,
     provider: MailProvider,
     workspace: Workspace,
     mailbox: Mailbox,
-) -> tuple[int, int, int, dict[str, Any]]:
+) -> _Filed:
     try:
         changes = await provider.list_changes(mailbox.cursor, mailbox.connected_at)
     except CursorInvalid:
         changes = await provider.list_changes(None, mailbox.connected_at)
     ctx = await filing_context(session, workspace, mailbox)
     filed = failed = duplicates = 0
+    on_timeline: list[str] = []
     for start in range(0, len(changes.refs), FETCH_BATCH):
         batch = changes.refs[start : start + FETCH_BATCH]
         parsed: list[tuple[FetchedMessage, ParsedMessage]] = []
@@ -125,15 +139,19 @@ async def _file_all(
             except Exception as exc:
                 failed += 1
                 _import_failed(session, mailbox, item, exc)
-        for outcome in await _file_parsed(session, effects, workspace, mailbox, ctx, parsed):
+        outcomes = await _file_parsed(session, effects, workspace, mailbox, ctx, parsed)
+        for (item, _), outcome in zip(parsed, outcomes, strict=True):
             if outcome is None:
                 failed += 1
-            elif outcome == Outcome.FILED:
+                continue
+            if outcome == Outcome.FILED:
                 filed += 1
             elif outcome == Outcome.DUPLICATE:
                 duplicates += 1
+            if outcome in ON_TIMELINE:
+                on_timeline.append(item.ref.provider_id)
     await count_activity(session, mailbox.id, queued=len(changes.refs), synced=filed, failed=failed)
-    return filed, failed, duplicates, changes.cursor
+    return _Filed(filed, failed, duplicates, changes.cursor, on_timeline)
 
 
 def _import_failed(
@@ -218,6 +236,21 @@ async def _renew_push(provider: MailProvider, mailbox: Mailbox) -> None:
         log.warning("mailbox %s: could not start push notifications: %s", mailbox.id, exc)
 
 
+async def _label_synced(
+    provider: MailProvider, workspace: Workspace, mailbox: Mailbox, provider_ids: list[str]
+) -> None:
+    """Tag filed mail in the user's mailbox when the workspace asks for it. The tag is a
+    convenience for the user, so a failure is logged and never fails the pass."""
+    if not workspace.label_synced_mail or not provider_ids:
+        return
+    try:
+        await provider.mark(provider_ids, SYNCED_MAIL_LABEL)
+    except ProviderError as exc:
+        log.warning(
+            "mailbox %s: could not label %d synced messages: %s", mailbox.id, len(provider_ids), exc
+        )
+
+
 async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None:
     """Run one pass. The job wrapper guarantees one pass per mailbox at a time (R14)."""
     started = now()
@@ -237,14 +270,14 @@ async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None
                 mailbox, read_credentials(runtime.settings.secret, mailbox), runtime.settings
             )
             try:
-                filed, failed, duplicates, cursor = await _file_all(
-                    session, effects, provider, workspace, mailbox
-                )
+                outcome = await _file_all(session, effects, provider, workspace, mailbox)
+                filed, failed, duplicates = outcome.filed, outcome.failed, outcome.duplicates
                 await _renew_push(provider, mailbox)
+                await _label_synced(provider, workspace, mailbox, outcome.on_timeline)
             finally:
                 refreshed = provider.updated_credentials()
                 await provider.close()
-            mailbox.cursor = cursor
+            mailbox.cursor = outcome.cursor
             if refreshed is not None:
                 write_credentials(runtime.settings.secret, mailbox, refreshed)
             _succeeded(mailbox, filed, effects)

@@ -22,6 +22,9 @@ class UpdateWorkspaceSettingsInput:
     contact_matching: ContactMatching | None = None
     contact_auto_creation: ContactAutoCreation | None = None
     mailbox_limit: int | None = strawberry.UNSET
+    label_synced_mail: bool | None = strawberry.field(
+        default=None, description='Tag synced mail in the mailbox (a "CRM" label in Gmail).'
+    )
 
 
 @strawberry.type
@@ -74,6 +77,7 @@ class WorkspaceMutation:
                 contact_matching=input.contact_matching,
                 contact_auto_creation=input.contact_auto_creation,
                 mailbox_limit=limit,
+                label_synced_mail=input.label_synced_mail,
             )
             await promote_waiting(scope.session, workspace.id, scope.effects)
             return workspace

@@ -55,6 +55,7 @@ async def update_settings(
     contact_matching: ContactMatching | None,
     contact_auto_creation: ContactAutoCreation | None,
     mailbox_limit: object = UNSET,
+    label_synced_mail: bool | None = None,
 ) -> Workspace:
     if not viewer.is_admin:
         raise Forbidden("Only workspace owners and admins can change settings.")
@@ -73,6 +74,8 @@ async def update_settings(
         workspace.contact_matching = contact_matching
     if contact_auto_creation is not None:
         workspace.contact_auto_creation = contact_auto_creation
+    if label_synced_mail is not None:
+        workspace.label_synced_mail = label_synced_mail
     session.add(workspace)
     await session.flush()
     return workspace

@@ -41,6 +41,8 @@ class Workspace(SQLModel, table=True):
         default=ContactAutoCreation.NONE, sa_type=enum_type(ContactAutoCreation)
     )
     mailbox_limit: int | None = None
+    # Tag synced mail in the user's mailbox ("CRM" label in Gmail, category in Outlook).
+    label_synced_mail: bool = False
     created_at: datetime = Field(default_factory=now, sa_type=UtcDateTime)
 
 

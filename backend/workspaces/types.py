@@ -67,6 +67,10 @@ class WorkspaceSettings:
     def mailbox_limit(self) -> int | None:
         return self.row.mailbox_limit
 
+    @strawberry.field(description='Synced mail is tagged in the mailbox ("CRM" label in Gmail).')
+    def label_synced_mail(self) -> bool:
+        return self.row.label_synced_mail
+
 
 @strawberry.type
 class Workspace(Node):

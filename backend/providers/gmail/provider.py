@@ -30,6 +30,7 @@ SYNCED_LABELS = ("INBOX", "SENT")
 SKIPPED_LABELS = {"DRAFT", "SPAM", "TRASH"}
 PAGE = 500
 FETCH_ROUNDS = 3
+BATCH_MODIFY_LIMIT = 1000
 
 
 def _message_order(message_id: str) -> tuple[int, str]:
@@ -194,14 +195,19 @@ class GmailProvider(MailProvider):
             raise PermanentProviderError(exc.detail, SyncErrorCode.SEND_FAILED) from exc
         return SentMessage(str(result["id"]), result.get("threadId"))
 
-    async def mark(self, provider_id: str, label: str) -> None:
+    async def mark(self, provider_ids: Sequence[str], label: str) -> None:
+        if not provider_ids:
+            return
         label_id = await self._label_id(label)
-        await self.client.execute(
-            lambda: self.client.users.messages().modify(
-                userId="me", id=provider_id, body={"addLabelIds": [label_id]}
-            ),
-            what="messages.modify",
-        )
+        for start in range(0, len(provider_ids), BATCH_MODIFY_LIMIT):
+            body = {
+                "ids": list(provider_ids[start : start + BATCH_MODIFY_LIMIT]),
+                "addLabelIds": [label_id],
+            }
+            await self.client.execute(
+                functools.partial(self.client.users.messages().batchModify, userId="me", body=body),
+                what="messages.batchModify",
+            )
 
     async def _label_id(self, name: str) -> str:
         if name in self._label_ids:
