@@ -1,0 +1,87 @@
+"""R14: a pass whose worker is killed mid-pass is taken over by another worker, and the mail
+it was syncing is filed exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+
+from backend.mailboxes.tables import MailboxStatus
+from backend.runtime import Runtime
+from backend.sandbox.faults import Fault
+from tests.client import GQL
+from tests.factories import Factory, raw_message
+from tests.sandbox import SandboxServer
+from tests.sync_helpers import reload_mailbox
+from tests.test_gmail import connected, deliver, emails_of
+
+PASS_TIMEOUT = 3  # arq retries a dead worker's job this + 10 seconds after it started
+
+
+@contextmanager
+def worker_process() -> Iterator[subprocess.Popen[bytes]]:
+    env = dict(os.environ, MAILSYNC_SYNC_PASS_TIMEOUT_SECONDS=str(PASS_TIMEOUT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], seconds: float) -> None:
+    for _ in range(int(seconds * 10)):
+        if await check():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not within {seconds} s")
+
+
+async def test_r14_a_pass_killed_mid_way_is_resumed_by_another_worker_and_files_once(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, google, runtime)
+    await factory.contact(owner, "kim@client.test", "Kim")
+    await deliver(google, address, raw_message("kim@client.test", [address], "Survives"))
+    await google.google.drain_pushes()
+    # The first pass hangs inside Gmail's history call until its worker is killed.
+    hang = google.google.faults.add(
+        Fault(delay_seconds=120, account=address, path="/history", times=1)
+    )
+    with worker_process() as doomed:
+        await runtime.enqueue_sync(str(mailbox_id))
+
+        async def hanging() -> bool:
+            return hang.hits == 1
+
+        await wait_until(hanging, 30)
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(5)
+    assert await emails_of(runtime, owner.workspace.id) == []
+
+    with worker_process():
+
+        async def filed() -> bool:
+            return bool(await emails_of(runtime, owner.workspace.id))
+
+        await wait_until(filed, PASS_TIMEOUT + 10 + 20)
+        # Let any second pass the takeover might start finish before counting.
+        await asyncio.sleep(1)
+        emails = await emails_of(runtime, owner.workspace.id)
+    assert [e.subject for e in emails] == ["Survives"]
+    assert (await reload_mailbox(runtime, mailbox_id)).status == MailboxStatus.ACTIVE
