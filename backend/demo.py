@@ -19,6 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -156,7 +159,27 @@ def connect_gmail(api: str, token: str, address: str) -> str:
         return str(landed.headers.get("location", ""))
 
 
-def run(settings: Settings, host: str, port: int) -> None:
+@dataclass
+class Stack:
+    """A running demo: the API, a worker and the sandbox, seeded and connected."""
+
+    api: str
+    sandbox: str
+    database_url: str
+    redis_url: str
+    tokens: dict[str, str]  # API token per user address
+    children: list[subprocess.Popen[bytes]]
+
+    def alive(self) -> bool:
+        return all(child.poll() is None for child in self.children)
+
+
+@contextmanager
+def running_stack(
+    settings: Settings, host: str, port: int, *, quiet: bool = False
+) -> Iterator[Stack]:
+    """Start sandbox, worker and API on a fresh database, seed the workspace and connect
+    each user's Gmail through OAuth; stop everything on exit."""
     workdir = Path(tempfile.mkdtemp(prefix="mailsync-demo-"))
     redis_url, redis_proc = ensure_redis(settings.redis_url, workdir)
     # The sandbox keeps its mailboxes in memory, so the demo starts from a fresh database.
@@ -176,44 +199,26 @@ def run(settings: Settings, host: str, port: int) -> None:
     settings = Settings(
         **{**settings.model_dump(), "database_url": database_url, "public_url": api}
     )
-    migrations.upgrade(database_url)
-    tokens = asyncio.run(seed(settings))
-    push = f"{api}/webhooks/google?token={settings.push_token}"
-    cli = [sys.executable, "-m", "backend.cli"]
-    children = [
-        subprocess.Popen(  # noqa: S603
-            [*cli, "sandbox", "--port", str(sandbox_port), "--push-endpoint", push], env=env
-        ),
-        subprocess.Popen([*cli, "worker"], env=env),  # noqa: S603
-        subprocess.Popen([*cli, "serve", "--host", host, "--port", str(port)], env=env),  # noqa: S603
-    ]
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    children: list[subprocess.Popen[bytes]] = []
+    output = subprocess.DEVNULL if quiet else None
     try:
+        migrations.upgrade(database_url)
+        tokens = asyncio.run(seed(settings))
+        push = f"{api}/webhooks/google?token={settings.push_token}"
+        cli = [sys.executable, "-m", "backend.cli"]
+        for command in (
+            ["sandbox", "--port", str(sandbox_port), "--push-endpoint", push],
+            ["worker"],
+            ["serve", "--host", host, "--port", str(port)],
+        ):
+            children.append(
+                subprocess.Popen([*cli, *command], env=env, stdout=output, stderr=output)  # noqa: S603
+            )
         _wait_for(f"{sandbox}/_sandbox/health", children)
         _wait_for(f"{api}/healthz", children)
         for address, token in tokens.items():
             connect_gmail(api, token, address)
-        owner_token = tokens[OWNER_EMAIL]
-        print(
-            f"\nmailsync demo is running on {api}\n"
-            f"  GraphiQL (signed in as {OWNER_EMAIL}): run the `Live` subscription and watch\n"
-            f"  mail arrive every few seconds:\n    {api}/graphql?token={owner_token}\n"
-            f"  Bearer token:\n    {owner_token}\n"
-            f"  Gmail sandbox: {sandbox}   Database: {database_url}   Redis: {redis_url}\n"
-            "Press Ctrl+C to stop.\n",
-            flush=True,
-        )
-        traffic = Traffic(sandbox, list(tokens), settings_interval())
-        while not stopping and all(child.poll() is None for child in children):
-            traffic.tick()
-            time.sleep(0.2)
+        yield Stack(api, sandbox, database_url, redis_url, tokens, children)
     finally:
         for child in children:
             child.terminate()
@@ -226,6 +231,33 @@ def run(settings: Settings, host: str, port: int) -> None:
             redis_proc.terminate()
             redis_proc.wait(5)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(settings: Settings, host: str, port: int) -> None:
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    with running_stack(settings, host, port) as stack:
+        owner_token = stack.tokens[OWNER_EMAIL]
+        print(
+            f"\nmailsync demo is running on {stack.api}\n"
+            f"  GraphiQL (signed in as {OWNER_EMAIL}): run the `Live` subscription and watch\n"
+            f"  mail arrive every few seconds:\n    {stack.api}/graphql?token={owner_token}\n"
+            f"  Bearer token:\n    {owner_token}\n"
+            f"  Gmail sandbox: {stack.sandbox}   Database: {stack.database_url}"
+            f"   Redis: {stack.redis_url}\n"
+            "Press Ctrl+C to stop.\n",
+            flush=True,
+        )
+        traffic = Traffic(stack.sandbox, list(stack.tokens), settings_interval())
+        while not stopping and stack.alive():
+            traffic.tick()
+            time.sleep(0.2)
 
 
 def settings_interval() -> float:
