@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -19,6 +21,7 @@ from backend.providers.base import (
     CursorInvalid,
     FetchedMessage,
     MailProvider,
+    MessageRef,
     ProviderError,
     TransientProviderError,
 )
@@ -121,37 +124,80 @@ async def _file_all(
     ctx = await filing_context(session, workspace, mailbox)
     filed = failed = duplicates = 0
     on_timeline: list[str] = []
-    for start in range(0, len(changes.refs), FETCH_BATCH):
-        batch = changes.refs[start : start + FETCH_BATCH]
-        parsed: list[tuple[FetchedMessage, ParsedMessage]] = []
-        for ref, item in zip(batch, await provider.fetch(batch), strict=True):
-            if isinstance(item, ProviderError):
+    batches = [
+        changes.refs[start : start + FETCH_BATCH]
+        for start in range(0, len(changes.refs), FETCH_BATCH)
+    ]
+    # The next batch is fetched and parsed while this one is stored: parsing is the CPU
+    # cost of a pass and storing mostly waits on the database, so the two overlap.
+    upcoming = asyncio.ensure_future(_fetch_and_parse(provider, batches[0])) if batches else None
+    try:
+        for index in range(len(batches)):
+            assert upcoming is not None
+            prepared = await upcoming
+            upcoming = (
+                asyncio.ensure_future(_fetch_and_parse(provider, batches[index + 1]))
+                if index + 1 < len(batches)
+                else None
+            )
+            parsed: list[tuple[FetchedMessage, ParsedMessage]] = []
+            for ref, item, result in prepared:
+                if isinstance(result, ParsedMessage):
+                    assert item is not None
+                    parsed.append((item, result))
+                    continue
                 failed += 1
-                record_error(
-                    session,
-                    mailbox.id,
-                    SyncErrorCode.READ_FAILED,
-                    f"message {ref.provider_id}: {item}",
-                )
-                continue
-            try:
-                parsed.append((item, parse_message(item.raw)))
-            except Exception as exc:
-                failed += 1
-                _import_failed(session, mailbox, item, exc)
-        outcomes = await _file_parsed(session, effects, workspace, mailbox, ctx, parsed)
-        for (item, _), outcome in zip(parsed, outcomes, strict=True):
-            if outcome is None:
-                failed += 1
-                continue
-            if outcome == Outcome.FILED:
-                filed += 1
-            elif outcome == Outcome.DUPLICATE:
-                duplicates += 1
-            if outcome in ON_TIMELINE:
-                on_timeline.append(item.ref.provider_id)
+                if item is None:
+                    record_error(
+                        session,
+                        mailbox.id,
+                        SyncErrorCode.READ_FAILED,
+                        f"message {ref.provider_id}: {result}",
+                    )
+                else:
+                    _import_failed(session, mailbox, item, result)
+            outcomes = await _file_parsed(session, effects, workspace, mailbox, ctx, parsed)
+            for (fetched, _), outcome in zip(parsed, outcomes, strict=True):
+                if outcome is None:
+                    failed += 1
+                    continue
+                if outcome == Outcome.FILED:
+                    filed += 1
+                elif outcome == Outcome.DUPLICATE:
+                    duplicates += 1
+                if outcome in ON_TIMELINE:
+                    on_timeline.append(fetched.ref.provider_id)
+    finally:
+        if upcoming is not None and not upcoming.done():
+            upcoming.cancel()
     await count_activity(session, mailbox.id, queued=len(changes.refs), synced=filed, failed=failed)
     return _Filed(filed, failed, duplicates, changes.cursor, on_timeline)
+
+
+# A fetched message and its parse, or what went wrong: a read error (no message) or the
+# exception that parsing raised.
+_Prepared = tuple[MessageRef, FetchedMessage | None, ParsedMessage | BaseException]
+
+
+async def _fetch_and_parse(provider: MailProvider, refs: Sequence[MessageRef]) -> list[_Prepared]:
+    """Fetch a batch and parse it in a thread, off the event loop."""
+    fetched = await provider.fetch(refs)
+
+    def parse_all() -> list[
+        tuple[MessageRef, FetchedMessage | None, ParsedMessage | BaseException]
+    ]:
+        out: list[_Prepared] = []
+        for ref, item in zip(refs, fetched, strict=True):
+            if isinstance(item, ProviderError):
+                out.append((ref, None, item))
+                continue
+            try:
+                out.append((ref, item, parse_message(item.raw)))
+            except Exception as exc:
+                out.append((ref, item, exc))
+        return out
+
+    return await asyncio.to_thread(parse_all)
 
 
 def _import_failed(
