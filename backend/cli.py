@@ -93,7 +93,8 @@ def sandbox(
         ),
     ] = None,
 ) -> None:
-    """Run the provider sandbox: Google OAuth and the Gmail API, in memory.
+    """Run the provider sandbox in memory: Google OAuth and the Gmail API, and the
+    Microsoft identity platform and Graph mail (under /{tenant}/oauth2/v2.0 and /v1.0).
 
     Point mailsync at it with MAILSYNC_GOOGLE_BASE_URL=http://HOST:PORT.
     """
@@ -105,7 +106,9 @@ def sandbox(
     google = GoogleSandbox()
     if push_endpoint:
         google.push_endpoints["*"] = push_endpoint
-    typer.echo(f"sandbox: Google OAuth and Gmail API on http://{host}:{port}")
+    typer.echo(
+        f"sandbox: Google (OAuth, Gmail) and Microsoft (identity, Graph) on http://{host}:{port}"
+    )
     uvicorn.run(create_sandbox_app(google), host=host, port=port, log_level="warning")
 
 

@@ -13,17 +13,21 @@ from google_auth_httplib2 import AuthorizedHttp
 from googleapiclient.discovery import build_from_document
 
 from backend.providers.gmail.client import _document
+from backend.providers.microsoft.client import build_graph_client
 from backend.sandbox.app import create_sandbox_app
 from backend.sandbox.google import GoogleSandbox
+from backend.sandbox.microsoft import MicrosoftSandbox
 
 
 class SandboxServer:
     def __init__(self, google: GoogleSandbox, port: int) -> None:
         self.google = google
         self.port = port
+        app = create_sandbox_app(google)
+        self.microsoft: MicrosoftSandbox = app.state.microsoft
         self.server = uvicorn.Server(
             uvicorn.Config(
-                create_sandbox_app(google),
+                app,
                 host="127.0.0.1",
                 port=port,
                 log_level="warning",
@@ -48,6 +52,11 @@ class SandboxServer:
         self.server.should_exit = True
         if self.task is not None:
             await self.task
+
+    def graph(self, address: str, scopes: list[str] | None = None) -> tuple[Any, Any]:
+        """The real msgraph-sdk acting as the account's owner; close the second item."""
+        token = self.microsoft.mint_token(address, scopes)
+        return build_graph_client(self.url + "/v1.0", lambda: token)
 
     def gmail(self, address: str, scopes: list[str] | None = None) -> Any:
         """The real google-api-python-client, acting as the account's owner (or its mail

@@ -1,4 +1,4 @@
-"""The sandbox as an ASGI app: Google's endpoints plus a small admin API under /_sandbox/.
+"""The sandbox as an ASGI app: Google's and Microsoft's endpoints plus a small admin API under /_sandbox/.
 
 The admin API is what a test or the demo uses to play the world outside mailsync: create
 accounts, deliver mail from strangers, revoke a grant, inject faults, route Pub/Sub pushes.
@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from backend.sandbox.faults import fault_from_json
 from backend.sandbox.google import GoogleSandbox, b64url, error, first
+from backend.sandbox.microsoft import MicrosoftSandbox
 from backend.sandbox.wire import SubRequest, SubResponse, batch_response, parse_batch
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,15 @@ def _basic_client(request: Request) -> str | None:
         return None
 
 
-def create_sandbox_app(google: GoogleSandbox | None = None) -> Starlette:
+def create_sandbox_app(
+    google: GoogleSandbox | None = None, microsoft: MicrosoftSandbox | None = None
+) -> Starlette:
     google = google or GoogleSandbox()
+    # One fault table for both: their paths differ (/gmail/..., /v1.0/...).
+    microsoft = microsoft or MicrosoftSandbox(faults=google.faults)
+    # Mail between the two sandboxes' mailboxes is delivered across.
+    google.external_delivery = lambda address, raw: _deliver_if_known(microsoft, address, raw)
+    microsoft.external_delivery = lambda address, raw: _deliver_if_known(google, address, raw)
     uploads: dict[str, ResumableUpload] = {}
     client: dict[str, httpx.AsyncClient] = {}
 
@@ -91,15 +99,121 @@ def create_sandbox_app(google: GoogleSandbox | None = None) -> Starlette:
                 log.info("push to %s failed: %r", endpoint, exc)
             await asyncio.sleep(0.5 * 2**attempt)
 
+    async def post_to_app(url: str, body: dict[str, Any] | None) -> tuple[int, str]:
+        """Graph's calls to the app: a validation POST (no body) or a notification."""
+        try:
+            if body is None:
+                response = await client["http"].post(url, timeout=10)
+            else:
+                response = await client["http"].post(url, json=body, timeout=10)
+        except httpx.HTTPError as exc:
+            log.info("Graph notification to %s failed: %r", url, exc)
+            return 0, ""
+        return response.status_code, response.text
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client["http"] = httpx.AsyncClient(trust_env=False)
         google.push_sink = push
+        microsoft.poster = post_to_app
         try:
             yield
         finally:
             google.push_sink = None
+            microsoft.poster = None
             await client["http"].aclose()
+
+    async def ms_authorize(request: Request) -> Response:
+        query = dict(request.query_params.items())
+        status, headers, body = microsoft.authorize(request.path_params["tenant"], query)
+        if status == 302:
+            return Response(status_code=302, headers=headers)
+        if status == 200:
+            return HTMLResponse(body)
+        return PlainTextResponse(body, status_code=status)
+
+    async def ms_token(request: Request) -> Response:
+        return _respond(microsoft.token(await _form(request)))
+
+    async def graph(request: Request) -> Response:
+        base = f"{request.url.scheme}://{request.url.netloc}/v1.0"
+        result = await microsoft.handle(await _sub_request(request), base)
+        if result.headers.get("Content-Type") == "text/plain":
+            return Response(result.body, status_code=result.status, headers=result.headers)
+        return _respond(result)
+
+    async def ms_admin_account(request: Request) -> Response:
+        data = await request.json()
+        account = microsoft.ensure_account(
+            str(data["email"]), data.get("proxyAddresses"), data.get("name", "")
+        )
+        return JSONResponse({"email": account.email, "proxyAddresses": account.proxy_addresses})
+
+    async def ms_admin_show(request: Request) -> Response:
+        account = microsoft.account(request.path_params["email"])
+        if account is None:
+            return JSONResponse({"error": "no such account"}, status_code=404)
+        return JSONResponse(
+            {
+                "email": account.email,
+                "proxyAddresses": account.proxy_addresses,
+                "messages": [
+                    {
+                        "id": m.id,
+                        "folder": account.folders[m.folder_id].well_known,
+                        "conversationId": m.conversation_id,
+                        "internetMessageId": m.internet_message_id,
+                        "categories": m.categories,
+                    }
+                    for m in account.messages.values()
+                ],
+                "subscriptions": [
+                    s.as_json()
+                    for s in microsoft.subscriptions.values()
+                    if s.account == account.email
+                ],
+            }
+        )
+
+    async def ms_admin_deliver(request: Request) -> Response:
+        data = await request.json()
+        raw = (
+            base64.b64decode(str(data["rawBase64"]))
+            if "rawBase64" in data
+            else str(data["raw"]).encode()
+        )
+        message = microsoft.deliver(request.path_params["email"], raw, data.get("folder", "inbox"))
+        return JSONResponse({"id": message.id, "conversationId": message.conversation_id})
+
+    async def ms_admin_action(request: Request) -> Response:
+        address, action = request.path_params["email"], request.path_params["action"]
+        if action == "token":
+            data = await request.json() if await request.body() else {}
+            return JSONResponse({"access_token": microsoft.mint_token(address, data.get("scopes"))})
+        account = microsoft.account(address)
+        if account is None:
+            return JSONResponse({"error": "no such account"}, status_code=404)
+        if action == "revoke":
+            microsoft.revoke_account(address)
+        elif action == "expire-tokens":
+            microsoft.expire_access_tokens(address)
+        elif action == "expire-delta":
+            microsoft.expire_delta(address)
+        elif action == "disable":
+            account.enabled = False
+        else:
+            return JSONResponse({"error": f"unknown action {action}"}, status_code=404)
+        return JSONResponse({"ok": True})
+
+    async def ms_admin_lifecycle(request: Request) -> Response:
+        event = str((await request.json()).get("event", ""))
+        if event not in ("reauthorizationRequired", "subscriptionRemoved", "missed"):
+            return JSONResponse({"error": f"unknown lifecycle event {event}"}, status_code=400)
+        try:
+            microsoft.lifecycle(request.path_params["id"], event)
+        except KeyError:
+            return JSONResponse({"error": "no such subscription"}, status_code=404)
+        return JSONResponse({"ok": True})
 
     async def authorize(request: Request) -> Response:
         query = {k: v for k, v in request.query_params.items()}
@@ -256,7 +370,23 @@ def create_sandbox_app(google: GoogleSandbox | None = None) -> Starlette:
             Route("/batch/gmail/v1", batch, methods=["POST"]),
             Route("/gmail/v1/{rest:path}", gmail, methods=methods),
             Route("/upload/gmail/v1/{rest:path}", upload, methods=["POST", "PUT"]),
+            Route("/{tenant}/oauth2/v2.0/authorize", ms_authorize),
+            Route("/{tenant}/oauth2/v2.0/token", ms_token, methods=["POST"]),
+            Route("/v1.0/{rest:path}", graph, methods=methods),
             Route("/_sandbox/health", health),
+            Route("/_sandbox/microsoft/accounts", ms_admin_account, methods=["POST"]),
+            Route("/_sandbox/microsoft/accounts/{email}", ms_admin_show),
+            Route(
+                "/_sandbox/microsoft/accounts/{email}/messages", ms_admin_deliver, methods=["POST"]
+            ),
+            Route(
+                "/_sandbox/microsoft/accounts/{email}/{action}", ms_admin_action, methods=["POST"]
+            ),
+            Route(
+                "/_sandbox/microsoft/subscriptions/{id}/lifecycle",
+                ms_admin_lifecycle,
+                methods=["POST"],
+            ),
             Route("/_sandbox/google/accounts", admin_account, methods=["POST"]),
             Route("/_sandbox/google/accounts/{email}", admin_show),
             Route("/_sandbox/google/accounts/{email}/messages", admin_deliver, methods=["POST"]),
@@ -267,7 +397,15 @@ def create_sandbox_app(google: GoogleSandbox | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.google = google
+    app.state.microsoft = microsoft
     return app
+
+
+def _deliver_if_known(sandbox: GoogleSandbox | MicrosoftSandbox, address: str, raw: bytes) -> bool:
+    if sandbox.account(address) is None:
+        return False
+    sandbox.deliver(address, raw)
+    return True
 
 
 def _content_range_total(header: str) -> int | None:

@@ -12,6 +12,7 @@ import contextlib
 import email
 import email.policy
 import email.utils
+import html
 import itertools
 import json
 import logging
@@ -253,6 +254,8 @@ class GoogleSandbox:
         # Pub/Sub push subscriptions: topic (or "*") -> push endpoint URL.
         self.push_endpoints: dict[str, str] = {}
         self.push_sink: PushSink | None = None
+        # Mail to an address no Google account holds (the Microsoft sandbox, when both run).
+        self.external_delivery: Callable[[str, bytes], bool] | None = None
         self.pushes_sent = 0
         self._push_tasks: set[asyncio.Task[None]] = set()
         self._lock = threading.RLock()
@@ -869,6 +872,8 @@ class GoogleSandbox:
             other = self.account(address)
             if other is not None and other is not account:
                 self._store(other, delivered, ["INBOX", "UNREAD"], received=True)
+            elif other is None and self.external_delivery is not None:
+                self.external_delivery(address, delivered)
         return ok(sent.summary())
 
     # ------------------------------------------------------------------ storage
@@ -1113,11 +1118,11 @@ def _search_term(key: str, value: str) -> Callable[[StoredMessage], bool]:
 
 def consent_page(query: dict[str, str]) -> str:
     hidden = "".join(
-        f'<input type="hidden" name="{k}" value="{v}">'
+        f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
         for k, v in query.items()
         if k not in ("login_hint", "decision")
     )
-    scopes = "".join(f"<li>{s}</li>" for s in query.get("scope", "").split())
+    scopes = "".join(f"<li>{html.escape(s)}</li>" for s in query.get("scope", "").split())
     return (
         "<!doctype html><title>Sign in - Google Accounts (sandbox)</title>"
         "<h1>Choose an account</h1><p>mailsync wants to:</p><ul>" + scopes + "</ul>"

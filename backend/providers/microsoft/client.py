@@ -1,0 +1,51 @@
+"""A msgraph-sdk client on a base URL from settings and a token from the mailbox.
+
+Built from GraphClientFactory with msgraph's default options, which carry the `/me`
+URL rewrite (without them the SDK sends `/users/me-token-to-replace/...`). The token
+provider allows any host so the sandbox on 127.0.0.1 receives the bearer token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from kiota_abstractions.authentication import (
+    AccessTokenProvider,
+    AllowedHostsValidator,
+    BaseBearerTokenAuthenticationProvider,
+)
+from msgraph.graph_request_adapter import GraphRequestAdapter
+from msgraph.graph_request_adapter import options as GRAPH_DEFAULT_OPTIONS
+from msgraph.graph_service_client import GraphServiceClient
+from msgraph_core import GraphClientFactory
+
+
+class _TokenProvider(AccessTokenProvider):
+    def __init__(self, get_token: Callable[[], str]) -> None:
+        self._get_token = get_token
+
+    async def get_authorization_token(
+        self, uri: str, additional_authentication_context: dict[str, Any] | None = None
+    ) -> str:
+        return self._get_token()
+
+    def get_allowed_hosts_validator(self) -> AllowedHostsValidator:
+        return AllowedHostsValidator([])  # [] = every host
+
+
+def build_graph_client(
+    base_url: str, get_token: Callable[[], str], *, timeout: float = 30
+) -> tuple[GraphServiceClient, httpx.AsyncClient]:
+    """The SDK client and the httpx client under it (the caller closes the latter)."""
+    base_url = base_url.rstrip("/")
+    http = GraphClientFactory.create_with_default_middleware(
+        client=httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False),
+        options=GRAPH_DEFAULT_OPTIONS,
+    )
+    adapter = GraphRequestAdapter(
+        BaseBearerTokenAuthenticationProvider(_TokenProvider(get_token)), client=http
+    )
+    adapter.base_url = base_url
+    return GraphServiceClient(request_adapter=adapter), http

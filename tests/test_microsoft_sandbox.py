@@ -1,0 +1,358 @@
+"""The Microsoft sandbox through the real msgraph-sdk and plain OAuth token calls."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+import uvicorn
+from kiota_abstractions.base_request_configuration import RequestConfiguration
+from msgraph.generated.models.body_type import BodyType
+from msgraph.generated.models.email_address import EmailAddress
+from msgraph.generated.models.item_body import ItemBody
+from msgraph.generated.models.message import Message
+from msgraph.generated.models.o_data_errors.o_data_error import ODataError
+from msgraph.generated.models.recipient import Recipient
+from msgraph.generated.models.subscription import Subscription
+from msgraph.generated.users.item.messages.item.create_reply.create_reply_post_request_body import (
+    CreateReplyPostRequestBody,
+)
+from msgraph.generated.users.item.send_mail.send_mail_post_request_body import (
+    SendMailPostRequestBody,
+)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from backend.sandbox.faults import Fault
+from tests.conftest import free_port
+from tests.factories import raw_message, unique
+from tests.sandbox import SandboxServer, call, raw_b64
+
+TENANT = "common"
+
+
+def address() -> str:
+    return f"{unique('ms')}@outlook.sandbox.test"
+
+
+def prefer(value: str) -> RequestConfiguration[Any]:
+    config: RequestConfiguration[Any] = RequestConfiguration()
+    config.headers.add("Prefer", value)
+    return config
+
+
+class Receiver:
+    """The app's side of Graph webhooks: answers the handshake, records notifications."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.received: list[dict[str, Any]] = []
+        self.echo_wrong = False
+
+        async def hook(request: Request) -> Response:
+            token = request.query_params.get("validationToken")
+            if token is not None:
+                return PlainTextResponse("nope" if self.echo_wrong else token)
+            self.received.append(await request.json())
+            return Response(status_code=202)
+
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                Starlette(routes=[Route("/hook", hook, methods=["POST"])]),
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+            )
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    hook = Receiver()
+    task = asyncio.create_task(hook.server.serve())
+    while not hook.server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    yield hook
+    hook.server.should_exit = True
+    await task
+
+
+@pytest.fixture
+async def sandbox(google_server: SandboxServer) -> AsyncIterator[SandboxServer]:
+    yield google_server
+    await google_server.microsoft.drain_notifications()
+    google_server.google.faults.clear()
+
+
+async def test_oauth_code_then_refresh_rotates_and_revocation_is_aadsts(
+    sandbox: SandboxServer,
+) -> None:
+    user = address()
+    async with httpx.AsyncClient(base_url=sandbox.url, trust_env=False) as http:
+        consent = await http.get(
+            f"/{TENANT}/oauth2/v2.0/authorize",
+            params={
+                "client_id": "app",
+                "response_type": "code",
+                "redirect_uri": "http://127.0.0.1/cb",
+                "scope": "offline_access Mail.ReadWrite Mail.Send User.Read",
+                "state": "s1",
+                "login_hint": user,
+            },
+        )
+        assert consent.status_code == 302
+        back = parse_qs(urlsplit(consent.headers["location"]).query)
+        assert back["state"] == ["s1"]
+        token = (
+            await http.post(
+                f"/{TENANT}/oauth2/v2.0/token",
+                data={
+                    "grant_type": "authorization_code",
+                    "client_id": "app",
+                    "client_secret": "x",
+                    "code": back["code"][0],
+                    "redirect_uri": "http://127.0.0.1/cb",
+                },
+            )
+        ).json()
+        assert token["token_type"] == "Bearer" and token["refresh_token"]
+        assert "Mail.ReadWrite" in token["scope"].split()
+        refreshed = (
+            await http.post(
+                f"/{TENANT}/oauth2/v2.0/token",
+                data={
+                    "grant_type": "refresh_token",
+                    "client_id": "app",
+                    "refresh_token": token["refresh_token"],
+                },
+            )
+        ).json()
+        assert refreshed["refresh_token"] != token["refresh_token"]
+        spent = await http.post(
+            f"/{TENANT}/oauth2/v2.0/token",
+            data={
+                "grant_type": "refresh_token",
+                "client_id": "app",
+                "refresh_token": token["refresh_token"],
+            },
+        )
+        assert spent.status_code == 400 and spent.json()["error_codes"] == [70008]
+        sandbox.microsoft.revoke_account(user)
+        revoked = await http.post(
+            f"/{TENANT}/oauth2/v2.0/token",
+            data={
+                "grant_type": "refresh_token",
+                "client_id": "app",
+                "refresh_token": refreshed["refresh_token"],
+            },
+        )
+        assert revoked.json()["error"] == "invalid_grant"
+        assert revoked.json()["error_codes"] == [50173]
+
+
+async def test_delta_pages_then_changes_then_410_when_the_sync_state_is_gone(
+    sandbox: SandboxServer,
+) -> None:
+    user = address()
+    sandbox.microsoft.ensure_account(user, ["sales@contoso.sandbox.test"])
+    for n in range(3):
+        sandbox.microsoft.deliver(user, raw_message("a@client.test", [user], f"Old {n}"))
+    graph, http = sandbox.graph(user)
+    try:
+        me = await graph.me.get()
+        assert me.mail == user and "smtp:sales@contoso.sandbox.test" in me.proxy_addresses
+        inbox = graph.me.mail_folders.by_mail_folder_id("inbox")
+        page = await inbox.messages.delta.get(prefer('odata.maxpagesize=2, IdType="ImmutableId"'))
+        subjects = [m.subject for m in page.value]
+        assert page.odata_next_link and page.odata_next_link.startswith(sandbox.url)
+        page = await inbox.messages.delta.with_url(page.odata_next_link).get()
+        subjects += [m.subject for m in page.value]
+        assert sorted(subjects) == ["Old 0", "Old 1", "Old 2"]
+        delta_link = page.odata_delta_link
+        assert delta_link
+        quiet = await inbox.messages.delta.with_url(delta_link).get()
+        assert quiet.value == [] and quiet.odata_delta_link
+
+        sandbox.microsoft.deliver(user, raw_message("a@client.test", [user], "New"))
+        news = await inbox.messages.delta.with_url(quiet.odata_delta_link).get()
+        assert [m.subject for m in news.value] == ["New"]
+        raw = await graph.me.messages.by_message_id(news.value[0].id).content.get()
+        assert b"Subject: New" in raw
+
+        sandbox.microsoft.expire_delta(user)
+        with pytest.raises(ODataError) as gone:
+            await inbox.messages.delta.with_url(news.odata_delta_link).get()
+        assert gone.value.response_status_code == 410
+        assert gone.value.error.code == "syncStateNotFound"
+    finally:
+        await http.aclose()
+
+
+async def test_send_mail_create_reply_and_categories(sandbox: SandboxServer) -> None:
+    alice, bob = address(), address()
+    sandbox.microsoft.ensure_account(alice)
+    sandbox.microsoft.ensure_account(bob)
+    graph, http = sandbox.graph(alice)
+    bob_graph, bob_http = sandbox.graph(bob)
+    try:
+        await graph.me.send_mail.post(
+            SendMailPostRequestBody(
+                message=Message(
+                    subject="Quote",
+                    body=ItemBody(content_type=BodyType.Text, content="40 seats?"),
+                    to_recipients=[Recipient(email_address=EmailAddress(address=bob))],
+                ),
+                save_to_sent_items=True,
+            )
+        )
+        bob_box = sandbox.microsoft.account(bob)
+        alice_box = sandbox.microsoft.account(alice)
+        assert bob_box is not None and alice_box is not None
+        received = next(iter(bob_box.messages.values()))
+        sent = next(m for m in alice_box.messages.values() if not m.is_draft)
+        assert sent.folder_id == alice_box.folder("sentitems").id
+        assert received.internet_message_id == sent.internet_message_id
+
+        draft = await bob_graph.me.messages.by_message_id(received.id).create_reply.post(
+            CreateReplyPostRequestBody(comment="Yes, forty.")
+        )
+        assert draft.conversation_id == received.conversation_id and draft.is_draft
+        await bob_graph.me.messages.by_message_id(draft.id).send.post()
+        reply = next(
+            m for m in alice_box.messages.values() if m.folder_id == alice_box.folder("inbox").id
+        )
+        assert reply.conversation_id == sent.conversation_id
+        assert reply.parsed()["In-Reply-To"] == sent.internet_message_id
+
+        await graph.me.messages.by_message_id(reply.id).patch(Message(categories=["CRM"]))
+        assert reply.categories == ["CRM"]
+    finally:
+        await http.aclose()
+        await bob_http.aclose()
+
+
+async def test_subscriptions_validate_notify_and_lifecycle(
+    sandbox: SandboxServer, receiver: Receiver
+) -> None:
+    user = address()
+    sandbox.microsoft.ensure_account(user)
+    graph, http = sandbox.graph(user)
+    try:
+        with pytest.raises(ODataError) as too_long:
+            await graph.subscriptions.post(
+                Subscription(
+                    change_type="created",
+                    notification_url=receiver.url,
+                    resource="me/mailFolders('inbox')/messages",
+                    expiration_date_time=datetime.now(UTC) + timedelta(days=30),
+                )
+            )
+        assert too_long.value.response_status_code == 400
+
+        soon = datetime.now(UTC) + timedelta(days=2)
+        receiver.echo_wrong = True
+        with pytest.raises(ODataError) as refused:
+            await graph.subscriptions.post(
+                Subscription(
+                    change_type="created",
+                    notification_url=receiver.url,
+                    resource="me/mailFolders('inbox')/messages",
+                    expiration_date_time=soon,
+                )
+            )
+        assert refused.value.error.code == "ValidationError"
+        receiver.echo_wrong = False
+        created = await graph.subscriptions.post(
+            Subscription(
+                change_type="created",
+                notification_url=receiver.url,
+                lifecycle_notification_url=receiver.url,
+                resource="me/mailFolders('inbox')/messages",
+                expiration_date_time=soon,
+                client_state="s3cret",
+            )
+        )
+        assert created.id
+        message = sandbox.microsoft.deliver(user, raw_message("c@client.test", [user], "Ping"))
+        await sandbox.microsoft.drain_notifications()
+        [notice] = receiver.received
+        assert notice["value"][0]["clientState"] == "s3cret"
+        assert notice["value"][0]["resourceData"]["id"] == message.id
+
+        renewed = await graph.subscriptions.by_subscription_id(created.id).patch(
+            Subscription(expiration_date_time=soon + timedelta(days=1))
+        )
+        assert renewed.expiration_date_time > created.expiration_date_time
+
+        sandbox.microsoft.lifecycle(created.id, "subscriptionRemoved")
+        await sandbox.microsoft.drain_notifications()
+        assert receiver.received[-1]["value"][0]["lifecycleEvent"] == "subscriptionRemoved"
+        assert created.id not in sandbox.microsoft.subscriptions
+    finally:
+        await http.aclose()
+
+
+async def test_faults_and_a_disabled_mailbox(sandbox: SandboxServer) -> None:
+    user = address()
+    sandbox.microsoft.ensure_account(user)
+    graph, http = sandbox.graph(user)
+    try:
+        # kiota's retry handler honours Retry-After on a 429 and retries by itself.
+        fault = sandbox.microsoft.faults.add(
+            Fault(status=429, retry_after=1, account=user, path="/me$", times=1)
+        )
+        assert (await graph.me.get()).mail == user
+        assert fault.hits == 1
+        sandbox.microsoft.account(user).enabled = False  # type: ignore[union-attr]
+        with pytest.raises(ODataError) as missing:
+            await graph.me.mail_folders.get()
+        assert missing.value.error.code == "MailboxNotEnabledForRESTAPI"
+    finally:
+        await http.aclose()
+
+
+async def test_mail_crosses_between_gmail_and_outlook_sandboxes(sandbox: SandboxServer) -> None:
+    outlook, gmail = address(), f"{unique('gm')}@gmail.sandbox.test"
+    sandbox.microsoft.ensure_account(outlook)
+    sandbox.google.ensure_account(gmail)
+    graph, http = sandbox.graph(outlook)
+    try:
+        await graph.me.send_mail.post(
+            SendMailPostRequestBody(
+                message=Message(
+                    subject="To Gmail",
+                    body=ItemBody(content_type=BodyType.Text, content="hi"),
+                    to_recipients=[Recipient(email_address=EmailAddress(address=gmail))],
+                )
+            )
+        )
+    finally:
+        await http.aclose()
+    gmail_box = sandbox.google.account(gmail)
+    assert gmail_box is not None
+    assert [m.parsed()["Subject"] for m in gmail_box.messages.values()] == ["To Gmail"]
+    await call(
+        sandbox.gmail(gmail)
+        .users()
+        .messages()
+        .send(userId="me", body={"raw": raw_b64(raw_message(gmail, [outlook], "Back"))})
+    )
+    outlook_box = sandbox.microsoft.account(outlook)
+    assert outlook_box is not None
+    inbox = outlook_box.folder("inbox").id
+    assert [
+        m.parsed()["Subject"] for m in outlook_box.messages.values() if m.folder_id == inbox
+    ] == ["Back"]
