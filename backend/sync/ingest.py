@@ -396,7 +396,8 @@ async def _ingest_batch(
                 batch.sight(item, known[item.message_id])
                 already_seen.add(item.fetched.ref.provider_id)
             item.result = IngestResult(Outcome.DUPLICATE, known[item.message_id])
-        elif item.sent_at < mailbox.connected_at:
+        # Date headers carry whole seconds: mail of the connection's own second counts as after.
+        elif item.sent_at < mailbox.connected_at.replace(microsecond=0):
             item.result = IngestResult(Outcome.SKIPPED, reason="dated before the connection")  # R6
         else:
             item.decision = decide(item.parsed, ctx)
