@@ -127,6 +127,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/oauth/complete", routes.oauth_complete),
             Route("/oauth/{provider}/callback", routes.oauth_callback),
             Route("/webhooks/google", routes.google_push, methods=["POST"]),
+            Route("/webhooks/microsoft", routes.microsoft_notifications, methods=["POST"]),
         ],
         lifespan=lifespan,
     )

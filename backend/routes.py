@@ -8,7 +8,7 @@ import logging
 from urllib.parse import urlencode
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 
 from backend.graphql.relay import to_global_id
 from backend.kit.effects import AfterCommit
@@ -16,6 +16,7 @@ from backend.kit.errors import ServiceError
 from backend.mailboxes import connect
 from backend.mailboxes.tables import Mailbox
 from backend.providers.gmail import push as gmail_push
+from backend.providers.microsoft import notifications as graph_notifications
 from backend.providers.oauth import provider_of_segment
 from backend.runtime import Runtime
 
@@ -97,3 +98,26 @@ async def google_push(request: Request) -> Response:
     for mailbox_id in due:
         await runtime.enqueue_sync(str(mailbox_id))
     return Response(status_code=204)
+
+
+async def microsoft_notifications(request: Request) -> Response:
+    """Graph webhooks: the validation handshake, change notifications, lifecycle events.
+    Graph wants an answer within 3 seconds, so this only enqueues passes."""
+    runtime: Runtime = request.app.state.runtime
+    token = request.query_params.get("validationToken")
+    if token is not None:
+        return PlainTextResponse(token, status_code=200)
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    notices = graph_notifications.read_notices(runtime.settings, body)
+    if notices.rejected and not notices.mailbox_ids:
+        log.info("refusing %d Graph notifications with a wrong clientState", notices.rejected)
+        return Response(status_code=403)
+    async with runtime.db.sessionmaker() as session:
+        due = await graph_notifications.mailboxes_to_sync(session, notices)
+        await session.commit()
+    for mailbox_id in due:
+        await runtime.enqueue_sync(str(mailbox_id))
+    return Response(status_code=202)

@@ -27,6 +27,12 @@ class GoogleEndpoints(NamedTuple):
     api_url: str
 
 
+class MicrosoftEndpoints(NamedTuple):
+    authorize_url: str
+    token_url: str
+    graph_url: str
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAILSYNC_", env_file=".env", extra="ignore")
 
@@ -63,6 +69,17 @@ class Settings(BaseSettings):
     google_pubsub_topic: str = "projects/mailsync/topics/gmail"
     # Shared secret in the push URL (?token=); derived from SECRET_KEY when unset.
     google_push_token: SecretStr | None = None
+    # Microsoft: the real endpoints by default; MAILSYNC_MICROSOFT_BASE_URL points login and
+    # Graph at one server (`mailsync sandbox`).
+    microsoft_base_url: str | None = None
+    microsoft_login_url: str = "https://login.microsoftonline.com"
+    microsoft_graph_url: str = "https://graph.microsoft.com/v1.0"
+    microsoft_tenant: str = "common"
+    microsoft_client_id: str = "00000000-0000-0000-0000-000000000000"
+    microsoft_client_secret: SecretStr = SecretStr("mailsync-development-secret")
+    # Lifetime asked for Graph subscriptions; they are renewed daily. Under the documented
+    # maximum for Outlook messages (4,230 minutes in older docs, under 7 days in newer).
+    microsoft_subscription_minutes: int = 4200
     # A rate limit asking for at most this many seconds is waited out inside the pass.
     provider_inline_wait_seconds: float = 5.0
 
@@ -93,6 +110,16 @@ class Settings(BaseSettings):
             token_url=f"{base}/token" if base else self.google_token_url,
             revoke_url=f"{base}/revoke" if base else self.google_revoke_url,
             api_url=f"{base}/" if base else self.google_api_url,
+        )
+
+    @property
+    def microsoft(self) -> MicrosoftEndpoints:
+        base = self.microsoft_base_url.rstrip("/") if self.microsoft_base_url else None
+        login = base or self.microsoft_login_url.rstrip("/")
+        return MicrosoftEndpoints(
+            authorize_url=f"{login}/{self.microsoft_tenant}/oauth2/v2.0/authorize",
+            token_url=f"{login}/{self.microsoft_tenant}/oauth2/v2.0/token",
+            graph_url=f"{base}/v1.0" if base else self.microsoft_graph_url.rstrip("/"),
         )
 
     @property

@@ -94,6 +94,7 @@ def settings(database_url: str) -> Iterator[Settings]:
         "MAILSYNC_SYNC_SPREAD_SECONDS": "0",
         "MAILSYNC_PUBLIC_URL": f"http://127.0.0.1:{API_PORT}",
         "MAILSYNC_GOOGLE_BASE_URL": f"http://127.0.0.1:{SANDBOX_PORT}",
+        "MAILSYNC_MICROSOFT_BASE_URL": f"http://127.0.0.1:{SANDBOX_PORT}",
     }
     os.environ.update(env)
     get_settings.cache_clear()
@@ -173,6 +174,15 @@ async def google(
         f"{api.url}/webhooks/google?token={settings.push_token}"
     )
     yield google_server
+    await google_server.google.drain_pushes()
+    google_server.google.faults.clear()
+
+
+@pytest.fixture
+async def microsoft(google_server: SandboxServer, api: LiveServer) -> AsyncIterator[SandboxServer]:
+    """The Microsoft sandbox (the same server as Google's), notifying the API's webhook."""
+    yield google_server
+    await google_server.microsoft.drain_notifications()
     await google_server.google.drain_pushes()
     google_server.google.faults.clear()
 

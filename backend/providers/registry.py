@@ -21,7 +21,8 @@ def _load_builtin() -> None:
     global _builtin_loaded
     if not _builtin_loaded:
         _builtin_loaded = True
-        import backend.providers.gmail  # noqa: F401
+        import backend.providers.gmail
+        import backend.providers.microsoft  # noqa: F401
 
 
 def register(provider: Provider, factory: ProviderFactory) -> None:

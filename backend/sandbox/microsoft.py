@@ -43,6 +43,7 @@ _FOLDER_RESOURCE = re.compile(
 )
 _ALL_MESSAGES = re.compile(r"^/?(?:me|users/[^/]+)/messages$", re.IGNORECASE)
 _MSGID = re.compile(r"<[^<>\s]+>")
+_FILTER_MESSAGE_ID = re.compile(r"internetMessageId\s+eq\s+'((?:[^']|'')*)'", re.IGNORECASE)
 _FILTER_SINCE = re.compile(r"receivedDateTime\s+(ge|gt)\s+(\S+)", re.IGNORECASE)
 
 
@@ -619,6 +620,8 @@ class MicrosoftSandbox:
             denied = need("mail.read")
             if denied:
                 return denied, notify
+            if len(parts) == 2 and method == "GET":
+                return self._list_messages(account, req, base_url), notify
             if len(parts) == 2 and method == "POST":
                 draft = self._draft(account, self._json(req), None)
                 return ok(draft.as_json(account), 201), notify
@@ -639,6 +642,8 @@ class MicrosoftSandbox:
                     message.categories = [str(c) for c in data["categories"] or []]
                 if "isRead" in data:
                     message.is_read = bool(data["isRead"])
+                if message.is_draft:
+                    self._update_draft(account, message, data)
                 self._change(account, message, "updated")
                 notify.append(((account.email, message), "updated"))
                 return ok(message.as_json(account)), notify
@@ -660,6 +665,29 @@ class MicrosoftSandbox:
                 notify.extend(self._send_draft(account, message))
                 return SubResponse(202, b""), notify
         return graph_error(400, "BadRequest", f"Unsupported request: {req.method} {rest}"), notify
+
+    def _list_messages(self, account: MsAccount, req: SubRequest, base_url: str) -> SubResponse:
+        """GET me/messages: newest first; `$filter` on internetMessageId or receivedDateTime."""
+        chosen = [m for m in account.messages.values() if not m.is_draft]
+        flt = (req.query.get("$filter") or [""])[0]
+        if flt:
+            by_id = _FILTER_MESSAGE_ID.fullmatch(flt.strip())
+            since = _FILTER_SINCE.search(flt)
+            if by_id:
+                wanted = by_id.group(1).replace("''", "'")
+                chosen = [m for m in chosen if m.internet_message_id == wanted]
+            elif since:
+                moment = parse_iso(since.group(2))
+                chosen = [m for m in chosen if m.received >= moment]
+            else:
+                raise BadRequest("Unsupported $filter.")
+        chosen.sort(key=lambda m: m.received, reverse=True)
+        top = int((req.query.get("$top") or ["10"])[0])
+        body = {
+            "@odata.context": f"{base_url}/$metadata#users('me')/messages",
+            "value": [_select(m.as_json(account), req) for m in chosen[:top]],
+        }
+        return ok(body)
 
     def _json(self, req: SubRequest) -> dict[str, Any]:
         if not req.body:
@@ -914,6 +942,32 @@ class MicrosoftSandbox:
             draft.conversation_id = reply_to.conversation_id
         return draft
 
+    def _update_draft(self, account: MsAccount, draft: MsMessage, data: dict[str, Any]) -> None:
+        """A PATCH on a draft rewrites what it names; threading headers stay."""
+        current = email.message_from_bytes(draft.raw, policy=email.policy.default)
+        fields = {k.lower(): v for k, v in data.items()}
+        rebuilt = self._mime(
+            account,
+            {
+                "subject": fields.get("subject", current.get("Subject", "")),
+                "body": fields.get("body") or {"contentType": "text", "content": _text_of(current)},
+                **{
+                    key: fields.get(key.lower()) or _recipients_json(current, header)
+                    for key, header in (
+                        ("toRecipients", "To"),
+                        ("ccRecipients", "Cc"),
+                        ("bccRecipients", "Bcc"),
+                    )
+                },
+            },
+            None,
+        )
+        for header in ("Message-ID", "In-Reply-To", "References"):
+            del rebuilt[header]
+            if current.get(header):
+                rebuilt[header] = str(current[header])
+        draft.raw = rebuilt.as_bytes()
+
     def _send(
         self, account: MsAccount, data: dict[str, Any], save: bool, reply_to: MsMessage | None
     ) -> list[tuple[tuple[str, MsMessage], str]]:
@@ -1131,6 +1185,20 @@ class MicrosoftSandbox:
     async def drain_notifications(self) -> None:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _text_of(message: Message) -> str:
+    assert isinstance(message, EmailMessage)
+    body = message.get_body(preferencelist=("plain", "html"))
+    return str(body.get_content()) if body is not None else ""
+
+
+def _recipients_json(message: Message, header: str) -> list[dict[str, Any]]:
+    return [
+        {"emailAddress": {"address": address, "name": name}}
+        for name, address in getaddresses([str(v) for v in message.get_all(header, [])])
+        if address
+    ]
 
 
 def _without_bcc(mime: EmailMessage) -> bytes:

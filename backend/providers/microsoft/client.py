@@ -16,6 +16,7 @@ from kiota_abstractions.authentication import (
     AllowedHostsValidator,
     BaseBearerTokenAuthenticationProvider,
 )
+from kiota_http.middleware.options import RetryHandlerOption
 from msgraph.graph_request_adapter import GraphRequestAdapter
 from msgraph.graph_request_adapter import options as GRAPH_DEFAULT_OPTIONS
 from msgraph.graph_service_client import GraphServiceClient
@@ -36,13 +37,19 @@ class _TokenProvider(AccessTokenProvider):
 
 
 def build_graph_client(
-    base_url: str, get_token: Callable[[], str], *, timeout: float = 30
+    base_url: str, get_token: Callable[[], str], *, timeout: float = 30, retries: bool = True
 ) -> tuple[GraphServiceClient, httpx.AsyncClient]:
-    """The SDK client and the httpx client under it (the caller closes the latter)."""
+    """The SDK client and the httpx client under it (the caller closes the latter).
+
+    `retries=False` turns off kiota's own retry of 429/503/504, for callers that decide
+    themselves how long a pass may wait."""
     base_url = base_url.rstrip("/")
+    options = dict(GRAPH_DEFAULT_OPTIONS)
+    if not retries:
+        options[RetryHandlerOption.get_key()] = RetryHandlerOption(max_retries=0)
     http = GraphClientFactory.create_with_default_middleware(
         client=httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False),
-        options=GRAPH_DEFAULT_OPTIONS,
+        options=options,
     )
     adapter = GraphRequestAdapter(
         BaseBearerTokenAuthenticationProvider(_TokenProvider(get_token)), client=http

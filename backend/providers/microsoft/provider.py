@@ -1,0 +1,405 @@
+"""Outlook behind the MailProvider interface: per-folder delta links as the cursor, a Graph
+subscription for push, MIME through `/$value`, sending through sendMail or createReply."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import functools
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.utils import getaddresses
+from typing import Any, TypeVar
+
+import httpx
+from kiota_abstractions.api_error import APIError
+from kiota_abstractions.base_request_configuration import RequestConfiguration
+from msgraph.generated.models.body_type import BodyType
+from msgraph.generated.models.email_address import EmailAddress
+from msgraph.generated.models.internet_message_header import InternetMessageHeader
+from msgraph.generated.models.item_body import ItemBody
+from msgraph.generated.models.message import Message
+from msgraph.generated.models.o_data_errors.o_data_error import ODataError
+from msgraph.generated.models.recipient import Recipient
+from msgraph.generated.models.subscription import Subscription
+from msgraph.generated.users.item.messages.item.create_reply.create_reply_post_request_body import (
+    CreateReplyPostRequestBody,
+)
+from msgraph.generated.users.item.send_mail.send_mail_post_request_body import (
+    SendMailPostRequestBody,
+)
+
+from backend.mailboxes.tables import Mailbox
+from backend.providers.base import (
+    AccessDenied,
+    ChangeSet,
+    CursorInvalid,
+    FetchedMessage,
+    MailboxNotFound,
+    MailProvider,
+    MessageRef,
+    PermanentProviderError,
+    ProviderError,
+    RateLimited,
+    SentMessage,
+    TransientProviderError,
+)
+from backend.providers.microsoft.client import build_graph_client
+from backend.providers.microsoft.tokens import TokenKeeper
+from backend.settings import Settings
+from backend.sync.tables import SyncErrorCode
+
+T = TypeVar("T")
+SYNCED_FOLDERS = ("inbox", "sentitems")
+PAGE = 100
+# Outlook allows four concurrent requests per mailbox and app.
+CONCURRENCY = 4
+INLINE_RETRIES = 2
+RESYNC_CODES = {"syncStateNotFound", "resyncRequired", "SyncStateNotFound"}
+DELTA_PREFER = 'odata.maxpagesize=100, IdType="ImmutableId"'
+
+
+def client_state(settings: Settings, mailbox_id: str) -> str:
+    """`<mailbox id>.<mac>`: names the mailbox a notification is for and proves it is ours."""
+    mac = hmac.new(settings.secret, f"graph:{mailbox_id}".encode(), hashlib.sha256).hexdigest()
+    return f"{mailbox_id}.{mac[:64]}"
+
+
+def mailbox_of_client_state(settings: Settings, value: str | None) -> str | None:
+    mailbox_id, _, _ = (value or "").partition(".")
+    if mailbox_id and hmac.compare_digest(value or "", client_state(settings, mailbox_id)):
+        return mailbox_id
+    return None
+
+
+def _config(prefer: str | None = None) -> RequestConfiguration[Any]:
+    config: RequestConfiguration[Any] = RequestConfiguration()
+    if prefer:
+        config.headers.add("Prefer", prefer)
+    return config
+
+
+def _retry_after(error: APIError) -> float | None:
+    headers = getattr(error, "response_headers", None) or {}
+    for name, value in dict(headers).items():
+        if str(name).lower() != "retry-after":
+            continue
+        # kiota hands header values over as a set or list of strings.
+        values = list(value) if isinstance(value, (list, tuple, set)) else [value]
+        try:
+            return float(values[0]) if values else None
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def translate(error: APIError, *, what: str) -> ProviderError:
+    """Graph's answer in terms of the R13 codes."""
+    status = int(getattr(error, "response_status_code", 0) or 0)
+    code = ""
+    if isinstance(error, ODataError) and error.error is not None:
+        code = str(error.error.code or "")
+        detail = f"{what}: HTTP {status} {code} {error.error.message or ''}".strip()
+    else:
+        detail = f"{what}: HTTP {status} {error}".strip()
+    if status == 410 or code in RESYNC_CODES:
+        return CursorInvalid(detail, SyncErrorCode.READ_FAILED)
+    if status == 429:
+        return RateLimited(detail, retry_after=_retry_after(error))
+    if code == "MailboxNotEnabledForRESTAPI" or (code == "ResourceNotFound" and "User" in detail):
+        return MailboxNotFound(detail)
+    if status in (401, 403):
+        return AccessDenied(detail)
+    if status >= 500 or status == 408:
+        return TransientProviderError(detail, retry_after=_retry_after(error))
+    return ProviderError(detail, SyncErrorCode.READ_FAILED)
+
+
+class MicrosoftProvider(MailProvider):
+    def __init__(self, mailbox: Mailbox, credentials: dict[str, Any], settings: Settings) -> None:
+        self.settings = settings
+        self.mailbox_id = str(mailbox.id) if mailbox.id else ""
+        self.address = mailbox.email_address
+        self.tokens = TokenKeeper(settings, credentials)
+        self.graph, self._http = build_graph_client(
+            settings.microsoft.graph_url, self.tokens.current, retries=False
+        )
+        self.inline_wait = settings.provider_inline_wait_seconds
+        # What delta told us of each message: conversation, folder, received time.
+        self._seen: dict[str, tuple[str | None, str, datetime | None]] = {}
+        self._limit = asyncio.Semaphore(CONCURRENCY)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    def updated_credentials(self) -> dict[str, Any] | None:
+        return self.tokens.updated()
+
+    async def call(self, make: Callable[[], Awaitable[T]], *, what: str) -> T:
+        """One Graph call: a fresh token first, one refresh on 401, short waits inline."""
+        refreshed = False
+        for attempt in range(INLINE_RETRIES + 1):
+            await self.tokens.ensure_fresh()
+            try:
+                async with self._limit:
+                    return await make()
+            except APIError as exc:
+                error = translate(exc, what=what)
+                status = int(getattr(exc, "response_status_code", 0) or 0)
+                if status == 401 and not refreshed:
+                    refreshed = True
+                    await self.tokens.refresh()
+                    continue
+            except httpx.HTTPError as exc:
+                error = TransientProviderError(f"{what}: {exc!r}")
+            if not isinstance(error, TransientProviderError) or attempt == INLINE_RETRIES:
+                raise error
+            wait = error.retry_after if error.retry_after is not None else 0.5 * (attempt + 1)
+            if wait > self.inline_wait:
+                raise error
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    async def me(self) -> Any:
+        return await self.call(self.graph.me.get, what="me")
+
+    async def own_addresses(self) -> list[str]:
+        me = await self.me()
+        found = [str(me.mail or ""), str(me.user_principal_name or "")]
+        found += [
+            p.split(":", 1)[1] for p in me.proxy_addresses or [] if p.lower().startswith("smtp:")
+        ]
+        addresses = list(dict.fromkeys(a.lower() for a in found if "@" in a))
+        return addresses or [self.address]
+
+    async def list_changes(self, cursor: dict[str, Any] | None, since: datetime) -> ChangeSet:
+        links = dict((cursor or {}).get("delta") or {})
+        refs: dict[str, MessageRef] = {}
+        received: dict[str, datetime] = {}
+        new_links: dict[str, str] = {}
+        full = not links
+        for folder in SYNCED_FOLDERS:
+            new_links[folder] = await self._delta(folder, links.get(folder), since, refs, received)
+        epoch = datetime.min.replace(tzinfo=UTC)
+        ordered = sorted(
+            refs.values(), key=lambda r: (received.get(r.provider_id, epoch), r.provider_id)
+        )
+        return ChangeSet(refs=ordered, cursor={"delta": new_links}, full_resync=full)
+
+    async def _delta(
+        self,
+        folder: str,
+        link: str | None,
+        since: datetime,
+        refs: dict[str, MessageRef],
+        received: dict[str, datetime],
+    ) -> str:
+        builder = self.graph.me.mail_folders.by_mail_folder_id(folder).messages.delta
+        url = link
+        while True:
+            page = await self.call(
+                functools.partial(self._delta_page, builder, url, since), what=f"delta {folder}"
+            )
+            if page is None:
+                raise TransientProviderError(f"delta {folder}: empty answer")
+            for message in page.value or []:
+                extra = message.additional_data or {}
+                if "@removed" in extra or not message.id or message.is_draft:
+                    continue
+                refs.setdefault(message.id, MessageRef(message.id, message.conversation_id))
+                when = message.received_date_time
+                if when is not None:
+                    received[message.id] = when
+                self._seen[message.id] = (message.conversation_id, folder, when)
+            if page.odata_next_link:
+                url = page.odata_next_link
+                continue
+            if not page.odata_delta_link:
+                raise TransientProviderError(f"delta {folder}: no nextLink or deltaLink")
+            return str(page.odata_delta_link)
+
+    @staticmethod
+    async def _delta_page(builder: Any, url: str | None, since: datetime) -> Any:
+        if url is not None:
+            return await builder.with_url(url).get(_config(DELTA_PREFER))
+        stamp = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        config = _config(DELTA_PREFER)
+        config.query_parameters = builder.DeltaRequestBuilderGetQueryParameters(
+            filter=f"receivedDateTime ge {stamp}",
+            select=["id", "conversationId", "receivedDateTime", "isDraft", "parentFolderId"],
+        )
+        return await builder.get(config)
+
+    async def fetch(self, refs: Sequence[MessageRef]) -> list[FetchedMessage | ProviderError]:
+        async def one(ref: MessageRef) -> FetchedMessage | ProviderError:
+            content = self.graph.me.messages.by_message_id(ref.provider_id).content
+            try:
+                raw = await self.call(content.get, what=f"message {ref.provider_id}")
+            except PermanentProviderError:
+                raise
+            except TransientProviderError:
+                raise
+            except ProviderError as exc:
+                if "HTTP 404" in exc.detail:
+                    return PermanentProviderError(
+                        f"message {ref.provider_id} was deleted before it could be read"
+                    )
+                return exc
+            conversation, folder, when = self._seen.get(ref.provider_id, (ref.thread_id, "", None))
+            return FetchedMessage(
+                ref=ref,
+                raw=raw or b"",
+                thread_id=conversation or ref.thread_id,
+                labels=[folder] if folder else [],
+                internal_date=when,
+            )
+
+        return list(await asyncio.gather(*(one(ref) for ref in refs)))
+
+    async def send(self, raw: bytes, thread_id: str | None = None) -> SentMessage:
+        parsed = email.message_from_bytes(raw, policy=email.policy.default)
+        assert isinstance(parsed, EmailMessage)
+        message = _graph_message(parsed)
+        original = await self._original(str(parsed.get("In-Reply-To", "")).strip())
+        try:
+            if original is not None:
+                # createReply + send keeps Outlook's conversation (threading by Thread-Index).
+                builder = self.graph.me.messages.by_message_id(original)
+                draft = await self.call(
+                    lambda: builder.create_reply.post(_reply_body(message)), what="createReply"
+                )
+                if draft is None or not draft.id:
+                    raise TransientProviderError("createReply returned no draft")
+                draft_id = str(draft.id)
+                await self.call(
+                    lambda: self.graph.me.messages.by_message_id(draft_id).patch(message),
+                    what="update reply",
+                )
+                await self.call(
+                    self.graph.me.messages.by_message_id(draft_id).send.post, what="send reply"
+                )
+                return SentMessage(draft_id, draft.conversation_id or thread_id)
+            body = SendMailPostRequestBody(message=message, save_to_sent_items=True)
+            await self.call(lambda: self.graph.me.send_mail.post(body), what="sendMail")
+        except (PermanentProviderError, TransientProviderError):
+            raise
+        except ProviderError as exc:
+            raise PermanentProviderError(exc.detail, SyncErrorCode.SEND_FAILED) from exc
+        # sendMail answers 202 with no id: the Sent Items copy arrives through delta.
+        return SentMessage("", thread_id)
+
+    async def _original(self, in_reply_to: str) -> str | None:
+        if not in_reply_to:
+            return None
+        config = _config()
+        builder = self.graph.me.messages
+        escaped = in_reply_to.replace("'", "''")
+        config.query_parameters = builder.MessagesRequestBuilderGetQueryParameters(
+            filter=f"internetMessageId eq '{escaped}'", select=["id"], top=1
+        )
+        found = await self.call(lambda: builder.get(config), what="find original")
+        if found is None or not found.value:
+            return None
+        return str(found.value[0].id)
+
+    async def mark(self, provider_ids: Sequence[str], label: str) -> None:
+        async def one(provider_id: str) -> None:
+            item = self.graph.me.messages.by_message_id(provider_id)
+            config = _config()
+            config.query_parameters = item.MessageItemRequestBuilderGetQueryParameters(
+                select=["categories"]
+            )
+            current = await self.call(lambda: item.get(config), what="categories")
+            categories = list((current.categories if current else None) or [])
+            if label not in categories:
+                await self.call(
+                    lambda: item.patch(Message(categories=[*categories, label])),
+                    what="set category",
+                )
+
+        await asyncio.gather(*(one(p) for p in provider_ids))
+
+    async def subscribe(self) -> datetime | None:
+        expires = datetime.now(UTC) + timedelta(
+            minutes=self.settings.microsoft_subscription_minutes
+        )
+        existing = self.tokens.credentials.get("subscription_id")
+        if existing:
+            try:
+                await self.call(
+                    lambda: self.graph.subscriptions.by_subscription_id(existing).patch(
+                        Subscription(expiration_date_time=expires)
+                    ),
+                    what="renew subscription",
+                )
+                return expires
+            except ProviderError as exc:
+                if "HTTP 404" not in exc.detail:
+                    raise
+        hook = f"{self.settings.public_url.rstrip('/')}/webhooks/microsoft"
+        created = await self.call(
+            lambda: self.graph.subscriptions.post(
+                Subscription(
+                    change_type="created",
+                    notification_url=hook,
+                    lifecycle_notification_url=hook,
+                    resource="me/messages",
+                    expiration_date_time=expires,
+                    client_state=client_state(self.settings, self.mailbox_id),
+                )
+            ),
+            what="create subscription",
+        )
+        if created is None or not created.id:
+            return None
+        self.tokens.remember("subscription_id", str(created.id))
+        return expires
+
+    async def unsubscribe(self) -> None:
+        existing = self.tokens.credentials.get("subscription_id")
+        if not existing:
+            return
+        try:
+            await self.call(
+                self.graph.subscriptions.by_subscription_id(existing).delete,
+                what="delete subscription",
+            )
+        except ProviderError as exc:
+            if "HTTP 404" not in exc.detail:
+                raise
+        self.tokens.remember("subscription_id", None)
+
+
+def _recipients(message: EmailMessage, header: str) -> list[Recipient]:
+    return [
+        Recipient(email_address=EmailAddress(address=address, name=name or None))
+        for name, address in getaddresses([str(v) for v in message.get_all(header, [])])
+        if address
+    ]
+
+
+def _graph_message(parsed: EmailMessage) -> Message:
+    body_part = parsed.get_body(preferencelist=("html", "plain"))
+    content = str(body_part.get_content()) if body_part is not None else ""
+    is_html = body_part is not None and body_part.get_content_subtype() == "html"
+    headers = [
+        InternetMessageHeader(name=name, value=str(value))
+        for name, value in parsed.items()
+        if name.lower().startswith("x-")
+    ]
+    return Message(
+        subject=str(parsed.get("Subject", "")),
+        body=ItemBody(content_type=BodyType.Html if is_html else BodyType.Text, content=content),
+        to_recipients=_recipients(parsed, "To"),
+        cc_recipients=_recipients(parsed, "Cc"),
+        bcc_recipients=_recipients(parsed, "Bcc"),
+        internet_message_headers=headers or None,
+    )
+
+
+def _reply_body(message: Message) -> CreateReplyPostRequestBody:
+    return CreateReplyPostRequestBody(message=Message(to_recipients=message.to_recipients))

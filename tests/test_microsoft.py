@@ -1,0 +1,342 @@
+"""Outlook end to end: GraphQL and websockets on the API, the real msgraph-sdk inside the
+worker's provider, and the Microsoft sandbox on a real port playing Graph and its users."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+from msgraph.generated.users.item.messages.item.create_reply.create_reply_post_request_body import (
+    CreateReplyPostRequestBody,
+)
+
+from backend.graphql.relay import parse_global_id, to_global_id
+from backend.mail.tables import EmailDirection
+from backend.mailboxes.service import read_credentials
+from backend.mailboxes.tables import MailboxStatus
+from backend.providers.microsoft.provider import MicrosoftProvider, client_state
+from backend.runtime import Runtime
+from backend.sandbox.faults import Fault
+from backend.sync.status import MESSAGES
+from backend.sync.tables import SyncErrorCode
+from tests.client import GQL, subscribe
+from tests.conftest import LiveServer
+from tests.factories import Factory, Member, raw_message, unique
+from tests.sandbox import SandboxServer
+from tests.sync_helpers import error_codes, reload_mailbox
+from tests.test_gmail import connect as connect_gmail
+from tests.test_gmail import deliver as deliver_gmail
+from tests.test_gmail import emails_of
+from tests.worker import drain, live_worker
+
+CONNECT = """
+mutation($input: ConnectMailboxInput!) {
+  connectMailbox(input: $input) { authorizationUrl userErrors { code field message } }
+}"""
+EMAIL_RECEIVED = """
+subscription { emailReceived { email { subject direction } contacts { name } } }"""
+
+
+async def connect(gql: GQL, member: Member, address: str) -> uuid.UUID:
+    body = await gql(
+        CONNECT, {"input": {"provider": "MICROSOFT", "loginHint": address}}, token=member.token
+    )
+    payload = body["connectMailbox"]
+    assert payload["userErrors"] == []
+    assert "/oauth2/v2.0/authorize?" in payload["authorizationUrl"]
+    async with httpx.AsyncClient(trust_env=False) as browser:
+        consent = await browser.get(payload["authorizationUrl"])
+        assert consent.status_code == 302, consent.text
+        callback = await browser.get(consent.headers["location"])
+        assert callback.status_code == 302, callback.text
+    landed = parse_qs(urlsplit(callback.headers["location"]).query)
+    assert "error" not in landed, landed
+    parsed = parse_global_id(landed["mailboxId"][0])
+    assert parsed is not None
+    return parsed[1]
+
+
+async def connected(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime
+) -> tuple[Member, uuid.UUID, str]:
+    """A workspace whose owner connected Outlook and had a first (empty) pass."""
+    owner = await factory.workspace()
+    address = f"{unique('ol')}@outlook.sandbox.test"
+    microsoft.microsoft.ensure_account(address, ["sales@contoso.sandbox.test"])
+    mailbox_id = await connect(gql, owner, address)
+    await drain(runtime)
+    return owner, mailbox_id, address
+
+
+def subscription_of(microsoft: SandboxServer, address: str) -> Any:
+    found = [s for s in microsoft.microsoft.subscriptions.values() if s.account == address]
+    assert len(found) == 1, found
+    return found[0]
+
+
+async def settle(microsoft: SandboxServer, runtime: Runtime) -> None:
+    await microsoft.microsoft.drain_notifications()
+    await drain(runtime)
+
+
+async def test_oauth_connect_then_the_first_pass_subscribes(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, microsoft, runtime)
+    shown = await gql(
+        "query($id: ID!) { mailbox(id: $id) { emailAddress aliases status provider } }",
+        {"id": to_global_id("Mailbox", mailbox_id)},
+        token=owner.token,
+    )
+    assert shown["mailbox"] == {
+        "emailAddress": address,
+        "aliases": ["sales@contoso.sandbox.test"],
+        "status": "PENDING",
+        "provider": "MICROSOFT",
+    }
+    row = await reload_mailbox(runtime, mailbox_id)
+    credentials = read_credentials(runtime.settings.secret, row)
+    assert credentials["refresh_token"] not in (row.credentials_encrypted or "")
+    subscription = subscription_of(microsoft, address)
+    assert subscription.notification_url.endswith("/webhooks/microsoft")
+    assert subscription.client_state == client_state(runtime.settings, str(mailbox_id))
+    assert credentials.get("subscription_id") == subscription.id
+    assert row.push_renewed_at is not None
+    assert set((row.cursor or {}).get("delta", {})) == {"inbox", "sentitems"}
+
+
+async def test_r14_outlook_mail_is_announced_within_2s_of_the_change_notification(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime, api: LiveServer
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, microsoft, runtime)
+    await factory.contact(owner, "ann@client.test", "Ann Client")
+    sent = microsoft.microsoft.notifications_sent
+    async with live_worker(runtime), subscribe(api.ws_url, owner.token, EMAIL_RECEIVED) as sub:
+        delivered = time.monotonic()
+        microsoft.microsoft.deliver(
+            address, raw_message("Ann <ann@client.test>", [address], "Quote", "Numbers")
+        )
+        event = (await sub.next(timeout=5))["data"]["emailReceived"]
+        elapsed = time.monotonic() - delivered
+    assert microsoft.microsoft.notifications_sent > sent
+    assert elapsed < 2.0, f"emailReceived {elapsed:.2f}s after the delivery"
+    assert event == {
+        "email": {"subject": "Quote", "direction": "INCOMING"},
+        "contacts": [{"name": "Ann Client"}],
+    }
+    assert (await reload_mailbox(runtime, mailbox_id)).status == MailboxStatus.ACTIVE
+
+
+async def test_r9_a_reply_sent_from_outlook_is_filed_outgoing_in_the_same_thread(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime
+) -> None:
+    owner, _, address = await connected(gql, factory, microsoft, runtime)
+    await factory.contact(owner, "bob@client.test", "Bob")
+    received = microsoft.microsoft.deliver(
+        address,
+        raw_message("bob@client.test", [address], "Pricing", "?", message_id="<p-1@client.test>"),
+    )
+    await settle(microsoft, runtime)
+    graph, http = microsoft.graph(address)
+    try:
+        draft = await graph.me.messages.by_message_id(received.id).create_reply.post(
+            CreateReplyPostRequestBody(comment="Ten.")
+        )
+        await graph.me.messages.by_message_id(draft.id).send.post()
+    finally:
+        await http.aclose()
+    await settle(microsoft, runtime)
+    emails = sorted(await emails_of(runtime, owner.workspace.id), key=lambda e: e.subject or "")
+    assert [(e.subject, e.direction) for e in emails] == [
+        ("Pricing", EmailDirection.INCOMING),
+        ("RE: Pricing", EmailDirection.OUTGOING),
+    ]
+    assert emails[0].thread_id == emails[1].thread_id
+
+
+async def test_expired_delta_token_resyncs_since_the_connection_without_duplicates(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, microsoft, runtime)
+    await factory.contact(owner, "cy@client.test", "Cy")
+    for n in range(3):
+        microsoft.microsoft.deliver(
+            address, raw_message("cy@client.test", [address], f"Before {n}")
+        )
+    await settle(microsoft, runtime)
+    microsoft.microsoft.expire_delta(address)
+    microsoft.microsoft.deliver(address, raw_message("cy@client.test", [address], "After"))
+    await settle(microsoft, runtime)
+    subjects = sorted(e.subject or "" for e in await emails_of(runtime, owner.workspace.id))
+    assert subjects == ["After", "Before 0", "Before 1", "Before 2"]
+    mailbox = await reload_mailbox(runtime, mailbox_id)
+    assert mailbox.status == MailboxStatus.ACTIVE
+    assert await error_codes(runtime, mailbox_id) == []
+
+
+async def test_429_with_retry_after_is_honoured_and_the_pass_succeeds(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, microsoft, runtime)
+    await factory.contact(owner, "di@client.test", "Di")
+    microsoft.microsoft.deliver(address, raw_message("di@client.test", [address], "Hello"))
+    fault = microsoft.microsoft.faults.add(
+        Fault(status=429, retry_after=1, account=address, path="/delta", times=1)
+    )
+    started = time.monotonic()
+    await settle(microsoft, runtime)
+    assert fault.hits == 1 and time.monotonic() - started >= 1.0
+    assert [e.subject for e in await emails_of(runtime, owner.workspace.id)] == ["Hello"]
+    assert (await reload_mailbox(runtime, mailbox_id)).status == MailboxStatus.ACTIVE
+    assert await error_codes(runtime, mailbox_id) == []
+
+
+async def test_webhook_answers_the_handshake_and_refuses_a_wrong_client_state(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime, api: LiveServer
+) -> None:
+    _, mailbox_id, _ = await connected(gql, factory, microsoft, runtime)
+    async with httpx.AsyncClient(base_url=api.url, trust_env=False) as http:
+        token = "Validation: Testing client application reachability 1a2b"
+        handshake = await http.post("/webhooks/microsoft", params={"validationToken": token})
+        assert handshake.status_code == 200 and handshake.text == token
+        assert handshake.headers["content-type"].startswith("text/plain")
+        forged = {
+            "value": [
+                {
+                    "subscriptionId": "x",
+                    "changeType": "created",
+                    "clientState": f"{mailbox_id}.{'0' * 64}",
+                }
+            ]
+        }
+        refused = await http.post("/webhooks/microsoft", json=forged)
+        assert refused.status_code == 403
+        assert not await runtime.redis.zcard("arq:queue")
+        genuine = {
+            "value": [
+                {
+                    "subscriptionId": "x",
+                    "changeType": "created",
+                    "clientState": client_state(runtime.settings, str(mailbox_id)),
+                }
+            ]
+        }
+        accepted = await http.post("/webhooks/microsoft", json=genuine)
+        assert accepted.status_code == 202
+        assert await runtime.redis.zcard("arq:queue") == 1
+
+
+async def test_subscription_removed_is_recreated_and_missed_mail_is_filed(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, microsoft, runtime)
+    await factory.contact(owner, "eve@client.test", "Eve")
+    first = subscription_of(microsoft, address)
+    microsoft.microsoft.lifecycle(first.id, "subscriptionRemoved")
+    # Mail arriving while no subscription exists: nobody is told.
+    microsoft.microsoft.deliver(address, raw_message("eve@client.test", [address], "Missed"))
+    await settle(microsoft, runtime)
+    second = subscription_of(microsoft, address)
+    assert second.id != first.id
+    assert [e.subject for e in await emails_of(runtime, owner.workspace.id)] == ["Missed"]
+    credentials = read_credentials(
+        runtime.settings.secret, await reload_mailbox(runtime, mailbox_id)
+    )
+    assert credentials["subscription_id"] == second.id
+
+
+async def test_r7_mail_between_gmail_and_outlook_of_one_workspace_is_stored_once(
+    gql: GQL,
+    factory: Factory,
+    microsoft: SandboxServer,
+    runtime: Runtime,
+    google: SandboxServer,
+) -> None:
+    owner, _, outlook = await connected(gql, factory, microsoft, runtime)
+    colleague = await factory.member(owner, name="Colleague")
+    gmail = f"{unique('gm')}@gmail.sandbox.test"
+    microsoft.google.ensure_account(gmail)
+    await connect_gmail(gql, colleague, gmail)
+    await drain(runtime)
+    await factory.contact(owner, "fay@client.test", "Fay")
+    # A contact writes to both users at once; then the Outlook user answers all.
+    raw = raw_message(
+        "fay@client.test", [outlook, gmail], "Both of you", "Hi", message_id="<both@client.test>"
+    )
+    microsoft.microsoft.deliver(outlook, raw)
+    await deliver_gmail(google, gmail, raw)
+    await settle(microsoft, runtime)
+    await google.google.drain_pushes()
+    await drain(runtime)
+    emails = await emails_of(runtime, owner.workspace.id)
+    assert [e.subject for e in emails] == ["Both of you"]
+
+
+async def test_r13_revoked_grant_is_access_revoked_and_rotated_tokens_are_stored(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime
+) -> None:
+    _, mailbox_id, address = await connected(gql, factory, microsoft, runtime)
+    before = read_credentials(runtime.settings.secret, await reload_mailbox(runtime, mailbox_id))
+    microsoft.microsoft.expire_access_tokens(address)
+    await runtime.enqueue_sync(str(mailbox_id))
+    await drain(runtime)
+    after = read_credentials(runtime.settings.secret, await reload_mailbox(runtime, mailbox_id))
+    assert after["refresh_token"] != before["refresh_token"]  # rotated, and kept
+    assert (await reload_mailbox(runtime, mailbox_id)).status == MailboxStatus.PENDING
+
+    microsoft.microsoft.revoke_account(address)
+    microsoft.microsoft.expire_access_tokens(address)
+    await runtime.enqueue_sync(str(mailbox_id))
+    await drain(runtime)
+    mailbox = await reload_mailbox(runtime, mailbox_id)
+    assert mailbox.status == MailboxStatus.ERROR
+    assert await error_codes(runtime, mailbox_id) == ["ACCESS_REVOKED"]
+    assert MESSAGES[SyncErrorCode.ACCESS_REVOKED]
+
+
+async def test_a_mailbox_without_exchange_online_is_mailbox_not_found(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime
+) -> None:
+    _, mailbox_id, address = await connected(gql, factory, microsoft, runtime)
+    microsoft.microsoft.account(address).enabled = False  # type: ignore[union-attr]
+    await runtime.enqueue_sync(str(mailbox_id))
+    await drain(runtime)
+    assert await error_codes(runtime, mailbox_id) == ["MAILBOX_NOT_FOUND"]
+
+
+async def test_provider_replies_in_the_conversation_and_sets_the_crm_category(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime
+) -> None:
+    _, mailbox_id, address = await connected(gql, factory, microsoft, runtime)
+    client = "gus@client.test"
+    original = microsoft.microsoft.deliver(
+        address, raw_message(client, [address], "Offer", "?", message_id="<o-1@c.test>")
+    )
+    mailbox = await reload_mailbox(runtime, mailbox_id)
+    provider = MicrosoftProvider(
+        mailbox, read_credentials(runtime.settings.secret, mailbox), runtime.settings
+    )
+    try:
+        sent = await provider.send(
+            raw_message(address, [client], "Re: Offer", "Yes", in_reply_to="<o-1@c.test>"),
+            original.conversation_id,
+        )
+        await provider.mark([original.id], "CRM")
+        await provider.mark([original.id], "CRM")
+        fresh = await provider.send(raw_message(address, [client], "New topic", "Hello"))
+    finally:
+        await provider.close()
+    account = microsoft.microsoft.account(address)
+    assert account is not None
+    sent_items = [
+        m for m in account.messages.values() if m.folder_id == account.folder("sentitems").id
+    ]
+    reply = next(m for m in sent_items if m.parsed()["Subject"] == "Re: Offer")
+    assert reply.conversation_id == original.conversation_id == sent.thread_id
+    assert reply.parsed()["In-Reply-To"] == "<o-1@c.test>"
+    other = next(m for m in sent_items if m.parsed()["Subject"] == "New topic")
+    assert other.conversation_id != original.conversation_id and fresh.provider_id == ""
+    assert original.categories == ["CRM"]
