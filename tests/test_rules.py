@@ -425,6 +425,35 @@ async def test_r8_direction_and_sent_by(factory: Factory, runtime: Runtime) -> N
     assert incoming.sent_by_id == outgoing.sent_by_id == owner.user.id  # whose mailbox synced it
 
 
+async def test_r8_the_senders_own_copy_makes_the_email_theirs(
+    factory: Factory, runtime: Runtime
+) -> None:
+    owner = await factory.workspace()
+    sender = await factory.member(owner)
+    copied = await factory.mailbox(owner)
+    senders = await factory.mailbox(sender)
+    await factory.contact(owner, "una@client.test", "Una")
+    raw = raw_message(
+        sender.email,
+        ["una@client.test"],
+        "Sent by a teammate",
+        cc=[owner.email],
+        message_id="<theirs@team.test>",
+    )
+    # The copied colleague's mailbox syncs first; the sender's Sent copy arrives later.
+    assert (await factory.ingest(copied, raw, provider_id="cc-copy")).outcome == Outcome.FILED
+    first = (await emails_with_message_id(runtime, owner.workspace.id, "<theirs@team.test>"))[0]
+    assert (first.mailbox_id, first.sent_by_id) == (copied.id, owner.user.id)
+    assert (await factory.ingest(senders, raw, provider_id="sent")).outcome == Outcome.DUPLICATE
+    stored = await emails_with_message_id(runtime, owner.workspace.id, "<theirs@team.test>")
+    assert len(stored) == 1
+    assert (stored[0].mailbox_id, stored[0].sent_by_id) == (senders.id, sender.user.id)
+    # A later sighting by the colleague does not take it back.
+    assert (await factory.ingest(copied, raw, provider_id="cc-moved")).outcome == Outcome.DUPLICATE
+    again = await emails_with_message_id(runtime, owner.workspace.id, "<theirs@team.test>")
+    assert again[0].sent_by_id == sender.user.id
+
+
 # ---------------------------------------------------------------- R9
 async def test_r9_provider_thread_ids_group_a_mailboxs_mail(
     factory: Factory, runtime: Runtime

@@ -110,6 +110,7 @@ class _Batch:
         self.participants: list[dict[str, Any]] = []
         self.timeline: list[dict[str, Any]] = []
         self.sightings: list[dict[str, Any]] = []
+        self.claimed: set[uuid.UUID] = set()
 
     async def existing(self, message_ids: Sequence[str]) -> dict[str, uuid.UUID]:
         rows = await self.session.execute(
@@ -257,6 +258,10 @@ class _Batch:
             }
         )
 
+    def claim(self, email_id: uuid.UUID) -> None:
+        """The sender's own copy: the email is theirs, whoever's mailbox synced it first."""
+        self.claimed.add(email_id)
+
     async def write(self) -> None:
         s = self.session
         if self.new_threads:
@@ -269,6 +274,16 @@ class _Batch:
             await s.execute(sa.insert(table_of(TimelineEntry)), self.timeline)
         if self.sightings:
             await s.execute(sa.insert(table_of(MailboxMessage)), self.sightings)
+        if self.claimed:
+            emails = table_of(Email)
+            await s.execute(
+                sa.update(emails)
+                .where(
+                    emails.c.id.in_(self.claimed),
+                    sa.or_(emails.c.mailbox_id.is_(None), emails.c.mailbox_id != self.mailbox.id),
+                )
+                .values(mailbox_id=self.mailbox.id, sent_by_id=self.mailbox.owner_id)
+            )
         # Core statements: the ORM's session synchronisation of an UPDATE costs more than
         # the UPDATE itself here, and no loaded object depends on these columns.
         threads = table_of(Thread)
@@ -395,6 +410,9 @@ async def _ingest_batch(
             if item.fetched.ref.provider_id not in already_seen:
                 batch.sight(item, known[item.message_id])
                 already_seen.add(item.fetched.ref.provider_id)
+                sender = item.parsed.sender
+                if sender and ctx.own_addresses.get(sender.address) == mailbox.owner_id:
+                    batch.claim(known[item.message_id])  # R8
             item.result = IngestResult(Outcome.DUPLICATE, known[item.message_id])
         # Date headers carry whole seconds: mail of the connection's own second counts as after.
         elif item.sent_at < mailbox.connected_at.replace(microsecond=0):
