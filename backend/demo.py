@@ -3,7 +3,9 @@
 It runs on a fresh SQLite database, uses the Redis at MAILSYNC_REDIS_URL when one answers
 and otherwise starts a private `redis-server`, starts the Google sandbox, the API and a
 worker, seeds a workspace, connects each user's Gmail through the real OAuth flow against
-the sandbox, prints the GraphiQL link and then generates mail traffic until interrupted.
+the sandbox (Max's mailbox is Outlook, through the Microsoft identity platform), prints the
+GraphiQL link and then generates mail traffic, some of it crossing between Gmail and Outlook,
+until interrupted.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ from backend.workspaces.tables import Role
 
 DEMO_WORKSPACE = "Demo Co"
 OWNER_EMAIL = "olivia@demo.mailsync.test"
+OUTLOOK_EMAIL = "max@demo.mailsync.test"
 TEAM = [
     ("sam@demo.mailsync.test", Role.USER, "Sam Seller"),
-    ("max@demo.mailsync.test", Role.USER, "Max Manager"),
+    (OUTLOOK_EMAIL, Role.USER, "Max Manager"),
 ]
 CONTACTS = [
     ("Ada Lovelace", "ada@analytical.example"),
@@ -62,9 +65,15 @@ SUBJECTS = [
     "Renewal in March",
 ]
 CONNECT = """
-mutation($hint: String) {
-  connectMailbox(input: {provider: GMAIL, loginHint: $hint}) { authorizationUrl userErrors { code } }
+mutation($provider: Provider!, $hint: String) {
+  connectMailbox(input: {provider: $provider, loginHint: $hint}) {
+    authorizationUrl userErrors { code message }
+  }
 }"""
+
+
+def provider_of(address: str) -> str:
+    return "MICROSOFT" if address == OUTLOOK_EMAIL else "GMAIL"
 
 
 def _free_port() -> int:
@@ -145,15 +154,22 @@ def _wait_for(url: str, children: list[subprocess.Popen[bytes]], seconds: float 
     raise SystemExit(f"{url} did not come up")
 
 
-def connect_gmail(api: str, token: str, address: str) -> str:
-    """What a user does in the app: connectMailbox, consent at 'Google', back to mailsync."""
+def connect_mailbox(api: str, token: str, address: str) -> str:
+    """What a user does in the app: connectMailbox, consent at Google or Microsoft, back to
+    mailsync."""
     with httpx.Client(trust_env=False, timeout=30) as http:
         answer = http.post(
             f"{api}/graphql",
-            json={"query": CONNECT, "variables": {"hint": address}},
+            json={
+                "query": CONNECT,
+                "variables": {"provider": provider_of(address), "hint": address},
+            },
             headers={"Authorization": f"Bearer {token}"},
         ).json()
-        url = answer["data"]["connectMailbox"]["authorizationUrl"]
+        connect = answer["data"]["connectMailbox"]
+        if connect["authorizationUrl"] is None:
+            raise SystemExit(f"connecting {address} failed: {connect['userErrors']}")
+        url = connect["authorizationUrl"]
         consent = http.get(url)
         landed = http.get(consent.headers["location"])
         return str(landed.headers.get("location", ""))
@@ -179,7 +195,7 @@ def running_stack(
     settings: Settings, host: str, port: int, *, quiet: bool = False
 ) -> Iterator[Stack]:
     """Start sandbox, worker and API on a fresh database, seed the workspace and connect
-    each user's Gmail through OAuth; stop everything on exit."""
+    each user's mailbox (Gmail, Max's Outlook) through OAuth; stop everything on exit."""
     workdir = Path(tempfile.mkdtemp(prefix="mailsync-demo-"))
     redis_url, redis_proc = ensure_redis(settings.redis_url, workdir)
     # The sandbox keeps its mailboxes in memory, so the demo starts from a fresh database.
@@ -195,6 +211,7 @@ def running_stack(
         "MAILSYNC_DATABASE_URL": database_url,
         "MAILSYNC_PUBLIC_URL": api,
         "MAILSYNC_GOOGLE_BASE_URL": sandbox,
+        "MAILSYNC_MICROSOFT_BASE_URL": sandbox,
     }
     settings = Settings(
         **{**settings.model_dump(), "database_url": database_url, "public_url": api}
@@ -217,7 +234,7 @@ def running_stack(
         _wait_for(f"{sandbox}/_sandbox/health", children)
         _wait_for(f"{api}/healthz", children)
         for address, token in tokens.items():
-            connect_gmail(api, token, address)
+            connect_mailbox(api, token, address)
         yield Stack(api, sandbox, database_url, redis_url, tokens, children)
     finally:
         for child in children:
@@ -249,7 +266,8 @@ def run(settings: Settings, host: str, port: int) -> None:
             f"  GraphiQL (signed in as {OWNER_EMAIL}): run the `Live` subscription and watch\n"
             f"  mail arrive every few seconds:\n    {stack.api}/graphql?token={owner_token}\n"
             f"  Bearer token:\n    {owner_token}\n"
-            f"  Gmail sandbox: {stack.sandbox}   Database: {stack.database_url}"
+            f"  Mailboxes: {', '.join(f'{a} ({provider_of(a).title()})' for a in stack.tokens)}\n"
+            f"  Gmail and Outlook sandbox: {stack.sandbox}   Database: {stack.database_url}"
             f"   Redis: {stack.redis_url}\n"
             "Press Ctrl+C to stop.\n",
             flush=True,
@@ -265,8 +283,10 @@ def settings_interval() -> float:
 
 
 class Traffic:
-    """Mail the way it flows for a sales team: contacts write, users reply, a newsletter
-    the workspace excluded, a stranger (never filed), and now and then a mailbox failing."""
+    """Mail the way it flows for a sales team: contacts write (now and then to a Gmail and an
+    Outlook user at once), users reply from Gmail or Outlook (now and then copying a colleague
+    on the other one), a newsletter the workspace excluded, a stranger (never filed), and now
+    and then a mailbox failing."""
 
     def __init__(self, sandbox: str, users: list[str], interval: float) -> None:
         self.sandbox = sandbox
@@ -292,51 +312,93 @@ class Traffic:
         roll = self.random.random()
         user = self.random.choice(self.users)
         if self.count % 15 == 0:
-            failing = self.users[-1]
-            self.http.post(
-                f"{self.sandbox}/_sandbox/faults",
-                json={"account": failing, "status": 503, "path": "/history", "times": 2},
-            )
-            print(f"  ! Gmail is failing for {failing} for a while (503)", flush=True)
+            self.fail(self.users[(self.count // 15) % len(self.users)])
         elif roll < 0.5 or not self.received[user]:
             name, contact = self.random.choice(CONTACTS)
             subject = self.random.choice(SUBJECTS)
-            message_id = make_msgid(domain=contact.split("@")[1])
-            self._deliver(user, f"{name} <{contact}>", subject, message_id)
-            self.received[user].append((contact, subject, message_id))
-            print(f"  <- {contact} wrote to {user}: {subject}", flush=True)
+            colleague = self._other_side(user) if self.random.random() < 0.3 else None
+            self.contact_writes(name, contact, user, subject, cc=colleague)
+            copied = f" (cc {colleague})" if colleague else ""
+            print(f"  <- {contact} wrote to {user}{copied}: {subject}", flush=True)
         elif roll < 0.75:
             contact, subject, message_id = self.received[user].pop(0)
-            self._reply(user, contact, subject, message_id)
-            print(f"  -> {user} replied to {contact}: Re: {subject}", flush=True)
+            colleague = self._other_side(user) if self.random.random() < 0.3 else None
+            self.reply(user, contact, subject, message_id, cc=colleague)
+            copied = f" (cc {colleague})" if colleague else ""
+            print(f"  -> {user} replied to {contact}{copied}: Re: {subject}", flush=True)
         elif roll < 0.88:
-            self._deliver(user, f"Offers <deals@{EXCLUDED_DOMAIN}>", "50% off today", make_msgid())
+            self._deliver(
+                [user], f"Offers <deals@{EXCLUDED_DOMAIN}>", "50% off today", make_msgid()
+            )
             print(
                 f"  x  newsletter from {EXCLUDED_DOMAIN} to {user} (excluded, not filed)",
                 flush=True,
             )
         else:
-            self._deliver(user, "someone@unknown.example", "Quick question", make_msgid())
+            self._deliver([user], "someone@unknown.example", "Quick question", make_msgid())
             print(f"  x  a stranger wrote to {user} (no contact, not filed)", flush=True)
 
-    def _deliver(self, user: str, sender: str, subject: str, message_id: str) -> None:
+    def _other_side(self, user: str) -> str | None:
+        """A colleague whose mailbox is at the other provider."""
+        others = [u for u in self.users if provider_of(u) != provider_of(user)]
+        return self.random.choice(others) if others else None
+
+    def fail(self, user: str) -> None:
+        # The first calls of the next pass fail; the pass retries and catches up.
+        path = "/delta" if provider_of(user) == "MICROSOFT" else "/history"
+        self.http.post(
+            f"{self.sandbox}/_sandbox/faults",
+            json={"account": user, "status": 503, "path": path, "times": 2},
+        ).raise_for_status()
+        where = "Outlook" if provider_of(user) == "MICROSOFT" else "Gmail"
+        print(f"  ! {where} is failing for {user} for a while (503)", flush=True)
+
+    def contact_writes(
+        self, name: str, contact: str, user: str, subject: str, cc: str | None = None
+    ) -> str:
+        """A contact's message lands in the user's (and the copied colleague's) mailbox."""
+        message_id = make_msgid(domain=contact.split("@")[1])
+        recipients = [user, cc] if cc else [user]
+        self._deliver(recipients, f"{name} <{contact}>", subject, message_id)
+        for recipient in recipients:
+            self.received[recipient].append((contact, subject, message_id))
+        return message_id
+
+    def _deliver(self, users: list[str], sender: str, subject: str, message_id: str) -> None:
         message = EmailMessage()
         message["From"] = sender
-        message["To"] = user
+        message["To"] = users[0]
+        if users[1:]:
+            message["Cc"] = ", ".join(users[1:])
         message["Subject"] = subject
         message["Message-ID"] = message_id
         message["Date"] = formatdate(usegmt=True)
         message.set_content(f"{subject}\n\nSent by the mailsync demo traffic generator.")
-        self.http.post(
-            f"{self.sandbox}/_sandbox/google/accounts/{user}/messages",
-            json={"rawBase64": base64.b64encode(message.as_bytes()).decode()},
-        ).raise_for_status()
+        raw = {"rawBase64": base64.b64encode(message.as_bytes()).decode()}
+        # What the sender's mail server does: one copy into each recipient's mailbox.
+        for user in users:
+            side = "microsoft" if provider_of(user) == "MICROSOFT" else "google"
+            self.http.post(
+                f"{self.sandbox}/_sandbox/{side}/accounts/{user}/messages", json=raw
+            ).raise_for_status()
 
-    def _reply(self, user: str, contact: str, subject: str, message_id: str) -> None:
+    def reply(
+        self, user: str, contact: str, subject: str, message_id: str, cc: str | None = None
+    ) -> None:
+        if provider_of(user) == "MICROSOFT":
+            self._reply_from_outlook(user, message_id, cc)
+        else:
+            self._reply_from_gmail(user, contact, subject, message_id, cc)
+
+    def _reply_from_gmail(
+        self, user: str, contact: str, subject: str, message_id: str, cc: str | None
+    ) -> None:
         token = self.http.post(f"{self.sandbox}/_sandbox/google/accounts/{user}/token").json()
         message = EmailMessage()
         message["From"] = user
         message["To"] = contact
+        if cc:
+            message["Cc"] = cc
         message["Subject"] = f"Re: {subject}"
         message["In-Reply-To"] = message_id
         message["References"] = message_id
@@ -347,3 +409,27 @@ class Traffic:
             json={"raw": raw},
             headers={"Authorization": f"Bearer {token['access_token']}"},
         ).raise_for_status()
+
+    def _reply_from_outlook(self, user: str, message_id: str, cc: str | None) -> None:
+        """What Outlook does on Reply: createReply on the received message, then send."""
+        token = self.http.post(f"{self.sandbox}/_sandbox/microsoft/accounts/{user}/token").json()
+        headers = {"Authorization": f"Bearer {token['access_token']}"}
+        graph = f"{self.sandbox}/v1.0/me/messages"
+        escaped = message_id.replace("'", "''")
+        found = self.http.get(
+            graph,
+            params={"$filter": f"internetMessageId eq '{escaped}'", "$select": "id"},
+            headers=headers,
+        )
+        found.raise_for_status()
+        originals = found.json()["value"]
+        if not originals:
+            return
+        body: dict[str, object] = {"comment": "Thanks, I'll get back to you today."}
+        if cc:
+            body["message"] = {"ccRecipients": [{"emailAddress": {"address": cc}}]}
+        draft = self.http.post(
+            f"{graph}/{originals[0]['id']}/createReply", json=body, headers=headers
+        )
+        draft.raise_for_status()
+        self.http.post(f"{graph}/{draft.json()['id']}/send", headers=headers).raise_for_status()

@@ -147,3 +147,6 @@ def configure_logging(settings: Settings) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # httpx logs every provider request at INFO, delta tokens in the URL included: a line
+    # per Graph call drowns what a pass reports, so only its warnings go through.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.root.level))

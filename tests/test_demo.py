@@ -7,11 +7,17 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 
+from backend.demo import OUTLOOK_EMAIL, OWNER_EMAIL, Traffic, running_stack
+from backend.settings import Settings
 from tests.browser import chromium
 from tests.conftest import REDIS_URL, free_port
 
@@ -86,3 +92,94 @@ async def test_graphiql_from_the_demo_shows_email_received_events_offline(demo_u
             timeout=45,
         )
     assert '"subject"' in shown and '"direction"' in shown
+
+
+ADA_TIMELINE = """query($search: String) { contacts(search: $search) { edges { node {
+  timeline(first: 20) { totalCount edges { node {
+    subject direction thread { id } sentBy { email } mailbox { provider emailAddress } } } } } } } }"""
+MAILBOXES = "{ mailboxes { id provider emailAddress status lastSyncedAt } }"
+
+
+def test_the_demo_connects_outlook_and_mail_crossing_gmail_and_outlook_is_filed_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in [k for k in os.environ if k.startswith("MAILSYNC_")]:
+        monkeypatch.delenv(name)
+    asyncio.run(_flush(DEMO_REDIS_URL))
+    settings = Settings(redis_url=DEMO_REDIS_URL, log_level="WARNING")
+    with (
+        running_stack(settings, "127.0.0.1", free_port(), quiet=True) as stack,
+        httpx.Client(base_url=stack.api, trust_env=False, timeout=10) as http,
+    ):
+        token = stack.tokens[OWNER_EMAIL]
+
+        def gql(query: str, **variables: Any) -> dict[str, Any]:
+            answer = http.post(
+                "/graphql",
+                json={"query": query, "variables": variables},
+                headers={"Authorization": f"Bearer {token}"},
+            ).json()
+            assert "errors" not in answer, answer
+            return dict(answer["data"])
+
+        mailboxes = {m["emailAddress"]: m for m in gql(MAILBOXES)["mailboxes"]}
+        assert mailboxes[OUTLOOK_EMAIL]["provider"] == "MICROSOFT"
+        assert mailboxes[OWNER_EMAIL]["provider"] == "GMAIL"
+
+        # Ada writes to Max's Outlook and copies Olivia's Gmail; Max answers from Outlook
+        # and copies Sam, whose Gmail receives it from the Outlook side.
+        traffic = Traffic(stack.sandbox, list(stack.tokens), interval=0)
+        subject = "Cross-provider quote"
+        message_id = traffic.contact_writes(
+            "Ada Lovelace", "ada@analytical.example", OUTLOOK_EMAIL, subject, cc=OWNER_EMAIL
+        )
+
+        def timeline() -> list[dict[str, Any]]:
+            contact = gql(ADA_TIMELINE, search="ada@analytical.example")["contacts"]["edges"]
+            return [e["node"] for e in contact[0]["node"]["timeline"]["edges"]]
+
+        _until(lambda: any(e["subject"] == subject for e in timeline()))
+        traffic.reply(
+            OUTLOOK_EMAIL,
+            "ada@analytical.example",
+            subject,
+            message_id,
+            cc="sam@demo.mailsync.test",
+        )
+        _until(lambda: any(e["direction"] == "OUTGOING" for e in timeline()))
+
+        # Every mailbox finishes a pass that began after all of this was delivered.
+        asked_at = datetime.now(UTC)
+        for mailbox in mailboxes.values():
+            gql(
+                "mutation($id: ID!) { syncMailbox(id: $id) { userErrors { code } } }",
+                id=mailbox["id"],
+            )
+        _until(
+            lambda: all(
+                m["lastSyncedAt"] and datetime.fromisoformat(m["lastSyncedAt"]) > asked_at
+                for m in gql(MAILBOXES)["mailboxes"]
+            )
+        )
+
+        emails = timeline()
+        assert sorted(e["direction"] for e in emails) == ["INCOMING", "OUTGOING"]
+        incoming, outgoing = sorted(emails, key=lambda e: e["direction"])
+        assert incoming["subject"] == subject
+        assert outgoing["subject"].lower() == f"re: {subject}".lower()
+        assert outgoing["sentBy"]["email"] == OUTLOOK_EMAIL
+        assert outgoing["mailbox"]["provider"] == "MICROSOFT"
+        assert incoming["thread"]["id"] == outgoing["thread"]["id"]
+
+
+async def _flush(url: str) -> None:
+    redis = Redis.from_url(url)
+    await redis.flushdb()
+    await redis.aclose()
+
+
+def _until(condition: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
