@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -246,6 +247,80 @@ async def test_subscription_removed_is_recreated_and_missed_mail_is_filed(
         runtime.settings.secret, await reload_mailbox(runtime, mailbox_id)
     )
     assert credentials["subscription_id"] == second.id
+
+
+async def test_reauthorization_required_renews_the_same_subscription(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime
+) -> None:
+    owner, _, address = await connected(gql, factory, microsoft, runtime)
+    await factory.contact(owner, "ida@client.test", "Ida")
+    subscription = subscription_of(microsoft, address)
+    subscription.expires = datetime.now(UTC) + timedelta(minutes=20)
+    microsoft.microsoft.lifecycle(subscription.id, "reauthorizationRequired")
+    microsoft.microsoft.deliver(address, raw_message("ida@client.test", [address], "Still here"))
+    await settle(microsoft, runtime)
+    renewed = subscription_of(microsoft, address)
+    assert renewed.id == subscription.id
+    assert renewed.expires > datetime.now(UTC) + timedelta(days=1)
+    assert [e.subject for e in await emails_of(runtime, owner.workspace.id)] == ["Still here"]
+
+
+async def test_r13_an_expired_token_is_refreshed_and_a_401_after_refresh_is_access_denied(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, microsoft, runtime)
+    await factory.contact(owner, "jo@client.test", "Jo")
+    microsoft.microsoft.deliver(address, raw_message("jo@client.test", [address], "One"))
+    # Graph refuses the access token once: a refresh and the same call again.
+    once = microsoft.microsoft.faults.add(
+        Fault(status=401, account=address, path="/delta", times=1)
+    )
+    await settle(microsoft, runtime)
+    assert once.hits == 1
+    assert [e.subject for e in await emails_of(runtime, owner.workspace.id)] == ["One"]
+    assert await error_codes(runtime, mailbox_id) == []
+    # Refused even with a fresh token: consent or the licence is gone.
+    microsoft.microsoft.faults.add(Fault(status=401, account=address, path="/delta"))
+    await runtime.enqueue_sync(str(mailbox_id))
+    await drain(runtime)
+    assert await error_codes(runtime, mailbox_id) == ["ACCESS_DENIED"]
+    assert (await reload_mailbox(runtime, mailbox_id)).status == MailboxStatus.ERROR
+
+
+async def test_r13_a_503_is_provider_unavailable_and_a_later_pass_catches_up(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, microsoft, runtime)
+    await factory.contact(owner, "kai@client.test", "Kai")
+    outage = microsoft.microsoft.faults.add(Fault(status=503, account=address, path="/delta"))
+    microsoft.microsoft.deliver(address, raw_message("kai@client.test", [address], "During"))
+    await settle(microsoft, runtime)
+    assert outage.hits >= 1
+    assert await error_codes(runtime, mailbox_id) == ["PROVIDER_UNAVAILABLE"]
+    assert (await reload_mailbox(runtime, mailbox_id)).status == MailboxStatus.ERROR
+    microsoft.microsoft.faults.clear()
+    await runtime.enqueue_sync(str(mailbox_id))
+    await drain(runtime)
+    assert [e.subject for e in await emails_of(runtime, owner.workspace.id)] == ["During"]
+    assert (await reload_mailbox(runtime, mailbox_id)).status == MailboxStatus.ACTIVE
+
+
+async def test_r8_mail_sent_from_a_proxy_address_is_outgoing(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime
+) -> None:
+    owner, _, address = await connected(gql, factory, microsoft, runtime)
+    await factory.contact(owner, "lu@client.test", "Lu")
+    # `connected` gives the account the proxy address sales@contoso.sandbox.test.
+    microsoft.microsoft.deliver(
+        address,
+        raw_message("sales@contoso.sandbox.test", ["lu@client.test"], "From the alias"),
+        folder="sentitems",
+    )
+    await settle(microsoft, runtime)
+    emails = await emails_of(runtime, owner.workspace.id)
+    assert [(e.subject, e.direction) for e in emails] == [
+        ("From the alias", EmailDirection.OUTGOING)
+    ]
 
 
 async def test_r7_mail_between_gmail_and_outlook_of_one_workspace_is_stored_once(
