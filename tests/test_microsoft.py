@@ -28,9 +28,9 @@ from tests.conftest import LiveServer
 from tests.factories import Factory, Member, raw_message, unique
 from tests.sandbox import SandboxServer
 from tests.sync_helpers import error_codes, reload_mailbox
+from tests.test_gmail import SETTINGS, emails_of
 from tests.test_gmail import connect as connect_gmail
 from tests.test_gmail import deliver as deliver_gmail
-from tests.test_gmail import emails_of
 from tests.worker import drain, live_worker
 
 CONNECT = """
@@ -415,3 +415,22 @@ async def test_provider_replies_in_the_conversation_and_sets_the_crm_category(
     other = next(m for m in sent_items if m.parsed()["Subject"] == "New topic")
     assert other.conversation_id != original.conversation_id and fresh.provider_id == ""
     assert original.categories == ["CRM"]
+
+
+async def test_synced_outlook_mail_gets_the_crm_category_when_the_workspace_asks_for_it(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime
+) -> None:
+    owner, _, address = await connected(gql, factory, microsoft, runtime)
+    await factory.contact(owner, "mo@client.test", "Mo")
+    changed = await gql(SETTINGS, {"on": True}, token=owner.token)
+    assert changed["updateWorkspaceSettings"]["userErrors"] == []
+    filed = microsoft.microsoft.deliver(
+        address, raw_message("mo@client.test", [address], "Categorised")
+    )
+    stranger = microsoft.microsoft.deliver(
+        address, raw_message("nobody@elsewhere.test", [address], "Not on a timeline")
+    )
+    await settle(microsoft, runtime)
+    assert filed.categories == ["CRM"]
+    assert stranger.categories == []
+    assert [e.subject for e in await emails_of(runtime, owner.workspace.id)] == ["Categorised"]
