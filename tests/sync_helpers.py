@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 
 import sqlalchemy as sa
 from sqlmodel import col, select
@@ -78,3 +80,11 @@ async def sightings(runtime: Runtime, email_id: uuid.UUID) -> int:
             .where(MailboxMessage.email_id == email_id)
         )
         return int(total or 0)
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], seconds: float) -> None:
+    for _ in range(int(seconds * 10)):
+        if await check():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not within {seconds} s")

@@ -36,6 +36,8 @@ CONNECT = """
 mutation($input: ConnectMailboxInput!) {
   connectMailbox(input: $input) { authorizationUrl userErrors { code field message } }
 }"""
+DISCONNECT = """
+mutation($id: ID!) { disconnectMailbox(input: {id: $id}) { mailbox { status } userErrors { code } } }"""
 RECONNECT = """
 mutation($id: ID!) { reconnectMailbox(id: $id) { authorizationUrl userErrors { code } } }"""
 MAILBOX = """
@@ -412,6 +414,20 @@ async def test_push_webhook_checks_its_secret_and_ignores_unknown_or_stale_notic
         fresh = await http.post(hook, params={"token": token}, json=envelope(address, cursor + 1))
         assert fresh.status_code == 204
     assert await runtime.redis.zcard("arq:queue") == 1
+
+
+async def test_disconnecting_stops_the_watch_and_forgets_the_credentials(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, google, runtime)
+    account = google.google.account(address)
+    assert account is not None and account.watch is not None
+    await gql(DISCONNECT, {"id": to_global_id("Mailbox", mailbox_id)}, token=owner.token)
+    await drain(runtime)
+    assert account.watch is None
+    mailbox = await reload_mailbox(runtime, mailbox_id)
+    assert mailbox.status == MailboxStatus.DISCONNECTED
+    assert mailbox.credentials_encrypted is None
 
 
 async def test_provider_sends_raw_mail_in_a_thread(

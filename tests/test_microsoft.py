@@ -3,6 +3,7 @@ worker's provider, and the Microsoft sandbox on a real port playing Graph and it
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -27,8 +28,8 @@ from tests.client import GQL, subscribe
 from tests.conftest import LiveServer
 from tests.factories import Factory, Member, raw_message, unique
 from tests.sandbox import SandboxServer
-from tests.sync_helpers import error_codes, reload_mailbox
-from tests.test_gmail import SETTINGS, emails_of
+from tests.sync_helpers import error_codes, reload_mailbox, wait_until
+from tests.test_gmail import DISCONNECT, RECONNECT, SETTINGS, emails_of, follow_consent
 from tests.test_gmail import connect as connect_gmail
 from tests.test_gmail import deliver as deliver_gmail
 from tests.worker import drain, live_worker
@@ -434,3 +435,61 @@ async def test_synced_outlook_mail_gets_the_crm_category_when_the_workspace_asks
     assert filed.categories == ["CRM"]
     assert stranger.categories == []
     assert [e.subject for e in await emails_of(runtime, owner.workspace.id)] == ["Categorised"]
+
+
+async def test_disconnecting_deletes_the_subscription_and_forgets_the_credentials(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime, api: LiveServer
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, microsoft, runtime)
+    subscription_of(microsoft, address)
+    done = await gql(DISCONNECT, {"id": to_global_id("Mailbox", mailbox_id)}, token=owner.token)
+    assert done["disconnectMailbox"] == {"mailbox": {"status": "DISCONNECTED"}, "userErrors": []}
+    await drain(runtime)
+    assert [s for s in microsoft.microsoft.subscriptions.values() if s.account == address] == []
+    assert (await reload_mailbox(runtime, mailbox_id)).credentials_encrypted is None
+    # A late notification for it is acknowledged and runs nothing.
+    late = {
+        "value": [
+            {
+                "subscriptionId": "gone",
+                "changeType": "created",
+                "clientState": client_state(runtime.settings, str(mailbox_id)),
+            }
+        ]
+    }
+    async with httpx.AsyncClient(base_url=api.url, trust_env=False) as http:
+        assert (await http.post("/webhooks/microsoft", json=late)).status_code == 202
+    assert not await runtime.redis.zcard("arq:queue")
+
+
+async def test_reconnecting_while_the_disconnect_is_released_keeps_the_new_credentials(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, microsoft, runtime)
+    await factory.contact(owner, "ned@client.test", "Ned")
+    mailbox_gid = to_global_id("Mailbox", mailbox_id)
+    slow = microsoft.microsoft.faults.add(
+        Fault(delay_seconds=1.5, account=address, method="DELETE", path="/subscriptions", times=1)
+    )
+    async with live_worker(runtime):
+        await gql(DISCONNECT, {"id": mailbox_gid}, token=owner.token)
+
+        async def deleting() -> bool:
+            return slow.hits > 0
+
+        await wait_until(deleting, 10)
+        # The user reconnects while the worker is still stopping the old subscription.
+        url = (await gql(RECONNECT, {"id": mailbox_gid}, token=owner.token))["reconnectMailbox"][
+            "authorizationUrl"
+        ]
+        landed = await follow_consent(url)
+        assert landed["status"] == ["PENDING"]
+        await asyncio.sleep(2)
+    await drain(runtime)
+    microsoft.microsoft.deliver(address, raw_message("ned@client.test", [address], "After"))
+    await settle(microsoft, runtime)
+    mailbox = await reload_mailbox(runtime, mailbox_id)
+    assert mailbox.credentials_encrypted is not None
+    assert mailbox.status == MailboxStatus.ACTIVE
+    assert [e.subject for e in await emails_of(runtime, owner.workspace.id)] == ["After"]
+    assert subscription_of(microsoft, address) is not None

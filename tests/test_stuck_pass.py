@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from backend.mailboxes.tables import MailboxStatus
@@ -17,7 +17,7 @@ from backend.sandbox.faults import Fault
 from tests.client import GQL
 from tests.factories import Factory, raw_message
 from tests.sandbox import SandboxServer
-from tests.sync_helpers import reload_mailbox
+from tests.sync_helpers import reload_mailbox, wait_until
 from tests.test_gmail import connected, deliver, emails_of
 
 PASS_TIMEOUT = 3  # arq retries a dead worker's job this + 10 seconds after it started
@@ -42,14 +42,6 @@ def worker_process() -> Iterator[subprocess.Popen[bytes]]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], seconds: float) -> None:
-    for _ in range(int(seconds * 10)):
-        if await check():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"not within {seconds} s")
 
 
 async def test_r14_a_pass_killed_mid_way_is_resumed_by_another_worker_and_files_once(

@@ -77,6 +77,34 @@ async def test_scheduler_enqueues_only_due_mailboxes(factory: Factory, runtime: 
         await drain(runtime)
 
 
+async def test_scheduler_releases_disconnected_mailboxes_that_still_hold_credentials(
+    factory: Factory, runtime: Runtime
+) -> None:
+    from backend.mailboxes.tables import Mailbox, MailboxStatus
+
+    owner = await factory.workspace()
+    # A disconnect whose job was lost (Redis flushed, say): credentials still stored.
+    lost = await factory.mailbox(owner, "lost@crm.test")
+    released = await factory.mailbox(owner, "released@crm.test")
+    async with runtime.db.transaction() as session:
+        for mailbox_id, keeps_credentials in ((lost.id, True), (released.id, False)):
+            row = await session.get(Mailbox, mailbox_id)
+            assert row is not None and row.credentials_encrypted is not None
+            row.status = MailboxStatus.DISCONNECTED
+            if not keeps_credentials:
+                row.credentials_encrypted = None
+    await jobs.schedule_due(runtime)
+    queued = await _queued(runtime)
+    assert queued == [sync_job_id(str(lost.id)).encode()]
+    with fake_provider():
+        await drain(runtime)
+    async with runtime.db.sessionmaker() as session:
+        row = await session.get(Mailbox, lost.id)
+        assert row is not None and row.credentials_encrypted is None
+    await jobs.schedule_due(runtime)
+    assert await _queued(runtime) == []
+
+
 async def test_concurrent_jobs_for_one_mailbox_never_overlap(
     factory: Factory, runtime: Runtime
 ) -> None:

@@ -227,11 +227,12 @@ async def disconnect_mailbox(
     if mailbox.status == MailboxStatus.DISCONNECTED and not erase:
         return mailbox
     set_status(mailbox, MailboxStatus.DISCONNECTED, effects)
-    mailbox.credentials_encrypted = None
     mailbox.next_attempt_at = None
     mailbox.disconnected_at = now()
     session.add(mailbox)
     await session.flush()
+    # The mailbox's job stops the provider's pushes with the credentials, then drops them.
+    effects.request_sync(mailbox.id)
     if erase:
         await erase_history(session, mailbox)
     await promote_waiting(session, mailbox.workspace_id, effects)

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import select
+from sqlmodel import col, select
 
 from backend.kit.clock import now
 from backend.kit.effects import AfterCommit
@@ -303,6 +304,9 @@ async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None
     effects = AfterCommit()
     async with runtime.db.sessionmaker() as session:
         mailbox = await session.get(Mailbox, mailbox_id)
+        if mailbox is not None and mailbox.status == MailboxStatus.DISCONNECTED:
+            await _release(runtime, session, mailbox)
+            return None
         if mailbox is None or mailbox.status not in SYNCABLE:
             return None
         workspace = await session.get(Workspace, mailbox.workspace_id)
@@ -352,18 +356,60 @@ async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None
     return result
 
 
+async def _release(runtime: Runtime, session: AsyncSession, mailbox: Mailbox) -> None:
+    """A disconnected mailbox: stop the provider's pushes (Gmail watch, Graph subscription),
+    then forget its credentials. Run as the mailbox's pass, so never beside one."""
+    sealed = mailbox.credentials_encrypted
+    if sealed is None:
+        return
+    try:
+        provider = provider_for(
+            mailbox, read_credentials(runtime.settings.secret, mailbox), runtime.settings
+        )
+        try:
+            await provider.unsubscribe()
+        finally:
+            await provider.close()
+    except ProviderError as exc:
+        # Not worth keeping the credentials for: an unrenewed registration lapses by itself
+        # within days, and the webhooks ignore disconnected mailboxes meanwhile.
+        log.info("mailbox %s: pushes not stopped on disconnect: %s", mailbox.id, exc.detail)
+    except Exception:
+        log.exception("mailbox %s: stopping pushes on disconnect failed", mailbox.id)
+    # Only if nobody reconnected the mailbox meanwhile (that writes new credentials).
+    await session.execute(
+        sa.update(Mailbox)
+        .where(
+            col(Mailbox.id) == mailbox.id,
+            col(Mailbox.status) == MailboxStatus.DISCONNECTED,
+            col(Mailbox.credentials_encrypted) == sealed,
+        )
+        .values(credentials_encrypted=None)
+    )
+    await session.commit()
+
+
 async def due_mailboxes(session: AsyncSession, interval_seconds: int) -> list[uuid.UUID]:
-    """R14: every syncing mailbox every `interval`, failing ones when their backoff ends."""
+    """R14: every syncing mailbox every `interval`, failing ones when their backoff ends, and
+    disconnected ones whose provider side is not yet released."""
     moment = now()
     horizon = moment - timedelta(seconds=interval_seconds)
     rows = await session.execute(
         select(Mailbox.id, Mailbox.status, Mailbox.last_synced_at, Mailbox.next_attempt_at).where(
-            Mailbox.status.in_([MailboxStatus.PENDING, MailboxStatus.ACTIVE, MailboxStatus.ERROR])  # type: ignore[attr-defined]
+            sa.or_(
+                col(Mailbox.status).in_(SYNCABLE),
+                sa.and_(
+                    col(Mailbox.status) == MailboxStatus.DISCONNECTED,
+                    col(Mailbox.credentials_encrypted).is_not(None),
+                ),
+            )
         )
     )
     due: list[uuid.UUID] = []
     for mailbox_id, status, last_synced_at, next_attempt_at in rows:
-        if status == MailboxStatus.ERROR:
+        if status == MailboxStatus.DISCONNECTED:
+            due.append(mailbox_id)
+        elif status == MailboxStatus.ERROR:
             if next_attempt_at is None or next_attempt_at <= moment:
                 due.append(mailbox_id)
         elif last_synced_at is None or last_synced_at <= horizon:
