@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"  # noqa: S105 (refused outside development)
@@ -77,9 +77,10 @@ class Settings(BaseSettings):
     microsoft_tenant: str = "common"
     microsoft_client_id: str = "00000000-0000-0000-0000-000000000000"
     microsoft_client_secret: SecretStr = SecretStr("mailsync-development-secret")
-    # Lifetime asked for Graph subscriptions; they are renewed daily. Under the documented
-    # maximum for Outlook messages (4,230 minutes in older docs, under 7 days in newer).
-    microsoft_subscription_minutes: int = 4200
+    # Lifetime asked for Graph subscriptions; they are renewed daily, so it must outlast a day
+    # with room for a late pass. Under the documented maximum for Outlook messages (4,230
+    # minutes in older docs, 10,080 in newer ones).
+    microsoft_subscription_minutes: int = Field(default=4200, ge=1500, le=10080)
     # A rate limit asking for at most this many seconds is waited out inside the pass.
     provider_inline_wait_seconds: float = 5.0
 

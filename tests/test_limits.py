@@ -60,3 +60,11 @@ def test_secret_key_is_required_outside_development() -> None:
         Settings(env="production", secret_key="short-but-not-a-placeholder", _env_file=None)  # type: ignore[call-arg]
     assert Settings(env="production", secret_key="x" * 40, _env_file=None).secret == b"x" * 40  # type: ignore[call-arg]
     assert Settings(env="development", _env_file=None).secret  # type: ignore[call-arg]
+
+
+def test_a_graph_subscription_lifetime_must_outlast_the_daily_renewal() -> None:
+    with pytest.raises(ValueError, match="greater than or equal to 1500"):
+        Settings(microsoft_subscription_minutes=60, _env_file=None)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="less than or equal to 10080"):
+        Settings(microsoft_subscription_minutes=20000, _env_file=None)  # type: ignore[call-arg]
+    assert Settings(_env_file=None).microsoft_subscription_minutes == 4200  # type: ignore[call-arg]
