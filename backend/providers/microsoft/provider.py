@@ -4,6 +4,7 @@ subscription for push, MIME through `/$value`, sending through sendMail or creat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
 import functools
@@ -97,6 +98,10 @@ def _retry_after(error: APIError) -> float | None:
     return None
 
 
+class ItemNotFound(ProviderError):
+    """A 404 on one item (a message deleted meanwhile, a subscription Graph dropped)."""
+
+
 def translate(error: APIError, *, what: str) -> ProviderError:
     """Graph's answer in terms of the R13 codes."""
     status = int(getattr(error, "response_status_code", 0) or 0)
@@ -114,6 +119,8 @@ def translate(error: APIError, *, what: str) -> ProviderError:
         return MailboxNotFound(detail)
     if status in (401, 403):
         return AccessDenied(detail)
+    if status == 404:
+        return ItemNotFound(detail, SyncErrorCode.READ_FAILED)
     if status >= 500 or status == 408:
         return TransientProviderError(detail, retry_after=_retry_after(error))
     return ProviderError(detail, SyncErrorCode.READ_FAILED)
@@ -239,15 +246,13 @@ class MicrosoftProvider(MailProvider):
             content = self.graph.me.messages.by_message_id(ref.provider_id).content
             try:
                 raw = await self.call(content.get, what=f"message {ref.provider_id}")
-            except PermanentProviderError:
-                raise
-            except TransientProviderError:
-                raise
+            except ItemNotFound:
+                return PermanentProviderError(
+                    f"message {ref.provider_id} was deleted before it could be read"
+                )
+            except (PermanentProviderError, TransientProviderError):
+                raise  # the mailbox's trouble, not this message's
             except ProviderError as exc:
-                if "HTTP 404" in exc.detail:
-                    return PermanentProviderError(
-                        f"message {ref.provider_id} was deleted before it could be read"
-                    )
                 return exc
             conversation, folder, when = self._seen.get(ref.provider_id, (ref.thread_id, "", None))
             return FetchedMessage(
@@ -337,9 +342,8 @@ class MicrosoftProvider(MailProvider):
                     what="renew subscription",
                 )
                 return expires
-            except ProviderError as exc:
-                if "HTTP 404" not in exc.detail:
-                    raise
+            except ItemNotFound:
+                pass  # Graph dropped it: create a new one
         hook = f"{self.settings.public_url.rstrip('/')}/webhooks/microsoft"
         created = await self.call(
             lambda: self.graph.subscriptions.post(
@@ -363,14 +367,11 @@ class MicrosoftProvider(MailProvider):
         existing = self.tokens.credentials.get("subscription_id")
         if not existing:
             return
-        try:
+        with contextlib.suppress(ItemNotFound):  # already gone
             await self.call(
                 self.graph.subscriptions.by_subscription_id(existing).delete,
                 what="delete subscription",
             )
-        except ProviderError as exc:
-            if "HTTP 404" not in exc.detail:
-                raise
         self.tokens.remember("subscription_id", None)
 
 
