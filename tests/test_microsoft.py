@@ -18,7 +18,7 @@ from msgraph.generated.users.item.messages.item.create_reply.create_reply_post_r
 from backend.graphql.relay import parse_global_id, to_global_id
 from backend.mail.tables import EmailDirection
 from backend.mailboxes.service import read_credentials
-from backend.mailboxes.tables import MailboxStatus
+from backend.mailboxes.tables import Mailbox, MailboxStatus
 from backend.providers.microsoft.provider import MicrosoftProvider, client_state
 from backend.runtime import Runtime
 from backend.sandbox.faults import Fault
@@ -493,3 +493,26 @@ async def test_reconnecting_while_the_disconnect_is_released_keeps_the_new_crede
     assert mailbox.status == MailboxStatus.ACTIVE
     assert [e.subject for e in await emails_of(runtime, owner.workspace.id)] == ["After"]
     assert subscription_of(microsoft, address) is not None
+
+
+async def test_a_failing_mailbox_keeps_its_backoff_but_its_subscription_is_marked_for_renewal(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime, api: LiveServer
+) -> None:
+    _, mailbox_id, _ = await connected(gql, factory, microsoft, runtime)
+    async with runtime.db.transaction() as session:
+        row = await session.get(Mailbox, mailbox_id)
+        assert row is not None and row.push_renewed_at is not None
+        row.status = MailboxStatus.ERROR
+    removed = {
+        "value": [
+            {
+                "subscriptionId": "x",
+                "lifecycleEvent": "subscriptionRemoved",
+                "clientState": client_state(runtime.settings, str(mailbox_id)),
+            }
+        ]
+    }
+    async with httpx.AsyncClient(base_url=api.url, trust_env=False) as http:
+        assert (await http.post("/webhooks/microsoft", json=removed)).status_code == 202
+    assert not await runtime.redis.zcard("arq:queue")
+    assert (await reload_mailbox(runtime, mailbox_id)).push_renewed_at is None

@@ -14,6 +14,7 @@ from sqlmodel import col, select
 from backend.mailboxes.tables import Mailbox, MailboxStatus, Provider
 from backend.providers.microsoft.provider import mailbox_of_client_state
 from backend.settings import Settings
+from backend.sync.service import SYNCABLE
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ def read_notices(settings: Settings, body: Any) -> Notices:
 
 
 async def mailboxes_to_sync(session: AsyncSession, notices: Notices) -> list[uuid.UUID]:
-    """The notified Outlook mailboxes that sync; those whose subscription needs renewing
-    are marked so that their next pass renews or recreates it."""
+    """The notified Outlook mailboxes that sync now. Those whose subscription needs renewing
+    are marked so that their next pass renews or recreates it, failing ones included: their
+    pass after the backoff must not wait a day for the renewal."""
     if not notices.mailbox_ids:
         return []
     rows = (
@@ -62,7 +64,7 @@ async def mailboxes_to_sync(session: AsyncSession, notices: Notices) -> list[uui
             select(Mailbox).where(
                 col(Mailbox.id).in_(notices.mailbox_ids),
                 Mailbox.provider == Provider.MICROSOFT,
-                col(Mailbox.status).in_(PUSHABLE),
+                col(Mailbox.status).in_(SYNCABLE),
             )
         )
     ).all()
@@ -71,4 +73,4 @@ async def mailboxes_to_sync(session: AsyncSession, notices: Notices) -> list[uui
             mailbox.push_renewed_at = None
             session.add(mailbox)
     await session.flush()
-    return [m.id for m in rows]
+    return [m.id for m in rows if m.status in PUSHABLE]
