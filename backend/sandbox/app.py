@@ -125,12 +125,7 @@ def create_sandbox_app(
 
     async def ms_authorize(request: Request) -> Response:
         query = dict(request.query_params.items())
-        status, headers, body = microsoft.authorize(request.path_params["tenant"], query)
-        if status == 302:
-            return Response(status_code=302, headers=headers)
-        if status == 200:
-            return HTMLResponse(body)
-        return PlainTextResponse(body, status_code=status)
+        return _authorize_answer(*microsoft.authorize(request.path_params["tenant"], query))
 
     async def ms_token(request: Request) -> Response:
         return _respond(microsoft.token(await _form(request)))
@@ -216,13 +211,7 @@ def create_sandbox_app(
         return JSONResponse({"ok": True})
 
     async def authorize(request: Request) -> Response:
-        query = {k: v for k, v in request.query_params.items()}
-        status, headers, body = google.authorize(query)
-        if status == 302:
-            return Response(status_code=302, headers=headers)
-        if status == 200:
-            return HTMLResponse(body)
-        return PlainTextResponse(body, status_code=status)
+        return _authorize_answer(*google.authorize(dict(request.query_params.items())))
 
     async def token(request: Request) -> Response:
         return _respond(google.token(await _form(request), _basic_client(request)))
@@ -399,6 +388,15 @@ def create_sandbox_app(
     app.state.google = google
     app.state.microsoft = microsoft
     return app
+
+
+def _authorize_answer(status: int, headers: dict[str, str], body: str) -> Response:
+    """An authorize endpoint's answer: the redirect back, the consent page, or an error."""
+    if status == 302:
+        return Response(status_code=302, headers=headers)
+    if status == 200:
+        return HTMLResponse(body)
+    return PlainTextResponse(body, status_code=status)
 
 
 def _deliver_if_known(sandbox: GoogleSandbox | MicrosoftSandbox, address: str, raw: bytes) -> bool:

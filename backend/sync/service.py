@@ -184,9 +184,7 @@ async def _fetch_and_parse(provider: MailProvider, refs: Sequence[MessageRef]) -
     """Fetch a batch and parse it in a thread, off the event loop."""
     fetched = await provider.fetch(refs)
 
-    def parse_all() -> list[
-        tuple[MessageRef, FetchedMessage | None, ParsedMessage | BaseException]
-    ]:
+    def parse_all() -> list[_Prepared]:
         out: list[_Prepared] = []
         for ref, item in zip(refs, fetched, strict=True):
             if isinstance(item, ProviderError):
