@@ -4,8 +4,7 @@ from backend.auth.tables import ApiToken
 from backend.contacts.tables import Contact, ContactAddress
 from backend.exclusions.tables import Exclusion
 from backend.mail.tables import Email, MailboxMessage, Participant, Thread, TimelineEntry
-from backend.mailboxes.tables import Mailbox
-from backend.sync.tables import SyncActivityDay, SyncErrorEntry
+from backend.mailboxes.tables import Mailbox, SyncActivityDay, SyncErrorEntry
 from backend.workspaces.tables import User, Workspace
 
 __all__ = [

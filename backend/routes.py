@@ -19,6 +19,7 @@ from backend.providers.gmail import push as gmail_push
 from backend.providers.microsoft import notifications as graph_notifications
 from backend.providers.oauth import provider_of_segment
 from backend.runtime import Runtime
+from backend.sync import webhooks
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ async def google_push(request: Request) -> Response:
         log.info("ignoring a malformed Gmail push")
         return Response(status_code=204)
     async with runtime.db.sessionmaker() as session:
-        due = await gmail_push.mailboxes_to_sync(session, *notice)
+        due = await webhooks.gmail_mailboxes_to_sync(session, *notice)
     for mailbox_id in due:
         await runtime.enqueue_sync(str(mailbox_id))
     return Response(status_code=204)
@@ -116,7 +117,7 @@ async def microsoft_notifications(request: Request) -> Response:
         log.info("refusing %d Graph notifications with a wrong clientState", notices.rejected)
         return Response(status_code=403)
     async with runtime.db.sessionmaker() as session:
-        due = await graph_notifications.mailboxes_to_sync(session, notices)
+        due = await webhooks.graph_mailboxes_to_sync(session, notices)
         await session.commit()
     for mailbox_id in due:
         await runtime.enqueue_sync(str(mailbox_id))

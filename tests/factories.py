@@ -16,8 +16,8 @@ from backend.kit.clock import now
 from backend.kit.effects import AfterCommit
 from backend.mail.tables import Email
 from backend.mailboxes import service as mailboxes_service
-from backend.mailboxes.tables import Mailbox, Provider
-from backend.providers.base import FetchedMessage, MessageRef
+from backend.mailboxes.tables import Mailbox
+from backend.providers.base import FetchedMessage, MessageRef, Provider
 from backend.runtime import Runtime
 from backend.sync.ingest import IngestResult, filing_context, ingest
 from backend.workspaces import service as workspaces_service

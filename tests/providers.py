@@ -8,13 +8,14 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from backend.mailboxes.tables import Mailbox, Provider
 from backend.providers import registry
 from backend.providers.base import (
     ChangeSet,
     FetchedMessage,
+    MailboxAccount,
     MailProvider,
     MessageRef,
+    Provider,
     ProviderError,
     SentMessage,
 )
@@ -38,7 +39,7 @@ class FakeMailStore:
 
 
 class FakeProvider(MailProvider):
-    def __init__(self, store: FakeMailStore, mailbox: Mailbox) -> None:
+    def __init__(self, store: FakeMailStore, mailbox: MailboxAccount) -> None:
         self.store = store
         self.address = mailbox.email_address
 
@@ -76,7 +77,9 @@ def fake_provider(provider: Provider = Provider.GMAIL) -> Iterator[FakeMailStore
     store = FakeMailStore()
     previous = registry.factory_for(provider)
 
-    def build(mailbox: Mailbox, credentials: dict[str, Any], settings: Settings) -> MailProvider:
+    def build(
+        mailbox: MailboxAccount, credentials: dict[str, Any], settings: Settings
+    ) -> MailProvider:
         return FakeProvider(store, mailbox)
 
     registry.register(provider, build)

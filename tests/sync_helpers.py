@@ -11,9 +11,8 @@ from sqlmodel import col, select
 
 from backend.contacts.tables import Contact, ContactAddress
 from backend.mail.tables import Email, MailboxMessage, TimelineEntry
-from backend.mailboxes.tables import Mailbox
+from backend.mailboxes.tables import Mailbox, SyncErrorEntry
 from backend.runtime import Runtime
-from backend.sync.tables import SyncErrorEntry
 
 
 async def emails_with_message_id(

@@ -20,11 +20,11 @@ from backend.kit import clock
 from backend.mail.tables import Email, EmailDirection
 from backend.mailboxes.service import read_credentials
 from backend.mailboxes.tables import MailboxStatus
+from backend.providers.base import SyncErrorCode
 from backend.providers.gmail.provider import GmailProvider
 from backend.runtime import Runtime
 from backend.sandbox.faults import Fault
 from backend.sync.status import MESSAGES
-from backend.sync.tables import SyncErrorCode
 from tests.client import GQL, subscribe
 from tests.conftest import LiveServer
 from tests.factories import Factory, Member, raw_message, unique

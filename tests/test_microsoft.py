@@ -19,11 +19,11 @@ from backend.graphql.relay import parse_global_id, to_global_id
 from backend.mail.tables import EmailDirection
 from backend.mailboxes.service import read_credentials
 from backend.mailboxes.tables import Mailbox, MailboxStatus
+from backend.providers.base import SyncErrorCode
 from backend.providers.microsoft.provider import MicrosoftProvider, client_state
 from backend.runtime import Runtime
 from backend.sandbox.faults import Fault
 from backend.sync.status import MESSAGES
-from backend.sync.tables import SyncErrorCode
 from tests.client import GQL, subscribe
 from tests.conftest import LiveServer
 from tests.factories import Factory, Member, raw_message, unique

@@ -715,8 +715,8 @@ async def test_r13_a_missing_provider_is_a_read_failure_not_a_crash(
 ) -> None:
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
-    from backend.mailboxes.tables import Provider
     from backend.providers import registry
+    from backend.providers.base import Provider
 
     previous = registry.factory_for(Provider.GMAIL)
     registry.unregister(Provider.GMAIL)

@@ -15,8 +15,7 @@ from backend.contacts.tables import Contact
 from backend.mail import queries as mail_queries
 from backend.mail.tables import Email, Participant, Thread
 from backend.mailboxes import queries as mailbox_queries
-from backend.mailboxes.tables import Mailbox
-from backend.sync.tables import SyncErrorEntry
+from backend.mailboxes.tables import Mailbox, SyncErrorEntry
 from backend.workspaces import queries as workspace_queries
 from backend.workspaces.tables import ContactMatching, User
 

@@ -18,8 +18,8 @@ from backend.kit.effects import AfterCommit
 from backend.kit.errors import ServiceError
 from backend.kit.signing import sign, unsign
 from backend.mailboxes import service
-from backend.mailboxes.tables import Mailbox, MailboxStatus, Provider, SyncMode
-from backend.providers.base import ProviderError
+from backend.mailboxes.tables import Mailbox, MailboxStatus, SyncMode
+from backend.providers.base import Provider, ProviderError
 from backend.providers.oauth import ConnectedAccount, connector_for
 from backend.settings import Settings
 from backend.workspaces.tables import User, Workspace

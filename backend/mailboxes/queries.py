@@ -11,8 +11,7 @@ from sqlmodel import col, select
 
 from backend.kit.clock import now
 from backend.kit.pagination import Page, PageRequest, keyset_page
-from backend.mailboxes.tables import Mailbox, MailboxStatus
-from backend.sync.tables import SyncActivityDay, SyncErrorEntry
+from backend.mailboxes.tables import Mailbox, MailboxStatus, SyncActivityDay, SyncErrorEntry
 
 
 async def mailboxes_by_ids(

@@ -114,7 +114,7 @@ class MailboxMutation:
             return connect.begin(
                 settings,
                 viewer,
-                tables.Provider(input.provider.value),
+                Provider(input.provider.value),
                 login_hint=input.login_hint,
                 sync_mode=tables.SyncMode((input.sync_mode or SyncMode.TWO_WAY).value),
             )

@@ -18,7 +18,8 @@ from backend.kit.errors import NotFound, ServiceError
 from backend.mail import service as mail_service
 from backend.mail.tables import Email, EmailSource, MailboxMessage
 from backend.mailboxes import queries
-from backend.mailboxes.tables import EmailVisibility, Mailbox, MailboxStatus, Provider, SyncMode
+from backend.mailboxes.tables import EmailVisibility, Mailbox, MailboxStatus, SyncMode
+from backend.providers.base import Provider
 from backend.workspaces.tables import User, Workspace
 
 

@@ -8,10 +8,10 @@ from backend.graphql.context import Info
 from backend.graphql.relay import Connection, Node, connection, page_request, to_global_id
 from backend.kit.pagination import count
 from backend.mailboxes import queries, tables
-from backend.sync import tables as sync_tables
+from backend.providers import base as providers
 from backend.workspaces.types import User
 
-Provider = tables.Provider
+Provider = providers.Provider
 strawberry.enum(Provider)
 SyncMode = tables.SyncMode
 strawberry.enum(SyncMode)
@@ -19,7 +19,7 @@ EmailVisibility = tables.EmailVisibility
 strawberry.enum(EmailVisibility)
 MailboxStatus = tables.MailboxStatus
 strawberry.enum(MailboxStatus)
-SyncErrorCode = sync_tables.SyncErrorCode
+SyncErrorCode = providers.SyncErrorCode
 strawberry.enum(SyncErrorCode)
 
 FAILING = {tables.MailboxStatus.ERROR, tables.MailboxStatus.SUSPENDED}
@@ -27,7 +27,7 @@ FAILING = {tables.MailboxStatus.ERROR, tables.MailboxStatus.SUSPENDED}
 
 @strawberry.type
 class SyncError:
-    row: strawberry.Private[sync_tables.SyncErrorEntry]
+    row: strawberry.Private[tables.SyncErrorEntry]
 
     @strawberry.field
     def code(self) -> SyncErrorCode:
@@ -131,8 +131,8 @@ class Mailbox(Node):
         async def total() -> int:
             return await count(
                 session,
-                select(sync_tables.SyncErrorEntry).where(
-                    sync_tables.SyncErrorEntry.mailbox_id == self.row.id
+                select(tables.SyncErrorEntry).where(
+                    tables.SyncErrorEntry.mailbox_id == self.row.id
                 ),
             )
 

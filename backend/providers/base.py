@@ -7,12 +7,41 @@ and IMAP (UIDVALIDITY/UID, IDLE): the cursor is an opaque JSON object the provid
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from backend.sync.tables import SyncErrorCode
+
+class Provider(enum.StrEnum):
+    """The kinds of mailbox mailsync connects to."""
+
+    GMAIL = "GMAIL"
+    MICROSOFT = "MICROSOFT"
+    IMAP = "IMAP"
+
+
+class SyncErrorCode(enum.StrEnum):
+    """What went wrong with a mailbox, as its status shows it (R13 in docs/rules.md). Providers
+    name the code of each failure; the sync engine adds IMPORT_FAILED for unreadable mail."""
+
+    ACCESS_DENIED = "ACCESS_DENIED"
+    ACCESS_REVOKED = "ACCESS_REVOKED"
+    MAILBOX_NOT_FOUND = "MAILBOX_NOT_FOUND"
+    RATE_LIMITED = "RATE_LIMITED"
+    PROVIDER_UNAVAILABLE = "PROVIDER_UNAVAILABLE"
+    SEND_FAILED = "SEND_FAILED"
+    READ_FAILED = "READ_FAILED"
+    IMPORT_FAILED = "IMPORT_FAILED"
+
+
+@dataclass(frozen=True)
+class MailboxAccount:
+    """What an adapter knows of the mailbox it serves: no rows, no session."""
+
+    id: str
+    email_address: str
 
 
 @dataclass(frozen=True)

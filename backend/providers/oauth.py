@@ -6,7 +6,7 @@ import abc
 from dataclasses import dataclass
 from typing import Any
 
-from backend.mailboxes.tables import Provider
+from backend.providers.base import Provider
 from backend.settings import Settings
 
 

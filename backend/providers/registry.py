@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from backend.mailboxes.tables import Mailbox, Provider
-from backend.providers.base import MailProvider, PermanentProviderError
+from backend.providers.base import (
+    MailboxAccount,
+    MailProvider,
+    PermanentProviderError,
+    Provider,
+    SyncErrorCode,
+)
 from backend.settings import Settings
-from backend.sync.tables import SyncErrorCode
 
-ProviderFactory = Callable[[Mailbox, dict[str, Any], Settings], MailProvider]
+ProviderFactory = Callable[[MailboxAccount, dict[str, Any], Settings], MailProvider]
 
 _factories: dict[Provider, ProviderFactory] = {}
 _builtin_loaded = False
@@ -33,14 +37,16 @@ def unregister(provider: Provider) -> None:
     _factories.pop(provider, None)
 
 
-def provider_for(mailbox: Mailbox, credentials: dict[str, Any], settings: Settings) -> MailProvider:
+def provider_for(
+    provider: Provider, account: MailboxAccount, credentials: dict[str, Any], settings: Settings
+) -> MailProvider:
     _load_builtin()
-    factory = _factories.get(mailbox.provider)
+    factory = _factories.get(provider)
     if factory is None:
         raise PermanentProviderError(
-            f"no {mailbox.provider.value} provider is installed", SyncErrorCode.READ_FAILED
+            f"no {provider.value} provider is installed", SyncErrorCode.READ_FAILED
         )
-    return factory(mailbox, credentials, settings)
+    return factory(account, credentials, settings)
 
 
 def factory_for(provider: Provider) -> ProviderFactory | None:

@@ -17,13 +17,15 @@ from sqlmodel import col, select
 from backend.kit.clock import now
 from backend.kit.effects import AfterCommit
 from backend.mailboxes.service import read_credentials, set_status, write_credentials
-from backend.mailboxes.tables import Mailbox, MailboxStatus
+from backend.mailboxes.tables import Mailbox, MailboxStatus, SyncActivityDay, SyncErrorEntry
 from backend.providers.base import (
     CursorInvalid,
     FetchedMessage,
+    MailboxAccount,
     MailProvider,
     MessageRef,
     ProviderError,
+    SyncErrorCode,
     TransientProviderError,
 )
 from backend.providers.registry import provider_for
@@ -31,11 +33,11 @@ from backend.sync.filing import FilingContext
 from backend.sync.ingest import Outcome, filing_context, ingest_batch
 from backend.sync.parsing import ParsedMessage, parse_message
 from backend.sync.status import MESSAGES, SUSPEND_AFTER, backoff
-from backend.sync.tables import SyncActivityDay, SyncErrorCode, SyncErrorEntry
 from backend.workspaces.tables import Workspace
 
 if TYPE_CHECKING:
     from backend.runtime import Runtime
+    from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +270,12 @@ def _failed(
     set_status(mailbox, MailboxStatus.ERROR, effects)
 
 
+def _provider(settings: Settings, mailbox: Mailbox) -> MailProvider:
+    account = MailboxAccount(id=str(mailbox.id), email_address=mailbox.email_address)
+    credentials = read_credentials(settings.secret, mailbox)
+    return provider_for(mailbox.provider, account, credentials, settings)
+
+
 async def _renew_push(provider: MailProvider, mailbox: Mailbox) -> None:
     """Start the provider's push on the first pass and renew it daily (Gmail asks for at
     least weekly). Push only speeds sync up, so a failure here never fails the pass."""
@@ -314,9 +322,7 @@ async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None
         filed = failed = duplicates = 0
         refreshed: dict[str, Any] | None = None
         try:
-            provider = provider_for(
-                mailbox, read_credentials(runtime.settings.secret, mailbox), runtime.settings
-            )
+            provider = _provider(runtime.settings, mailbox)
             try:
                 outcome = await _file_all(session, effects, provider, workspace, mailbox)
                 filed, failed, duplicates = outcome.filed, outcome.failed, outcome.duplicates
@@ -361,9 +367,7 @@ async def _release(runtime: Runtime, session: AsyncSession, mailbox: Mailbox) ->
     if sealed is None:
         return
     try:
-        provider = provider_for(
-            mailbox, read_credentials(runtime.settings.secret, mailbox), runtime.settings
-        )
+        provider = _provider(runtime.settings, mailbox)
         try:
             await provider.unsubscribe()
         finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from backend.sync.tables import SyncErrorCode
+from backend.providers.base import SyncErrorCode
 
 MESSAGES: dict[SyncErrorCode, tuple[str, str]] = {
     SyncErrorCode.ACCESS_DENIED: (

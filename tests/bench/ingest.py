@@ -29,7 +29,7 @@ from backend import migrations
 from backend.kit.clock import now
 from backend.kit.effects import AfterCommit
 from backend.mailboxes import service as mailboxes_service
-from backend.mailboxes.tables import Provider
+from backend.providers.base import Provider
 from backend.runtime import Runtime
 from backend.settings import Settings
 from backend.sync.service import run_pass

@@ -33,10 +33,10 @@ from backend.providers.base import (
     MailboxNotFound,
     ProviderError,
     RateLimited,
+    SyncErrorCode,
     TransientProviderError,
 )
 from backend.settings import Settings
-from backend.sync.tables import SyncErrorCode
 
 log = logging.getLogger(__name__)
 

@@ -7,13 +7,18 @@ from urllib.parse import urlencode
 
 import httpx
 
-from backend.mailboxes.tables import Mailbox, Provider
-from backend.providers.base import AccessRevoked, ProviderError, TransientProviderError
+from backend.providers.base import (
+    AccessRevoked,
+    MailboxAccount,
+    Provider,
+    ProviderError,
+    SyncErrorCode,
+    TransientProviderError,
+)
 from backend.providers.gmail.client import SCOPES, credentials_dict
 from backend.providers.gmail.provider import GmailProvider
 from backend.providers.oauth import ConnectedAccount, OAuthConnector, callback_url
 from backend.settings import Settings
-from backend.sync.tables import SyncErrorCode
 
 
 class GoogleConnector(OAuthConnector):
@@ -74,7 +79,7 @@ class GoogleConnector(OAuthConnector):
             granted,
         )
         probe = GmailProvider(
-            Mailbox(provider=Provider.GMAIL, email_address=""),  # type: ignore[call-arg]
+            MailboxAccount(id="", email_address=""),
             credentials,
             settings,
         )

@@ -10,21 +10,21 @@ from typing import Any
 
 from googleapiclient.errors import HttpError
 
-from backend.mailboxes.tables import Mailbox
 from backend.providers.base import (
     ChangeSet,
     CursorInvalid,
     FetchedMessage,
+    MailboxAccount,
     MailProvider,
     MessageRef,
     PermanentProviderError,
     ProviderError,
     SentMessage,
+    SyncErrorCode,
     TransientProviderError,
 )
 from backend.providers.gmail.client import GmailClient, b64url, translate, unb64url
 from backend.settings import Settings
-from backend.sync.tables import SyncErrorCode
 
 SYNCED_LABELS = ("INBOX", "SENT")
 SKIPPED_LABELS = {"DRAFT", "SPAM", "TRASH"}
@@ -42,7 +42,9 @@ def _message_order(message_id: str) -> tuple[int, str]:
 
 
 class GmailProvider(MailProvider):
-    def __init__(self, mailbox: Mailbox, credentials: dict[str, Any], settings: Settings) -> None:
+    def __init__(
+        self, mailbox: MailboxAccount, credentials: dict[str, Any], settings: Settings
+    ) -> None:
         self.client = GmailClient(settings, credentials)
         self.settings = settings
         self.address = mailbox.email_address

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from urllib.parse import urlencode
 
-from backend.mailboxes.tables import Mailbox, Provider
-from backend.providers.base import ProviderError
+from backend.providers.base import MailboxAccount, Provider, ProviderError, SyncErrorCode
 from backend.providers.microsoft.provider import MicrosoftProvider
 from backend.providers.microsoft.tokens import SCOPES, credentials_from, request_tokens
 from backend.providers.oauth import ConnectedAccount, OAuthConnector, callback_url
 from backend.settings import Settings
-from backend.sync.tables import SyncErrorCode
 
 REQUIRED = {"mail.readwrite", "mail.send"}
 
@@ -51,7 +49,7 @@ class MicrosoftConnector(OAuthConnector):
             )
         credentials = credentials_from(body)
         probe = MicrosoftProvider(
-            Mailbox(provider=Provider.MICROSOFT, email_address=""),  # type: ignore[call-arg]
+            MailboxAccount(id="", email_address=""),
             credentials,
             settings,
         )

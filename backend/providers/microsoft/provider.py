@@ -34,12 +34,12 @@ from msgraph.generated.users.item.send_mail.send_mail_post_request_body import (
     SendMailPostRequestBody,
 )
 
-from backend.mailboxes.tables import Mailbox
 from backend.providers.base import (
     AccessDenied,
     ChangeSet,
     CursorInvalid,
     FetchedMessage,
+    MailboxAccount,
     MailboxNotFound,
     MailProvider,
     MessageRef,
@@ -47,12 +47,12 @@ from backend.providers.base import (
     ProviderError,
     RateLimited,
     SentMessage,
+    SyncErrorCode,
     TransientProviderError,
 )
 from backend.providers.microsoft.client import build_graph_client
 from backend.providers.microsoft.tokens import TokenKeeper
 from backend.settings import Settings
-from backend.sync.tables import SyncErrorCode
 
 T = TypeVar("T")
 SYNCED_FOLDERS = ("inbox", "sentitems")
@@ -127,7 +127,9 @@ def translate(error: APIError, *, what: str) -> ProviderError:
 
 
 class MicrosoftProvider(MailProvider):
-    def __init__(self, mailbox: Mailbox, credentials: dict[str, Any], settings: Settings) -> None:
+    def __init__(
+        self, mailbox: MailboxAccount, credentials: dict[str, Any], settings: Settings
+    ) -> None:
         self.settings = settings
         self.mailbox_id = str(mailbox.id) if mailbox.id else ""
         self.address = mailbox.email_address

@@ -11,9 +11,8 @@ from typing import Any
 
 import httpx
 
-from backend.providers.base import AccessRevoked, TransientProviderError
+from backend.providers.base import AccessRevoked, SyncErrorCode, TransientProviderError
 from backend.settings import Settings
-from backend.sync.tables import SyncErrorCode
 
 SCOPES = ["offline_access", "Mail.ReadWrite", "Mail.Send", "User.Read"]
 # Refresh a little before expiry, so a token never lapses in the middle of a pass.
