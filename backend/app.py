@@ -23,11 +23,12 @@ from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.types.unset import UnsetType
 
-from backend import graphiql, routes
+from backend import graphiql
+from backend.api import http as routes
+from backend.api.schema import build_schema
 from backend.auth.service import authenticate
 from backend.auth.tokens import bearer_value
 from backend.graphql.context import Context
-from backend.graphql.schema import build_schema
 from backend.runtime import Runtime
 from backend.settings import Settings, configure_logging, get_settings
 

@@ -168,10 +168,11 @@ def user_add(
     """Add a user to a workspace."""
     import uuid
 
+    from backend.auth import queries
+    from backend.auth.tables import Role
     from backend.db import Database
     from backend.kit.errors import ServiceError
-    from backend.workspaces import queries, service
-    from backend.workspaces.tables import Role
+    from backend.workspaces import service
 
     try:
         parsed_role = Role(role.upper())
@@ -209,9 +210,9 @@ def token_create(
     ] = None,
 ) -> None:
     """Print a new bearer token for a user."""
+    from backend.auth import queries
     from backend.auth.service import issue_token
     from backend.db import Database
-    from backend.workspaces import queries
 
     async def work(settings: Settings) -> str | None:
         db = Database(settings.database_url)
@@ -270,7 +271,7 @@ def demo(
 @app.command("export-schema")
 def export_schema() -> None:
     """Print the GraphQL schema (SDL); schema.graphql at the repository root is this output."""
-    from backend.graphql.schema import build_schema
+    from backend.api.schema import build_schema
 
     sys.stdout.write(build_schema().as_str() + "\n")
 

@@ -35,12 +35,12 @@ from redis.exceptions import RedisError
 
 from backend import migrations
 from backend.auth.service import Viewer, issue_token
+from backend.auth.tables import Role
 from backend.contacts import service as contacts_service
 from backend.db import Database
 from backend.exclusions import service as exclusions_service
 from backend.settings import Settings
 from backend.workspaces import service as workspace_service
-from backend.workspaces.tables import Role
 
 DEMO_WORKSPACE = "Demo Co"
 OWNER_EMAIL = "olivia@demo.mailsync.test"

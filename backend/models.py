@@ -1,11 +1,10 @@
 """Every table, imported once so metadata (Alembic, tests) sees the whole schema."""
 
-from backend.auth.tables import ApiToken
+from backend.auth.tables import ApiToken, User, Workspace
 from backend.contacts.tables import Contact, ContactAddress
 from backend.exclusions.tables import Exclusion
 from backend.mail.tables import Email, MailboxMessage, Participant, Thread, TimelineEntry
 from backend.mailboxes.tables import Mailbox, SyncActivityDay, SyncErrorEntry
-from backend.workspaces.tables import User, Workspace
 
 __all__ = [
     "ApiToken",

@@ -10,6 +10,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 
 from backend.auth.service import Viewer, issue_token
+from backend.auth.tables import Role, User, Workspace
 from backend.contacts import service as contacts_service
 from backend.contacts.tables import Contact
 from backend.kit.clock import now
@@ -21,7 +22,6 @@ from backend.providers.base import FetchedMessage, MessageRef, Provider
 from backend.runtime import Runtime
 from backend.sync.ingest import IngestResult, filing_context, ingest
 from backend.workspaces import service as workspaces_service
-from backend.workspaces.tables import Role, User, Workspace
 
 _counter = itertools.count(1)
 

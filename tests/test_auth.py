@@ -7,10 +7,10 @@ from datetime import timedelta
 import pytest
 
 from backend.auth.service import revoke_token
+from backend.auth.tables import Role
 from backend.auth.tokens import decode_token
 from backend.kit import clock
 from backend.runtime import Runtime
-from backend.workspaces.tables import Role
 from tests.client import GQL, GraphQLFailed, error_codes, ws_connect
 from tests.conftest import LiveServer
 from tests.factories import Factory

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from backend.auth.tables import Role
 from backend.graphql.relay import to_global_id
-from backend.workspaces.tables import Role
 from tests.client import GQL
 from tests.factories import Factory, raw_message
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from backend.auth.tables import Role
 from backend.graphql.relay import to_global_id
 from backend.mailboxes.tables import Mailbox, MailboxStatus
 from backend.providers.base import AccessRevoked, RateLimited
 from backend.runtime import Runtime
-from backend.workspaces.tables import Role
 from tests.client import GQL
 from tests.factories import Factory, raw_message
 from tests.providers import fake_provider

@@ -10,9 +10,10 @@ from datetime import timedelta
 
 from sqlmodel import select
 
+from backend.auth.tables import ContactAutoCreation, ContactMatching, Workspace
 from backend.exclusions import service as exclusions_service
 from backend.kit import clock
-from backend.mail.service import NewEmail, ParticipantData, store_email
+from backend.mail.service import NewEmail, ParticipantData
 from backend.mail.tables import EmailDirection, EmailSource, ParticipantRole, Thread
 from backend.mailboxes.tables import Mailbox, MailboxStatus, SyncMode
 from backend.providers.base import AccessDenied, MailboxNotFound, TransientProviderError
@@ -20,7 +21,7 @@ from backend.runtime import Runtime
 from backend.sync import jobs
 from backend.sync.ingest import Outcome
 from backend.sync.service import run_pass
-from backend.workspaces.tables import ContactAutoCreation, ContactMatching, Workspace
+from backend.timeline.service import store_email
 from tests.factories import Factory, Member, in_minutes, raw_message
 from tests.providers import fake_provider
 from tests.sync_helpers import (

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backend.graphql.schema import build_schema
+from backend.api.schema import build_schema
 from tests.contract import missing_from
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,10 +8,9 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
-from backend.auth.tables import ApiToken
+from backend.auth.tables import ApiToken, User, Workspace
 from backend.auth.tokens import TokenClaims, decode_token, encode_token
 from backend.kit.clock import now
-from backend.workspaces.tables import User, Workspace
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 import strawberry
 
+from backend.contacts import loaders as contact_loaders
 from backend.contacts import queries, service
 from backend.contacts.types import Contact, ContactConnection
 from backend.graphql.context import Info
@@ -70,7 +71,7 @@ class ContactQuery:
     async def contact(self, info: Info, id: strawberry.ID) -> Contact | None:
         require_viewer(info)
         row_id = id_of(id, "Contact")
-        row = await info.context.loaders.contact.load(row_id) if row_id else None
+        row = await contact_loaders.contact(info).load(row_id) if row_id else None
         return Contact(row=row) if row else None
 
 

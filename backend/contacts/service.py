@@ -8,11 +8,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
 from backend.auth.service import Viewer
+from backend.auth.tables import User
 from backend.contacts.tables import Contact, ContactAddress
 from backend.kit.addresses import validate_address
 from backend.kit.errors import NotFound, ServiceError
 from backend.mail import service as mail_service
-from backend.workspaces.tables import User
 
 UNSET = object()
 MAX_ADDRESSES = 50

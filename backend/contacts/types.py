@@ -3,15 +3,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import strawberry
 
+from backend.auth import loaders as auth_loaders
+from backend.contacts import loaders as contact_loaders
 from backend.contacts import tables
 from backend.graphql.context import Info
-from backend.graphql.relay import Connection, Node, connection, page_request, to_global_id
-from backend.kit.pagination import count
-from backend.mail import queries as mail_queries
+from backend.graphql.relay import Connection, Node, to_global_id
 from backend.workspaces.types import User
 
 if TYPE_CHECKING:
-    from backend.mail.types import EmailConnection, ThreadConnection
+    from backend.timeline.types import EmailConnection, ThreadConnection
 
 
 @strawberry.type
@@ -28,18 +28,18 @@ class Contact(Node):
 
     @strawberry.field(description="The main address.")
     async def email(self, info: Info) -> str | None:
-        addresses = await info.context.loaders.contact_addresses.load(self.row.id)
+        addresses = await contact_loaders.contact_addresses(info).load(self.row.id)
         return addresses[0] if addresses else None
 
     @strawberry.field
     async def additional_emails(self, info: Info) -> list[str]:
-        return (await info.context.loaders.contact_addresses.load(self.row.id))[1:]
+        return (await contact_loaders.contact_addresses(info).load(self.row.id))[1:]
 
     @strawberry.field
     async def owner(self, info: Info) -> User | None:
         if self.row.owner_id is None:
             return None
-        user = await info.context.loaders.user.load(self.row.owner_id)
+        user = await auth_loaders.user(info).load(self.row.owner_id)
         return User(row=user) if user else None
 
     @strawberry.field(description="false = this contact's addresses are excluded")
@@ -57,33 +57,18 @@ class Contact(Node):
     @strawberry.field(description="Emails filed on this contact, newest first.")
     async def timeline(
         self, info: Info, first: int | None = 20, after: str | None = None
-    ) -> Annotated["EmailConnection", strawberry.lazy("backend.mail.types")]:
-        from backend.mail.types import Email, EmailConnection
+    ) -> Annotated["EmailConnection", strawberry.lazy("backend.timeline.types")]:
+        from backend.timeline.types import contact_timeline
 
-        session = info.context.session
-        request = page_request(first, after, 20, info.context.runtime.settings.max_page_size)
-        page, stmt = await mail_queries.timeline_page(session, self.row.id, request)
-        return connection(
-            EmailConnection, [Email(row=e) for e in page.items], page, lambda: count(session, stmt)
-        )
+        return await contact_timeline(info, self.row, first, after)
 
     @strawberry.field(description="Threads with mail on this contact's timeline, latest first.")
     async def threads(
         self, info: Info, first: int | None = 20, after: str | None = None
-    ) -> Annotated["ThreadConnection", strawberry.lazy("backend.mail.types")]:
-        from backend.mail.types import Thread, ThreadConnection
+    ) -> Annotated["ThreadConnection", strawberry.lazy("backend.timeline.types")]:
+        from backend.timeline.types import contact_threads
 
-        session = info.context.session
-        request = page_request(first, after, 20, info.context.runtime.settings.max_page_size)
-        page, stmt = await mail_queries.threads_page(
-            session, self.row.workspace_id, self.row.id, request
-        )
-        return connection(
-            ThreadConnection,
-            [Thread(row=t) for t in page.items],
-            page,
-            lambda: count(session, stmt),
-        )
+        return await contact_threads(info, self.row, first, after)
 
 
 @strawberry.type

@@ -2,6 +2,7 @@ import datetime
 
 import strawberry
 
+from backend.auth import loaders as auth_loaders
 from backend.exclusions import tables
 from backend.graphql.context import Info
 from backend.graphql.relay import Connection, Node, to_global_id
@@ -29,7 +30,7 @@ class Exclusion(Node):
 
     @strawberry.field
     async def created_by(self, info: Info) -> User:
-        row = await info.context.loaders.user.load(self.row.created_by_id)
+        row = await auth_loaders.user(info).load(self.row.created_by_id)
         if row is None:
             raise LookupError(f"creator of exclusion {self.row.id} is missing")
         return User(row=row)

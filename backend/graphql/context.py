@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.types import Info as StrawberryInfo
 
-from backend.auth.service import Viewer
 from backend.graphql.loaders import Loaders
 from backend.kit.effects import AfterCommit
 
 if TYPE_CHECKING:
+    from backend.auth.service import Viewer
     from backend.runtime import Runtime
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import strawberry
 from graphql import GraphQLError
 
-from backend.auth.service import Viewer
 from backend.graphql.context import Info
 from backend.kit.errors import Forbidden, ServiceError
+
+if TYPE_CHECKING:
+    from backend.auth.service import Viewer
 
 T = TypeVar("T")
 

@@ -1,34 +1,41 @@
-"""Per-operation DataLoaders: every nested field batches its SQL, whatever the page size."""
+"""Per-operation DataLoaders: every nested field batches its SQL, whatever the page size.
+
+Each domain declares its loaders in its own `loaders.py` with `@loader`; an operation makes
+each loader on first use and keeps it until the operation ends."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.dataloader import DataLoader
 
-from backend.contacts import queries as contact_queries
-from backend.contacts.tables import Contact
-from backend.mail import queries as mail_queries
-from backend.mail.tables import Email, Participant, Thread
-from backend.mailboxes import queries as mailbox_queries
-from backend.mailboxes.tables import Mailbox, SyncErrorEntry
-from backend.workspaces import queries as workspace_queries
-from backend.workspaces.tables import ContactMatching, User
-
 if TYPE_CHECKING:
     from backend.auth.service import Viewer
+    from backend.graphql.context import Info
 
 K = TypeVar("K")
 V = TypeVar("V")
+T = TypeVar("T")
 
 
-def _loader(
+@dataclass(frozen=True)
+class LoaderScope:
+    session: AsyncSession
+    # Without a viewer no resolver runs past authentication; a nil workspace matches nothing.
+    workspace_id: uuid.UUID
+    viewer: Viewer | None
+
+
+def batch(
     fetch: Callable[[list[K]], Awaitable[dict[K, V]]], default: Callable[[], Any] = lambda: None
 ) -> DataLoader[K, Any]:
+    """A DataLoader over a query that answers a dict by key; missing keys get `default()`."""
+
     async def load(keys: list[K]) -> list[Any]:
         found = await fetch(keys)
         return [found.get(k, default()) for k in keys]
@@ -40,65 +47,38 @@ class Loaders:
     def __init__(
         self, session: AsyncSession, workspace_id: uuid.UUID | None, viewer: Viewer | None
     ) -> None:
-        # Without a viewer no resolver runs past authentication; a nil workspace matches nothing.
-        ws = workspace_id or uuid.UUID(int=0)
-        s = session
-        self.user: DataLoader[uuid.UUID, User | None] = _loader(
-            lambda ids: workspace_queries.users_by_ids(s, ws, ids)
-        )
-        self.contact: DataLoader[uuid.UUID, Contact | None] = _loader(
-            lambda ids: contact_queries.contacts_by_ids(s, ws, ids)
-        )
-        self.contact_addresses: DataLoader[uuid.UUID, list[str]] = _loader(
-            lambda ids: contact_queries.addresses_by_contact(s, ids), list
-        )
-        self.mailbox: DataLoader[uuid.UUID, Mailbox | None] = _loader(
-            lambda ids: mailbox_queries.mailboxes_by_ids(s, ws, ids)
-        )
-        self.mailboxes_of_owner: DataLoader[uuid.UUID, list[Mailbox]] = _loader(
-            lambda ids: mailbox_queries.mailboxes_by_owner(s, ws, ids), list
-        )
-        self.last_error: DataLoader[uuid.UUID, SyncErrorEntry | None] = _loader(
-            lambda ids: mailbox_queries.latest_errors(s, ids)
-        )
-        self.thread: DataLoader[uuid.UUID, Thread | None] = _loader(
-            lambda ids: mail_queries.threads_by_ids(s, ws, ids)
-        )
-        self.email: DataLoader[uuid.UUID, Email | None] = _loader(
-            lambda ids: mail_queries.emails_by_ids(s, ws, ids)
-        )
-        self.participants: DataLoader[uuid.UUID, list[Participant]] = _loader(
-            lambda ids: mail_queries.participants_by_email(s, ids), list
-        )
-        self.email_contact_ids: DataLoader[uuid.UUID, list[uuid.UUID]] = _loader(
-            lambda ids: mail_queries.contact_ids_by_email(s, ids), list
-        )
-        self.thread_email_ids: DataLoader[uuid.UUID, list[uuid.UUID]] = _loader(
-            lambda ids: mail_queries.thread_email_ids(s, ids), list
-        )
-        self.thread_subject_viewers: DataLoader[
-            uuid.UUID, list[tuple[str | None, uuid.UUID | None]]
-        ] = _loader(lambda ids: mail_queries.thread_subject_viewers(s, ids), list)
-        primary_only = viewer is not None and (
-            viewer.workspace.contact_matching == ContactMatching.PRIMARY_EMAIL_ONLY
-        )
-        self.contact_for_address: DataLoader[str, Contact | None] = _loader(
-            lambda addresses: contact_queries.contacts_for_addresses(
-                s, ws, addresses, primary_only=primary_only
-            )
-        )
-        self._own_addresses: asyncio.Future[dict[str, uuid.UUID]] | None = None
-        self._session = session
-        self._workspace_id = ws
+        self.scope = LoaderScope(session, workspace_id or uuid.UUID(int=0), viewer)
+        self._made: dict[object, Any] = {}
 
-    async def own_addresses(self) -> dict[str, uuid.UUID]:
-        """Loaded once per operation; concurrent resolvers share the one in-flight query."""
-        if self._own_addresses is None:
-            self._own_addresses = asyncio.ensure_future(
-                workspace_queries.own_addresses(self._session, self._workspace_id)
-            )
-        return await asyncio.shield(self._own_addresses)
+    def get(self, make: Callable[[LoaderScope], T]) -> T:
+        if make not in self._made:
+            self._made[make] = make(self.scope)
+        made: T = self._made[make]
+        return made
 
-    async def contacts(self, ids: Sequence[uuid.UUID]) -> list[Contact]:
-        loaded = await self.contact.load_many(list(ids))
-        return [c for c in loaded if c is not None]
+
+def loader(make: Callable[[LoaderScope], T]) -> Callable[[Info], T]:
+    """Declare a per-operation loader: `@loader def emails(scope) -> DataLoader[...]`, used as
+    `emails(info).load(id)`."""
+
+    def get(info: Info) -> T:
+        return info.context.loaders.get(make)
+
+    get.__name__ = make.__name__
+    get.__doc__ = make.__doc__
+    return get
+
+
+def once(make: Callable[[LoaderScope], Awaitable[T]]) -> Callable[[Info], Awaitable[T]]:
+    """A value loaded once per operation; concurrent resolvers share the one in-flight query."""
+
+    def start(scope: LoaderScope) -> asyncio.Future[T]:
+        return asyncio.ensure_future(make(scope))
+
+    get_future = loader(start)
+
+    async def get(info: Info) -> T:
+        return await asyncio.shield(get_future(info))
+
+    get.__name__ = make.__name__
+    return get

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import select
 
 from backend.auth.service import Viewer
+from backend.auth.tables import User, Workspace
 from backend.kit.addresses import validate_address
 from backend.kit.effects import AfterCommit
 from backend.kit.errors import ServiceError
@@ -22,7 +23,6 @@ from backend.mailboxes.tables import Mailbox, MailboxStatus, SyncMode
 from backend.providers.base import Provider, ProviderError
 from backend.providers.oauth import ConnectedAccount, connector_for
 from backend.settings import Settings
-from backend.workspaces.tables import User, Workspace
 
 STATE_PURPOSE = "oauth-state"
 STATE_TTL_SECONDS = 15 * 60

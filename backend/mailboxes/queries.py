@@ -9,6 +9,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
+from backend.auth.tables import User
+from backend.kit.addresses import normalize_address
 from backend.kit.clock import now
 from backend.kit.pagination import Page, PageRequest, keyset_page
 from backend.mailboxes.tables import Mailbox, MailboxStatus, SyncActivityDay, SyncErrorEntry
@@ -107,3 +109,16 @@ async def activity_totals(
         )
     ).one()
     return int(row[0]), int(row[1]), int(row[2])
+
+
+async def own_addresses(session: AsyncSession, workspace_id: uuid.UUID) -> dict[str, uuid.UUID]:
+    """Every address that belongs to a user of the workspace (R1), mapped to that user."""
+    owners: dict[str, uuid.UUID] = {}
+    for mailbox in await session.scalars(
+        select(Mailbox).where(Mailbox.workspace_id == workspace_id)
+    ):
+        for address in [mailbox.email_address, *mailbox.aliases]:
+            owners.setdefault(normalize_address(address), mailbox.owner_id)
+    for user in await session.scalars(select(User).where(User.workspace_id == workspace_id)):
+        owners[normalize_address(user.email)] = user.id
+    return owners

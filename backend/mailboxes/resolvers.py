@@ -6,6 +6,7 @@ from backend.graphql.inputs import required_id
 from backend.graphql.relay import id_of
 from backend.kit.errors import ServiceError
 from backend.mailboxes import connect, service, tables
+from backend.mailboxes import loaders as mailbox_loaders
 from backend.mailboxes.types import EmailVisibility, Mailbox, Provider, SyncMode
 
 
@@ -97,7 +98,7 @@ class MailboxQuery:
     async def mailbox(self, info: Info, id: strawberry.ID) -> Mailbox | None:
         viewer = require_viewer(info)
         row_id = id_of(id, "Mailbox")
-        row = await info.context.loaders.mailbox.load(row_id) if row_id else None
+        row = await mailbox_loaders.mailbox(info).load(row_id) if row_id else None
         return Mailbox(row=row) if row and service.can_manage(viewer, row) else None
 
 

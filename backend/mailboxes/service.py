@@ -4,23 +4,20 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
 from backend.auth.service import Viewer
+from backend.auth.tables import User, Workspace
 from backend.kit.addresses import normalize_address
 from backend.kit.clock import now
 from backend.kit.crypto import decrypt_json, encrypt_json
 from backend.kit.effects import AfterCommit
 from backend.kit.errors import NotFound, ServiceError
 from backend.mail import service as mail_service
-from backend.mail.tables import Email, EmailSource, MailboxMessage
 from backend.mailboxes import queries
 from backend.mailboxes.tables import EmailVisibility, Mailbox, MailboxStatus, SyncMode
 from backend.providers.base import Provider
-from backend.workspaces.tables import User, Workspace
 
 
 def status_event(mailbox: Mailbox, previous: MailboxStatus) -> dict[str, Any]:
@@ -187,35 +184,6 @@ async def request_sync(
     return mailbox
 
 
-async def erase_history(session: AsyncSession, mailbox: Mailbox) -> int:
-    """R11: delete every synced email that only this mailbox brought in."""
-    seen_elsewhere = (
-        select(MailboxMessage.email_id)
-        .where(MailboxMessage.mailbox_id != mailbox.id)
-        .scalar_subquery()
-    )
-    doomed = (
-        await session.execute(
-            select(Email.id, Email.thread_id).where(
-                Email.source == EmailSource.SYNC,
-                sa.or_(
-                    col(Email.mailbox_id) == mailbox.id,
-                    col(Email.id).in_(
-                        select(MailboxMessage.email_id).where(
-                            MailboxMessage.mailbox_id == mailbox.id
-                        )
-                    ),
-                ),
-                col(Email.id).not_in(seen_elsewhere),
-            )
-        )
-    ).all()
-    if doomed:
-        await session.execute(delete(Email).where(col(Email.id).in_([d[0] for d in doomed])))
-        await mail_service.refresh_threads(session, [d[1] for d in doomed])
-    return len(doomed)
-
-
 async def disconnect_mailbox(
     session: AsyncSession,
     viewer: Viewer,
@@ -235,7 +203,7 @@ async def disconnect_mailbox(
     # The mailbox's job stops the provider's pushes with the credentials, then drops them.
     effects.request_sync(mailbox.id)
     if erase:
-        await erase_history(session, mailbox)
+        await mail_service.erase_mailbox_history(session, mailbox.id)
     await promote_waiting(session, mailbox.workspace_id, effects)
     return mailbox
 

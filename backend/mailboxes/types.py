@@ -4,9 +4,11 @@ import enum
 import strawberry
 from sqlmodel import select
 
+from backend.auth import loaders as auth_loaders
 from backend.graphql.context import Info
 from backend.graphql.relay import Connection, Node, connection, page_request, to_global_id
 from backend.kit.pagination import count
+from backend.mailboxes import loaders as mailbox_loaders
 from backend.mailboxes import queries, tables
 from backend.providers import base as providers
 from backend.workspaces.types import User
@@ -82,7 +84,7 @@ class Mailbox(Node):
 
     @strawberry.field
     async def owner(self, info: Info) -> User:
-        row = await info.context.loaders.user.load(self.row.owner_id)
+        row = await auth_loaders.user(info).load(self.row.owner_id)
         if row is None:
             raise LookupError(f"owner of mailbox {self.row.id} is missing")
         return User(row=row)
@@ -117,7 +119,7 @@ class Mailbox(Node):
     async def last_error(self, info: Info) -> SyncError | None:
         if self.row.status not in FAILING:
             return None
-        row = await info.context.loaders.last_error.load(self.row.id)
+        row = await mailbox_loaders.last_error(info).load(self.row.id)
         return SyncError(row=row) if row else None
 
     @strawberry.field(description="The error log, newest first.")

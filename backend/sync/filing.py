@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
+from backend.auth.tables import ContactAutoCreation
 from backend.exclusions.rules import is_excluded
 from backend.mail.tables import EmailDirection, EmailSource
 from backend.mailboxes.tables import SyncMode
 from backend.sync.parsing import ParsedAddress, ParsedMessage, is_no_reply
-from backend.workspaces.tables import ContactAutoCreation
 
 
 @dataclass(frozen=True)

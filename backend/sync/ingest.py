@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
+from backend.auth.tables import ContactMatching, Workspace
 from backend.contacts import queries as contact_queries
 from backend.contacts.tables import Contact, ContactAddress
 from backend.db import table_of
@@ -38,12 +39,11 @@ from backend.mail.tables import (
     Thread,
     TimelineEntry,
 )
+from backend.mailboxes import queries as mailbox_queries
 from backend.mailboxes.tables import Mailbox, SyncMode
 from backend.providers.base import FetchedMessage
 from backend.sync.filing import FilingContext, FilingDecision, decide
 from backend.sync.parsing import ParsedMessage, parse_message
-from backend.workspaces import queries as workspace_queries
-from backend.workspaces.tables import ContactMatching, Workspace
 
 
 class Outcome(enum.Enum):
@@ -70,7 +70,7 @@ async def filing_context(
     )
     excluded.update(disabled)
     return FilingContext(
-        own_addresses=await workspace_queries.own_addresses(session, workspace.id),
+        own_addresses=await mailbox_queries.own_addresses(session, workspace.id),
         excluded=frozenset(excluded),
         auto_creation=workspace.contact_auto_creation,
         sync_mode=mailbox.sync_mode,

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
+from backend.auth.tables import Workspace
 from backend.kit.clock import now
 from backend.kit.effects import AfterCommit
 from backend.mailboxes.service import read_credentials, set_status, write_credentials
@@ -33,7 +34,6 @@ from backend.sync.filing import FilingContext
 from backend.sync.ingest import Outcome, filing_context, ingest_batch
 from backend.sync.parsing import ParsedMessage, parse_message
 from backend.sync.status import MESSAGES, SUSPEND_AFTER, backoff
-from backend.workspaces.tables import Workspace
 
 if TYPE_CHECKING:
     from backend.runtime import Runtime

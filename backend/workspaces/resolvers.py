@@ -1,12 +1,13 @@
 import strawberry
 
+from backend.auth import queries, tables
 from backend.graphql.context import Info
 from backend.graphql.errors import UserError, attempt, require_admin, require_viewer, user_errors
 from backend.kit.errors import ServiceError
 from backend.mailboxes import queries as mailbox_queries
 from backend.mailboxes.service import promote_waiting
 from backend.mailboxes.types import Mailbox, UserConnectionStatus, health_of
-from backend.workspaces import queries, service, tables
+from backend.workspaces import service
 from backend.workspaces.types import (
     ContactAutoCreation,
     ContactMatching,

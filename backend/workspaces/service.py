@@ -4,11 +4,11 @@ import secrets
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from backend.auth import queries
 from backend.auth.service import Viewer
+from backend.auth.tables import ContactAutoCreation, ContactMatching, Role, User, Workspace
 from backend.kit.addresses import validate_address
 from backend.kit.errors import Forbidden, ServiceError
-from backend.workspaces import queries
-from backend.workspaces.tables import ContactAutoCreation, ContactMatching, Role, User, Workspace
 
 UNSET = object()
 

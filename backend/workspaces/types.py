@@ -2,9 +2,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import strawberry
 
+from backend.auth import tables
 from backend.graphql.context import Info
 from backend.graphql.relay import Node, to_global_id
-from backend.workspaces import tables
+from backend.mailboxes import loaders as mailbox_loaders
 from backend.workspaces.service import capture_address
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class User(Node):
         viewer = info.context.viewer
         if viewer is None or (not viewer.is_admin and viewer.user.id != self.row.id):
             return []
-        rows = await info.context.loaders.mailboxes_of_owner.load(self.row.id)
+        rows = await mailbox_loaders.mailboxes_of_owner(info).load(self.row.id)
         return [Mailbox(row=m) for m in rows]
 
 

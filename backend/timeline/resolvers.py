@@ -1,5 +1,6 @@
 import strawberry
 
+from backend.contacts import loaders as contact_loaders
 from backend.contacts.resolvers import DeletePayload
 from backend.graphql.context import Info
 from backend.graphql.errors import UserError, attempt, require_viewer, user_errors
@@ -7,9 +8,11 @@ from backend.graphql.inputs import optional_id, required_id
 from backend.graphql.relay import connection, id_of, page_request
 from backend.kit.errors import ServiceError
 from backend.kit.pagination import PageRequest, count
-from backend.mail import queries, service, tables
-from backend.mail.types import Email, EmailConnection, EmailFilter, Thread, ThreadConnection
+from backend.mail import tables
 from backend.mailboxes.resolvers import not_implemented
+from backend.timeline import loaders as timeline_loaders
+from backend.timeline import queries, service
+from backend.timeline.types import Email, EmailConnection, EmailFilter, Thread, ThreadConnection
 
 
 @strawberry.input
@@ -110,7 +113,7 @@ class MailQuery:
     async def email(self, info: Info, id: strawberry.ID) -> Email | None:
         require_viewer(info)
         row_id = id_of(id, "Email")
-        row = await info.context.loaders.email.load(row_id) if row_id else None
+        row = await timeline_loaders.email(info).load(row_id) if row_id else None
         return Email(row=row) if row else None
 
     @strawberry.field(
@@ -128,7 +131,7 @@ class MailQuery:
         request = page_request(first, after, 20, info.context.runtime.settings.max_page_size)
         contact = id_of(contact_id, "Contact")
         if contact_id is not None and (
-            contact is None or await info.context.loaders.contact.load(contact) is None
+            contact is None or await contact_loaders.contact(info).load(contact) is None
         ):
             request = PageRequest(0, None)
         page, stmt = await queries.threads_page(session, viewer.workspace_id, contact, request)
@@ -143,7 +146,7 @@ class MailQuery:
     async def thread(self, info: Info, id: strawberry.ID) -> Thread | None:
         require_viewer(info)
         row_id = id_of(id, "Thread")
-        row = await info.context.loaders.thread.load(row_id) if row_id else None
+        row = await timeline_loaders.thread(info).load(row_id) if row_id else None
         return Thread(row=row) if row else None
 
     @strawberry.field(description="captured mail that matched no contact")

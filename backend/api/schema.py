@@ -17,6 +17,9 @@ from strawberry.tools import merge_types
 from strawberry.types import ExecutionContext
 from strawberry.types.graphql import OperationType
 
+from backend.api.subscriptions import Subscription
+from backend.auth import loaders as auth_loaders
+from backend.contacts import loaders as contact_loaders
 from backend.contacts.resolvers import ContactMutation, ContactQuery
 from backend.contacts.types import Contact
 from backend.exclusions.resolvers import ExclusionMutation, ExclusionQuery
@@ -26,13 +29,14 @@ from backend.graphql.context import Info
 from backend.graphql.errors import require_viewer
 from backend.graphql.extensions import ExpectedErrors, UnitOfWork, is_unexpected
 from backend.graphql.relay import Node, parse_global_id
-from backend.graphql.subscriptions import Subscription
-from backend.mail.resolvers import MailMutation, MailQuery
-from backend.mail.types import Email, Thread
+from backend.mailboxes import loaders as mailbox_loaders
 from backend.mailboxes.resolvers import MailboxMutation, MailboxQuery
 from backend.mailboxes.service import can_manage
 from backend.mailboxes.types import Mailbox
 from backend.settings import Settings, get_settings
+from backend.timeline import loaders as timeline_loaders
+from backend.timeline.resolvers import MailMutation, MailQuery
+from backend.timeline.types import Email, Thread
 from backend.workspaces.resolvers import WorkspaceMutation, WorkspaceQuery
 from backend.workspaces.types import User, Workspace
 
@@ -46,23 +50,22 @@ class NodeQuery:
         if parsed is None:
             return None
         kind, row_id = parsed
-        loaders = info.context.loaders
         if kind == "User":
-            user = await loaders.user.load(row_id)
+            user = await auth_loaders.user(info).load(row_id)
             return User(row=user) if user else None
         if kind == "Workspace":
             return Workspace(row=viewer.workspace) if row_id == viewer.workspace_id else None
         if kind == "Contact":
-            contact = await loaders.contact.load(row_id)
+            contact = await contact_loaders.contact(info).load(row_id)
             return Contact(row=contact) if contact else None
         if kind == "Email":
-            email = await loaders.email.load(row_id)
+            email = await timeline_loaders.email(info).load(row_id)
             return Email(row=email) if email else None
         if kind == "Thread":
-            thread = await loaders.thread.load(row_id)
+            thread = await timeline_loaders.thread(info).load(row_id)
             return Thread(row=thread) if thread else None
         if kind == "Mailbox":
-            mailbox = await loaders.mailbox.load(row_id)
+            mailbox = await mailbox_loaders.mailbox(info).load(row_id)
             return Mailbox(row=mailbox) if mailbox and can_manage(viewer, mailbox) else None
         if kind == "Exclusion":
             exclusion = await visible_exclusion(info.context.session, viewer, row_id)

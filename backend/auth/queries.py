@@ -1,3 +1,5 @@
+"""Reads of workspaces and users."""
+
 from __future__ import annotations
 
 import uuid
@@ -6,9 +8,8 @@ from collections.abc import Sequence
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
+from backend.auth.tables import User, Workspace
 from backend.kit.addresses import normalize_address
-from backend.mailboxes.tables import Mailbox
-from backend.workspaces.tables import User, Workspace
 
 
 async def users_by_ids(
@@ -41,16 +42,3 @@ async def workspace_by_id(session: AsyncSession, workspace_id: uuid.UUID) -> Wor
 
 async def workspace_by_name(session: AsyncSession, name: str) -> Workspace | None:
     return (await session.scalars(select(Workspace).where(Workspace.name == name))).first()
-
-
-async def own_addresses(session: AsyncSession, workspace_id: uuid.UUID) -> dict[str, uuid.UUID]:
-    """Every address that belongs to a user of the workspace (R1), mapped to that user."""
-    owners: dict[str, uuid.UUID] = {}
-    for mailbox in await session.scalars(
-        select(Mailbox).where(Mailbox.workspace_id == workspace_id)
-    ):
-        for address in [mailbox.email_address, *mailbox.aliases]:
-            owners.setdefault(normalize_address(address), mailbox.owner_id)
-    for user in await session.scalars(select(User).where(User.workspace_id == workspace_id)):
-        owners[normalize_address(user.email)] = user.id
-    return owners

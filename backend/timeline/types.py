@@ -5,12 +5,18 @@ from typing import TYPE_CHECKING, Annotated
 
 import strawberry
 
+from backend.auth import loaders as auth_loaders
+from backend.contacts import loaders as contact_loaders
+from backend.contacts.tables import Contact as ContactRow
 from backend.contacts.types import Contact
 from backend.graphql.context import Info
 from backend.graphql.relay import Connection, Node, connection, page_request, to_global_id
 from backend.kit.pagination import count
-from backend.mail import queries, tables
+from backend.mail import tables
+from backend.mailboxes import loaders as mailbox_loaders
 from backend.mailboxes.tables import EmailVisibility
+from backend.timeline import loaders as timeline_loaders
+from backend.timeline import queries
 from backend.workspaces.types import User
 
 if TYPE_CHECKING:
@@ -53,17 +59,17 @@ class Participant:
 
     @strawberry.field(description="The contact this address matches; never a user's address (R1).")
     async def contact(self, info: Info) -> Contact | None:
-        if self.email in await info.context.loaders.own_addresses():
+        if self.email in await mailbox_loaders.own_addresses(info):
             return None
-        row = await info.context.loaders.contact_for_address.load(self.email)
+        row = await contact_loaders.contact_for_address(info).load(self.email)
         return Contact(row=row) if row else None
 
     @strawberry.field(description="The CRM user this address belongs to.")
     async def user(self, info: Info) -> User | None:
-        user_id = (await info.context.loaders.own_addresses()).get(self.email)
+        user_id = (await mailbox_loaders.own_addresses(info)).get(self.email)
         if user_id is None:
             return None
-        row = await info.context.loaders.user.load(user_id)
+        row = await auth_loaders.user(info).load(user_id)
         return User(row=row) if row else None
 
 
@@ -81,13 +87,13 @@ class Email(Node):
     async def _access(self, info: Info) -> Access:
         if self.row.mailbox_id is None:
             return Access.ALL
-        mailbox = await info.context.loaders.mailbox.load(self.row.mailbox_id)
+        mailbox = await mailbox_loaders.mailbox(info).load(self.row.mailbox_id)
         if mailbox is None:
             return Access.ALL
         return access_for(mailbox.visibility, mailbox.owner_id, info)
 
     async def _participants(self, info: Info, role: tables.ParticipantRole) -> list[Participant]:
-        rows = await info.context.loaders.participants.load(self.row.id)
+        rows = await timeline_loaders.participants(info).load(self.row.id)
         return [Participant(email=p.address, name=p.name) for p in rows if p.role == role]
 
     @strawberry.field
@@ -97,8 +103,8 @@ class Email(Node):
     @strawberry.field
     async def thread(
         self, info: Info
-    ) -> Annotated["Thread", strawberry.lazy("backend.mail.types")]:
-        row = await info.context.loaders.thread.load(self.row.thread_id)
+    ) -> Annotated["Thread", strawberry.lazy("backend.timeline.types")]:
+        row = await timeline_loaders.thread(info).load(self.row.thread_id)
         if row is None:
             raise LookupError(f"thread {self.row.thread_id} of email {self.row.id} is missing")
         return Thread(row=row)
@@ -111,7 +117,7 @@ class Email(Node):
 
         if self.row.mailbox_id is None:
             return None
-        row = await info.context.loaders.mailbox.load(self.row.mailbox_id)
+        row = await mailbox_loaders.mailbox(info).load(self.row.mailbox_id)
         return Mailbox(row=row) if row else None
 
     @strawberry.field
@@ -163,7 +169,7 @@ class Email(Node):
     async def sent_by(self, info: Info) -> User | None:
         if self.row.sent_by_id is None:
             return None
-        row = await info.context.loaders.user.load(self.row.sent_by_id)
+        row = await auth_loaders.user(info).load(self.row.sent_by_id)
         return User(row=row) if row else None
 
     @strawberry.field
@@ -181,8 +187,8 @@ class Email(Node):
 
     @strawberry.field(description="the timelines this email is filed on")
     async def contacts(self, info: Info) -> list[Contact]:
-        ids = await info.context.loaders.email_contact_ids.load(self.row.id)
-        return [Contact(row=c) for c in await info.context.loaders.contacts(ids)]
+        ids = await timeline_loaders.email_contact_ids(info).load(self.row.id)
+        return [Contact(row=c) for c in await contact_loaders.contacts(info, ids)]
 
     @strawberry.field
     def delivery_status(self) -> DeliveryStatus | None:
@@ -208,7 +214,7 @@ class Thread(Node):
 
     @strawberry.field(description="null where the viewer may see metadata only")
     async def subject(self, info: Info) -> str | None:
-        viewers = await info.context.loaders.thread_subject_viewers.load(self.row.id)
+        viewers = await timeline_loaders.thread_subject_viewers(info).load(self.row.id)
         if any(access_for(v, owner, info) >= Access.SUBJECT for v, owner in viewers):
             return self.row.subject
         return None
@@ -223,9 +229,9 @@ class Thread(Node):
 
     @strawberry.field(description="Everyone in the thread's mail, each address once.")
     async def participants(self, info: Info) -> list[Participant]:
-        email_ids = await info.context.loaders.thread_email_ids.load(self.row.id)
+        email_ids = await timeline_loaders.thread_email_ids(info).load(self.row.id)
         seen: dict[str, Participant] = {}
-        for rows in await info.context.loaders.participants.load_many(email_ids):
+        for rows in await timeline_loaders.participants(info).load_many(email_ids):
             for p in rows:
                 if p.address not in seen or (seen[p.address].name is None and p.name):
                     seen[p.address] = Participant(email=p.address, name=p.name)
@@ -233,11 +239,11 @@ class Thread(Node):
 
     @strawberry.field
     async def contacts(self, info: Info) -> list[Contact]:
-        email_ids = await info.context.loaders.thread_email_ids.load(self.row.id)
+        email_ids = await timeline_loaders.thread_email_ids(info).load(self.row.id)
         contact_ids: list[uuid.UUID] = []
-        for ids in await info.context.loaders.email_contact_ids.load_many(email_ids):
+        for ids in await timeline_loaders.email_contact_ids(info).load_many(email_ids):
             contact_ids.extend(i for i in ids if i not in contact_ids)
-        return [Contact(row=c) for c in await info.context.loaders.contacts(contact_ids)]
+        return [Contact(row=c) for c in await contact_loaders.contacts(info, contact_ids)]
 
     @strawberry.field(description="Oldest first.")
     async def emails(
@@ -268,3 +274,27 @@ class EmailFilter:
     )
     since: datetime.datetime | None = None
     until: datetime.datetime | None = None
+
+
+async def contact_timeline(
+    info: Info, contact: ContactRow, first: int | None, after: str | None
+) -> EmailConnection:
+    """`Contact.timeline`: emails filed on the contact, newest first."""
+    session = info.context.session
+    request = page_request(first, after, 20, info.context.runtime.settings.max_page_size)
+    page, stmt = await queries.timeline_page(session, contact.id, request)
+    return connection(
+        EmailConnection, [Email(row=e) for e in page.items], page, lambda: count(session, stmt)
+    )
+
+
+async def contact_threads(
+    info: Info, contact: ContactRow, first: int | None, after: str | None
+) -> ThreadConnection:
+    """`Contact.threads`: threads with mail on the contact's timeline, latest first."""
+    session = info.context.session
+    request = page_request(first, after, 20, info.context.runtime.settings.max_page_size)
+    page, stmt = await queries.threads_page(session, contact.workspace_id, contact.id, request)
+    return connection(
+        ThreadConnection, [Thread(row=t) for t in page.items], page, lambda: count(session, stmt)
+    )

@@ -10,13 +10,16 @@ from typing import Any
 
 import strawberry
 
+from backend.contacts import loaders as contact_loaders
 from backend.contacts.types import Contact
-from backend.graphql.context import Info, OperationScope, current_scope
+from backend.graphql.context import Info, current_scope
 from backend.graphql.errors import require_viewer
 from backend.graphql.relay import id_of
-from backend.mail.types import Email
+from backend.mailboxes import loaders as mailbox_loaders
 from backend.mailboxes.service import can_manage
 from backend.mailboxes.types import Mailbox, MailboxStatus
+from backend.timeline import loaders as timeline_loaders
+from backend.timeline.types import Email
 
 # A subscription ends after this long; clients reconnect (and re-authenticate).
 MAX_LIFETIME_SECONDS = 24 * 3600
@@ -43,8 +46,8 @@ class SyncPassEvent:
     finished_at: datetime
 
 
-async def _events(info: Info, kind: str) -> AsyncIterator[tuple[dict[str, Any], OperationScope]]:
-    """Events of one kind for the viewer's workspace, each with an open scope to resolve it in."""
+async def _events(info: Info, kind: str) -> AsyncIterator[dict[str, Any]]:
+    """Events of one kind for the viewer's workspace, each resolved in a scope of its own."""
     viewer = require_viewer(info)
     context = info.context
     hub = context.runtime.hub
@@ -67,7 +70,7 @@ async def _events(info: Info, kind: str) -> AsyncIterator[tuple[dict[str, Any], 
                 scope = context.open_scope(session)
                 current_scope.set(scope)
                 try:
-                    yield event, scope
+                    yield event
                 finally:
                     current_scope.set(None)
 
@@ -94,7 +97,7 @@ class Subscription:
         want_contact = id_of(contact_id, "Contact")
         want_thread = id_of(thread_id, "Thread")
         want_mailbox = id_of(mailbox_id, "Mailbox")
-        async for event, scope in _events(info, "emailReceived"):
+        async for event in _events(info, "emailReceived"):
             contact_ids = [c for c in (_uuid(v) for v in event.get("contactIds", [])) if c]
             if contact_id is not None and want_contact not in contact_ids:
                 continue
@@ -103,10 +106,10 @@ class Subscription:
             if mailbox_id is not None and _uuid(event.get("mailboxId")) != want_mailbox:
                 continue
             email_id = _uuid(event.get("emailId"))
-            email = await scope.loaders.email.load(email_id) if email_id else None
+            email = await timeline_loaders.email(info).load(email_id) if email_id else None
             if email is None:
                 continue  # deleted again before we got to it
-            contacts = await scope.loaders.contacts(contact_ids)
+            contacts = await contact_loaders.contacts(info, contact_ids)
             yield EmailEvent(email=Email(row=email), contacts=[Contact(row=c) for c in contacts])
 
     @strawberry.subscription(
@@ -117,11 +120,11 @@ class Subscription:
     ) -> AsyncGenerator[MailboxStatusEvent, None]:
         viewer = require_viewer(info)
         want = id_of(mailbox_id, "Mailbox")
-        async for event, scope in _events(info, "mailboxStatusChanged"):
+        async for event in _events(info, "mailboxStatusChanged"):
             row_id = _uuid(event.get("mailboxId"))
             if row_id is None or (mailbox_id is not None and row_id != want):
                 continue
-            mailbox = await scope.loaders.mailbox.load(row_id)
+            mailbox = await mailbox_loaders.mailbox(info).load(row_id)
             if mailbox is None or not can_manage(viewer, mailbox):
                 continue
             yield MailboxStatusEvent(
@@ -134,11 +137,11 @@ class Subscription:
     ) -> AsyncGenerator[SyncPassEvent, None]:
         viewer = require_viewer(info)
         want = id_of(mailbox_id, "Mailbox")
-        async for event, scope in _events(info, "syncPassCompleted"):
+        async for event in _events(info, "syncPassCompleted"):
             row_id = _uuid(event.get("mailboxId"))
             if row_id is None or (mailbox_id is not None and row_id != want):
                 continue
-            mailbox = await scope.loaders.mailbox.load(row_id)
+            mailbox = await mailbox_loaders.mailbox(info).load(row_id)
             if mailbox is None or not can_manage(viewer, mailbox):
                 continue
             yield SyncPassEvent(
