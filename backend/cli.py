@@ -73,7 +73,7 @@ def serve(
 def worker(
     burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
 ) -> None:
-    """Run the arq worker: sync passes and the 5-minute scheduler."""
+    """Run the arq worker: sync passes and the scheduler that enqueues due ones every minute."""
     from arq.worker import run_worker
 
     from worker.settings import WorkerSettings

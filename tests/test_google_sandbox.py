@@ -1,5 +1,5 @@
 """The Google sandbox answers the real google-api-python-client and google-auth as Google
-does, for every call mailsync makes (EMULATOR-SPEC §3)."""
+does, for every call mailsync makes (docs/providers.md, "Gmail API v1")."""
 
 from __future__ import annotations
 

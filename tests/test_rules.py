@@ -1,4 +1,4 @@
-"""The filing rules of SYNC-RULES.md, one test (at least) per rule, named after it.
+"""The filing rules of docs/rules.md, one test (at least) per rule, named after it.
 
 Each drives the real ingest service with real MIME bytes; the pass-level rules (R6, R7 under
 replays, R13) go through the sync pass with the provider double.

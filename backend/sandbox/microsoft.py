@@ -5,7 +5,8 @@ absolute nextLink/deltaLink, `Prefer: odata.maxpagesize` and ImmutableId, `@remo
 entries, an expired sync state answering 410 with `syncStateNotFound`; `sendMail` (202)
 with PascalCase action bodies; `createReply` + `send` keeping the conversation; categories;
 subscriptions with the validation handshake, change notifications and lifecycle events;
-refresh-token rotation and AADSTS errors. Faults come from the shared `FaultTable`.
+refresh-token rotation and AADSTS errors. Faults come from the `FaultTable` it shares with
+the Google sandbox. docs/providers.md describes it.
 """
 
 from __future__ import annotations
