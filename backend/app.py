@@ -31,6 +31,7 @@ from backend.auth.tokens import bearer_value
 from backend.graphql.context import Context
 from backend.runtime import Runtime
 from backend.settings import Settings, configure_logging, get_settings
+from backend.sync.queue import SyncQueue
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         configure_logging(settings)
-        runtime = await Runtime.create(settings, with_hub=True)
+        runtime = await Runtime.create(settings, jobs=SyncQueue, with_hub=True)
         graphql_app.runtime = runtime
         app.state.runtime = runtime
         missing = graphiql.missing_assets()

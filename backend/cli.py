@@ -171,7 +171,7 @@ def user_add(
     from backend.auth import queries
     from backend.auth.tables import Role
     from backend.db import Database
-    from backend.kit.errors import ServiceError
+    from backend.kit.errors import ErrorCode, ServiceError
     from backend.workspaces import service
 
     try:
@@ -190,7 +190,7 @@ def user_add(
                 except ValueError:
                     found = await queries.workspace_by_name(session, workspace)
                 if found is None:
-                    raise ServiceError("NOT_FOUND", f"no workspace named {workspace!r}")
+                    raise ServiceError(ErrorCode.NOT_FOUND, f"no workspace named {workspace!r}")
                 user = await service.add_user(session, found, email, parsed_role, name)
                 return f"user {user.email} ({user.role.value}) added to {found.name}"
         finally:

@@ -1,49 +1,65 @@
-"""The long-lived clients of one process (API, worker or CLI), created once at start-up."""
+"""The long-lived clients of one process (API, worker or CLI), created once at start-up, and
+the one way every request, route and job ends its transaction: `Runtime.unit_of_work`."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from arq import ArqRedis, create_pool
 from arq.connections import RedisSettings
-from arq.constants import in_progress_key_prefix
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.db import Database
 from backend.events.bus import EventBus, EventHub
+from backend.kit.effects import AfterCommit, JobSink
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SYNC_FUNCTION = "sync_mailbox"
 
+@dataclass
+class Work:
+    """One transaction and the jobs and events it will release if it commits."""
 
-def sync_job_id(mailbox_id: str) -> str:
-    return f"sync:{mailbox_id}"
+    session: AsyncSession
+    effects: AfterCommit = field(default_factory=AfterCommit)
+    discarded: bool = False
 
-
-def sync_again_key(mailbox_id: str) -> str:
-    return f"mailsync:sync-again:{mailbox_id}"
+    def discard(self) -> None:
+        """End in a rollback: nothing written stays, nothing buffered is released."""
+        self.discarded = True
 
 
 class Runtime:
     def __init__(
-        self, settings: Settings, db: Database, redis: ArqRedis, hub: EventHub | None
+        self,
+        settings: Settings,
+        db: Database,
+        redis: ArqRedis,
+        hub: EventHub | None,
+        jobs: Callable[[ArqRedis], JobSink],
     ) -> None:
         self.settings = settings
         self.db = db
         self.redis = redis
         self.bus = EventBus(redis)
         self.hub = hub
+        self.jobs = jobs(redis)
 
     @classmethod
-    async def create(cls, settings: Settings, *, with_hub: bool = False) -> Runtime:
+    async def create(
+        cls, settings: Settings, *, jobs: Callable[[ArqRedis], JobSink], with_hub: bool = False
+    ) -> Runtime:
         db = Database(settings.database_url)
         redis = await create_pool(RedisSettings.from_dsn(settings.redis_url))
         hub = EventHub(settings.redis_url) if with_hub else None
         if hub is not None:
             await hub.start()
-        return cls(settings, db, redis, hub)
+        return cls(settings, db, redis, hub, jobs)
 
     async def close(self) -> None:
         if self.hub is not None:
@@ -54,16 +70,21 @@ class Runtime:
     async def publish(self, workspace_id: str, event: dict[str, Any]) -> None:
         await self.bus.publish(workspace_id, event)
 
-    async def enqueue_sync(self, mailbox_id: str, defer_seconds: float = 0) -> None:
-        """Queue one pass (R14). A request during a running pass earns exactly one more after it."""
-        job = await self.redis.enqueue_job(
-            SYNC_FUNCTION,
-            mailbox_id,
-            _job_id=sync_job_id(mailbox_id),
-            _defer_by=defer_seconds or None,
-        )
-        if job is not None:
-            return
-        if await self.redis.exists(in_progress_key_prefix + sync_job_id(mailbox_id)):
-            await self.redis.set(sync_again_key(mailbox_id), "1", ex=24 * 3600)
-        # Otherwise a pass is already queued and has not started: it will see this change too.
+    @asynccontextmanager
+    async def unit_of_work(self) -> AsyncIterator[Work]:
+        """Commit, then release the buffered jobs and events; on an exception or `discard()`,
+        roll back and drop them. Services inside only flush."""
+        async with self.db.sessionmaker() as session:
+            work = Work(session)
+            try:
+                yield work
+            except BaseException:
+                work.effects.clear()
+                await session.rollback()
+                raise
+            if work.discarded:
+                work.effects.clear()
+                await session.rollback()
+                return
+            await session.commit()
+        await work.effects.release(self.bus, self.jobs)

@@ -26,6 +26,7 @@ from backend.kit import clock
 from backend.runtime import Runtime
 from backend.sandbox.google import GoogleSandbox
 from backend.settings import Settings, get_settings
+from backend.sync.queue import SyncQueue
 from tests.client import GQL
 from tests.factories import Factory
 from tests.sandbox import SandboxServer
@@ -107,7 +108,7 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
     redis = Redis.from_url(REDIS_URL)
     await redis.flushdb()
     await redis.aclose()
-    rt = await Runtime.create(settings)
+    rt = await Runtime.create(settings, jobs=SyncQueue)
     yield rt
     await rt.close()
 

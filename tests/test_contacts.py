@@ -59,7 +59,7 @@ async def test_bad_input_is_a_user_error_and_stores_nothing(gql: GQL, factory: F
         (
             {"email": "a@b.test", "additionalEmails": [f"x{i}@b.test" for i in range(60)]},
             ["input", "additionalEmails"],
-            "LIMIT_REACHED",
+            "TOO_MANY_ADDRESSES",
         ),
     ]
     for payload, field, code in cases:

@@ -129,7 +129,7 @@ async def test_mailbox_status_and_pass_events(
             subscribe(api.ws_url, owner.token, status_sub) as statuses,
             subscribe(api.ws_url, owner.token, pass_sub) as passes,
         ):
-            await runtime.enqueue_sync(str(mailbox.id))
+            await runtime.jobs.enqueue_sync(str(mailbox.id))
             await drain(runtime)
             changed = (await statuses.next())["data"]["mailboxStatusChanged"]
             finished = (await passes.next())["data"]["syncPassCompleted"]

@@ -276,7 +276,7 @@ async def test_history_404_relists_since_the_connection_without_duplicates(
     await drain(runtime)
     google.google.expire_history(address)
     await deliver(google, address, raw_message("cy@client.test", [address], "After"))
-    await runtime.enqueue_sync(str(mailbox_id))
+    await runtime.jobs.enqueue_sync(str(mailbox_id))
     await drain(runtime)
     subjects = sorted(e.subject or "" for e in await emails_of(runtime, owner.workspace.id))
     assert subjects == ["After", "Before 0", "Before 1", "Before 2"]
@@ -295,7 +295,7 @@ async def test_429_with_retry_after_is_waited_out_and_the_pass_succeeds(
         Fault(status=429, retry_after=1, account=address, path="/history", times=1)
     )
     started = time.monotonic()
-    await runtime.enqueue_sync(str(mailbox_id))
+    await runtime.jobs.enqueue_sync(str(mailbox_id))
     await drain(runtime)
     assert fault.hits == 1 and time.monotonic() - started >= 1.0
     assert [e.subject for e in await emails_of(runtime, owner.workspace.id)] == ["Hello"]
@@ -310,7 +310,7 @@ async def test_a_long_retry_after_defers_the_pass_as_rate_limited(
     google.google.faults.add(
         Fault(status=429, retry_after=120, account=address, path="/history", times=1)
     )
-    await runtime.enqueue_sync(str(mailbox_id))
+    await runtime.jobs.enqueue_sync(str(mailbox_id))
     await drain(runtime)
     mailbox = await reload_mailbox(runtime, mailbox_id)
     assert mailbox.status == MailboxStatus.ERROR
@@ -325,7 +325,7 @@ async def test_r13_revoked_grant_is_access_revoked_then_suspended_after_48_hours
 ) -> None:
     owner, mailbox_id, address = await connected(gql, factory, google, runtime)
     google.google.revoke_account(address)
-    await runtime.enqueue_sync(str(mailbox_id))
+    await runtime.jobs.enqueue_sync(str(mailbox_id))
     await drain(runtime)
     shown = await gql(
         "query($id: ID!) { mailbox(id: $id) { status lastError { code message recommendation } } }",
@@ -342,7 +342,7 @@ async def test_r13_revoked_grant_is_access_revoked_then_suspended_after_48_hours
         },
     }
     clock.advance(timedelta(hours=49))
-    await runtime.enqueue_sync(str(mailbox_id))
+    await runtime.jobs.enqueue_sync(str(mailbox_id))
     await drain(runtime)
     assert (await reload_mailbox(runtime, mailbox_id)).status == MailboxStatus.SUSPENDED
     clock.reset()  # the owner's API token would have expired in the meantime
@@ -371,7 +371,7 @@ async def test_an_expired_access_token_is_refreshed_and_stored(
     _, mailbox_id, address = await connected(gql, factory, google, runtime)
     before = read_credentials(runtime.settings.secret, await reload_mailbox(runtime, mailbox_id))
     google.google.expire_access_tokens(address)
-    await runtime.enqueue_sync(str(mailbox_id))
+    await runtime.jobs.enqueue_sync(str(mailbox_id))
     await drain(runtime)
     mailbox = await reload_mailbox(runtime, mailbox_id)
     after = read_credentials(runtime.settings.secret, mailbox)

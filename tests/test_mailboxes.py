@@ -72,7 +72,7 @@ async def test_sync_pass_updates_status_activity_and_errors(
         assert box["lastError"] is None  # the pass succeeded; one message could not be imported
 
         store.fail_with(mailbox.email_address, RateLimited("slow down", retry_after=120))
-        await runtime.enqueue_sync(str(mailbox.id))
+        await runtime.jobs.enqueue_sync(str(mailbox.id))
         await drain(runtime)
         box = (await gql(MAILBOX, {"id": gid}, token=owner.token))["mailbox"]
         assert box["status"] == "ERROR"
@@ -85,7 +85,7 @@ async def test_sync_pass_updates_status_activity_and_errors(
             assert (row.next_attempt_at - row.failing_since).total_seconds() >= 120  # type: ignore[operator]
 
         store.fail_with(mailbox.email_address, AccessRevoked("invalid_grant"))
-        await runtime.enqueue_sync(str(mailbox.id))
+        await runtime.jobs.enqueue_sync(str(mailbox.id))
         await drain(runtime)
         box = (await gql(MAILBOX, {"id": gid}, token=owner.token))["mailbox"]
         assert box["lastError"]["code"] == "ACCESS_REVOKED"

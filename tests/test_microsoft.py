@@ -282,7 +282,7 @@ async def test_r13_an_expired_token_is_refreshed_and_a_401_after_refresh_is_acce
     assert await error_codes(runtime, mailbox_id) == []
     # Refused even with a fresh token: consent or the licence is gone.
     microsoft.microsoft.faults.add(Fault(status=401, account=address, path="/delta"))
-    await runtime.enqueue_sync(str(mailbox_id))
+    await runtime.jobs.enqueue_sync(str(mailbox_id))
     await drain(runtime)
     assert await error_codes(runtime, mailbox_id) == ["ACCESS_DENIED"]
     assert (await reload_mailbox(runtime, mailbox_id)).status == MailboxStatus.ERROR
@@ -300,7 +300,7 @@ async def test_r13_a_503_is_provider_unavailable_and_a_later_pass_catches_up(
     assert await error_codes(runtime, mailbox_id) == ["PROVIDER_UNAVAILABLE"]
     assert (await reload_mailbox(runtime, mailbox_id)).status == MailboxStatus.ERROR
     microsoft.microsoft.faults.clear()
-    await runtime.enqueue_sync(str(mailbox_id))
+    await runtime.jobs.enqueue_sync(str(mailbox_id))
     await drain(runtime)
     assert [e.subject for e in await emails_of(runtime, owner.workspace.id)] == ["During"]
     assert (await reload_mailbox(runtime, mailbox_id)).status == MailboxStatus.ACTIVE
@@ -357,7 +357,7 @@ async def test_r13_revoked_grant_is_access_revoked_and_rotated_tokens_are_stored
     _, mailbox_id, address = await connected(gql, factory, microsoft, runtime)
     before = read_credentials(runtime.settings.secret, await reload_mailbox(runtime, mailbox_id))
     microsoft.microsoft.expire_access_tokens(address)
-    await runtime.enqueue_sync(str(mailbox_id))
+    await runtime.jobs.enqueue_sync(str(mailbox_id))
     await drain(runtime)
     after = read_credentials(runtime.settings.secret, await reload_mailbox(runtime, mailbox_id))
     assert after["refresh_token"] != before["refresh_token"]  # rotated, and kept
@@ -365,7 +365,7 @@ async def test_r13_revoked_grant_is_access_revoked_and_rotated_tokens_are_stored
 
     microsoft.microsoft.revoke_account(address)
     microsoft.microsoft.expire_access_tokens(address)
-    await runtime.enqueue_sync(str(mailbox_id))
+    await runtime.jobs.enqueue_sync(str(mailbox_id))
     await drain(runtime)
     mailbox = await reload_mailbox(runtime, mailbox_id)
     assert mailbox.status == MailboxStatus.ERROR
@@ -378,7 +378,7 @@ async def test_a_mailbox_without_exchange_online_is_mailbox_not_found(
 ) -> None:
     _, mailbox_id, address = await connected(gql, factory, microsoft, runtime)
     microsoft.microsoft.account(address).enabled = False  # type: ignore[union-attr]
-    await runtime.enqueue_sync(str(mailbox_id))
+    await runtime.jobs.enqueue_sync(str(mailbox_id))
     await drain(runtime)
     assert await error_codes(runtime, mailbox_id) == ["MAILBOX_NOT_FOUND"]
 

@@ -68,7 +68,7 @@ async def test_one_event_reaches_subscribers_on_two_api_processes(
             subscribe(first, owner.token, QUERY) as one,
             subscribe(second, owner.token, QUERY) as two,
         ):
-            await runtime.enqueue_sync(str(mailbox.id))
+            await runtime.jobs.enqueue_sync(str(mailbox.id))
             assert await drain(runtime) == 1
             events = await asyncio.gather(one.next(), two.next())
             await one.nothing_within(0.5)  # published once, delivered once per subscriber

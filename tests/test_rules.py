@@ -20,7 +20,7 @@ from backend.providers.base import AccessDenied, MailboxNotFound, TransientProvi
 from backend.runtime import Runtime
 from backend.sync import jobs
 from backend.sync.ingest import Outcome
-from backend.sync.service import run_pass
+from backend.sync.jobs import run_pass
 from backend.timeline.service import store_email
 from tests.factories import Factory, Member, in_minutes, raw_message
 from tests.providers import fake_provider

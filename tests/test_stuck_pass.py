@@ -56,7 +56,7 @@ async def test_r14_a_pass_killed_mid_way_is_resumed_by_another_worker_and_files_
         Fault(delay_seconds=120, account=address, path="/history", times=1)
     )
     with worker_process() as doomed:
-        await runtime.enqueue_sync(str(mailbox_id))
+        await runtime.jobs.enqueue_sync(str(mailbox_id))
 
         async def hanging() -> bool:
             return hang.hits == 1

@@ -13,7 +13,7 @@ from backend.events.bus import channel_for
 from backend.mailboxes.tables import MailboxStatus
 from backend.runtime import Runtime
 from backend.sync import service as sync_service
-from backend.sync.service import run_pass
+from backend.sync.jobs import run_pass
 from tests.corpus.malformed import CONTACT, MESSAGES, USER
 from tests.factories import Factory, raw_message
 from tests.providers import fake_provider

@@ -6,8 +6,9 @@ import asyncio
 
 from arq.constants import in_progress_key_prefix
 
-from backend.runtime import Runtime, sync_job_id
+from backend.runtime import Runtime
 from backend.sync import jobs
+from backend.sync.queue import sync_job_id
 from tests.factories import Factory
 from tests.providers import fake_provider
 from tests.worker import clear_queue, drain
@@ -23,7 +24,7 @@ async def test_requests_while_queued_collapse_into_one_job(
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
     for _ in range(3):
-        await runtime.enqueue_sync(str(mailbox.id))
+        await runtime.jobs.enqueue_sync(str(mailbox.id))
     assert (await _queued(runtime)).count(sync_job_id(str(mailbox.id)).encode()) == 1
     with fake_provider():
         assert await drain(runtime) == 1
@@ -36,11 +37,11 @@ async def test_request_during_a_running_pass_runs_exactly_one_more(
     mailbox = await factory.mailbox(owner)
     mailbox_id = str(mailbox.id)
     with fake_provider():
-        await runtime.enqueue_sync(mailbox_id)
+        await runtime.jobs.enqueue_sync(mailbox_id)
         # Pretend a worker picked it up: the job is in progress.
         await runtime.redis.set(in_progress_key_prefix + sync_job_id(mailbox_id), b"1", px=60_000)
-        await runtime.enqueue_sync(mailbox_id)
-        await runtime.enqueue_sync(mailbox_id)
+        await runtime.jobs.enqueue_sync(mailbox_id)
+        await runtime.jobs.enqueue_sync(mailbox_id)
         await runtime.redis.delete(in_progress_key_prefix + sync_job_id(mailbox_id))
         assert await drain(runtime) == 2  # the queued pass, then exactly one more
 
@@ -56,7 +57,7 @@ async def test_scheduler_enqueues_only_due_mailboxes(factory: Factory, runtime: 
     never = await factory.mailbox(owner, "never@crm.test")
     backing_off = await factory.mailbox(owner, "failing@crm.test")
     with fake_provider():
-        await runtime.enqueue_sync(str(synced.id))
+        await runtime.jobs.enqueue_sync(str(synced.id))
         await drain(runtime)
     async with runtime.db.transaction() as session:
         row = await session.get(Mailbox, backing_off.id)
@@ -110,7 +111,7 @@ async def test_concurrent_jobs_for_one_mailbox_never_overlap(
 ) -> None:
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
-    results = await asyncio.gather(*(runtime.enqueue_sync(str(mailbox.id)) for _ in range(10)))
+    results = await asyncio.gather(*(runtime.jobs.enqueue_sync(str(mailbox.id)) for _ in range(10)))
     assert results == [None] * 10
     assert (await _queued(runtime)).count(sync_job_id(str(mailbox.id)).encode()) == 1
     with fake_provider():

@@ -7,17 +7,16 @@ from typing import Any
 from arq import cron, func
 from arq.connections import RedisSettings
 
-from backend.runtime import SYNC_FUNCTION, Runtime
+from backend.runtime import Runtime
 from backend.settings import configure_logging, get_settings
 from backend.sync import jobs
-
-SYNC_PREFIX = "sync:"
+from backend.sync.queue import SYNC_FUNCTION, SYNC_PREFIX, SyncQueue
 
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings = get_settings()
     configure_logging(settings)
-    ctx["runtime"] = await Runtime.create(settings)
+    ctx["runtime"] = await Runtime.create(settings, jobs=SyncQueue)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:

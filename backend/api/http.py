@@ -11,8 +11,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 
 from backend.graphql.relay import to_global_id
-from backend.kit.effects import AfterCommit
-from backend.kit.errors import ServiceError
+from backend.kit.errors import ErrorCode, ServiceError
 from backend.mailboxes import connect
 from backend.mailboxes.tables import Mailbox
 from backend.providers.gmail import push as gmail_push
@@ -31,29 +30,27 @@ async def oauth_callback(request: Request) -> Response:
     params = request.query_params
     result: Mailbox | ServiceError
     if provider is None:
-        result = ServiceError("UNSUPPORTED_PROVIDER", "Unknown provider.")
+        result = ServiceError(ErrorCode.UNSUPPORTED_PROVIDER, "Unknown provider.")
     elif "error" in params:
         denied = params["error"] == "access_denied"
         result = ServiceError(
-            "ACCESS_DENIED" if denied else "PROVIDER_ERROR",
+            ErrorCode.ACCESS_DENIED if denied else ErrorCode.PROVIDER_ERROR,
             "Access was not granted: the mailbox was not connected."
             if denied
             else f"The provider answered: {params['error']}",
         )
     elif not params.get("code") or not params.get("state"):
-        result = ServiceError("INVALID_REQUEST", "The provider's answer lacks a code or state.")
+        result = ServiceError(
+            ErrorCode.INVALID_REQUEST, "The provider's answer lacks a code or state."
+        )
     else:
-        effects = AfterCommit()
-        async with runtime.db.sessionmaker() as session:
-            try:
+        try:
+            async with runtime.unit_of_work() as work:
                 result = await connect.finish(
-                    session, effects, settings, provider, params["code"], params["state"]
+                    work.session, work.effects, settings, provider, params["code"], params["state"]
                 )
-                await session.commit()
-            except ServiceError as exc:
-                await session.rollback()
-                result = exc
-        await effects.release(runtime, runtime)
+        except ServiceError as exc:
+            result = exc
     if isinstance(result, ServiceError):
         log.info("OAuth callback failed: %s %s", result.code, result.message)
     global_id = to_global_id("Mailbox", result.id) if isinstance(result, Mailbox) else None
@@ -94,10 +91,9 @@ async def google_push(request: Request) -> Response:
     if notice is None:
         log.info("ignoring a malformed Gmail push")
         return Response(status_code=204)
-    async with runtime.db.sessionmaker() as session:
-        due = await webhooks.gmail_mailboxes_to_sync(session, *notice)
-    for mailbox_id in due:
-        await runtime.enqueue_sync(str(mailbox_id))
+    async with runtime.unit_of_work() as work:
+        for mailbox_id in await webhooks.gmail_mailboxes_to_sync(work.session, *notice):
+            work.effects.request_sync(mailbox_id)
     return Response(status_code=204)
 
 
@@ -116,9 +112,7 @@ async def microsoft_notifications(request: Request) -> Response:
     if notices.rejected and not notices.mailbox_ids:
         log.info("refusing %d Graph notifications with a wrong clientState", notices.rejected)
         return Response(status_code=403)
-    async with runtime.db.sessionmaker() as session:
-        due = await webhooks.graph_mailboxes_to_sync(session, notices)
-        await session.commit()
-    for mailbox_id in due:
-        await runtime.enqueue_sync(str(mailbox_id))
+    async with runtime.unit_of_work() as work:
+        for mailbox_id in await webhooks.graph_mailboxes_to_sync(work.session, notices):
+            work.effects.request_sync(mailbox_id)
     return Response(status_code=202)

@@ -66,9 +66,9 @@ async def _events(info: Info, kind: str) -> AsyncIterator[dict[str, Any]]:
                 return
             if event.get("type") != kind:
                 continue
-            async with context.runtime.db.sessionmaker() as session:
-                scope = context.open_scope(session)
-                current_scope.set(scope)
+            async with context.runtime.unit_of_work() as work:
+                work.discard()  # resolving an event only reads
+                current_scope.set(context.open_scope(work))
                 try:
                     yield event
                 finally:

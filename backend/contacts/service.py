@@ -11,7 +11,7 @@ from backend.auth.service import Viewer
 from backend.auth.tables import User
 from backend.contacts.tables import Contact, ContactAddress
 from backend.kit.addresses import validate_address
-from backend.kit.errors import NotFound, ServiceError
+from backend.kit.errors import ErrorCode, NotFound, ServiceError
 from backend.mail import service as mail_service
 
 UNSET = object()
@@ -22,7 +22,7 @@ def _addresses(main: str, additional: Sequence[str]) -> list[str]:
     addresses = [validate_address(main, ["email"])]
     if len(additional) >= MAX_ADDRESSES:
         raise ServiceError(
-            "LIMIT_REACHED",
+            ErrorCode.TOO_MANY_ADDRESSES,
             f"A contact can have at most {MAX_ADDRESSES} addresses.",
             ["additionalEmails"],
         )
@@ -30,7 +30,7 @@ def _addresses(main: str, additional: Sequence[str]) -> list[str]:
         address = validate_address(extra, ["additionalEmails", str(i)])
         if address in addresses:
             raise ServiceError(
-                "DUPLICATE_EMAIL",
+                ErrorCode.DUPLICATE_EMAIL,
                 f"{address} is listed twice on this contact.",
                 ["additionalEmails", str(i)],
             )

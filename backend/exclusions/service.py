@@ -12,7 +12,7 @@ from backend.contacts.tables import Contact, ContactAddress
 from backend.exclusions.rules import is_excluded
 from backend.exclusions.tables import Exclusion, ExclusionKind
 from backend.kit.addresses import validate_address, validate_domain
-from backend.kit.errors import NotFound, ServiceError
+from backend.kit.errors import ErrorCode, NotFound, ServiceError
 from backend.mail import service as mail_service
 from backend.mail.tables import Email, EmailSource, Participant, ParticipantRole, TimelineEntry
 
@@ -34,7 +34,9 @@ async def add_exclusion(
         )
     )
     if duplicate is not None:
-        raise ServiceError("ALREADY_EXCLUDED", f"{normalized} is already excluded.", ["value"])
+        raise ServiceError(
+            ErrorCode.ALREADY_EXCLUDED, f"{normalized} is already excluded.", ["value"]
+        )
     exclusion = Exclusion(
         workspace_id=viewer.workspace_id, value=normalized, kind=kind, created_by_id=viewer.user.id
     )

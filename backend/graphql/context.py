@@ -14,7 +14,7 @@ from backend.kit.effects import AfterCommit
 
 if TYPE_CHECKING:
     from backend.auth.service import Viewer
-    from backend.runtime import Runtime
+    from backend.runtime import Runtime, Work
 
 
 @dataclass
@@ -53,9 +53,13 @@ class Context:
     def loaders(self) -> Loaders:
         return self.scope.loaders
 
-    def open_scope(self, session: AsyncSession) -> OperationScope:
+    def open_scope(self, work: Work) -> OperationScope:
         workspace_id = self.viewer.workspace_id if self.viewer else None
-        return OperationScope(session=session, loaders=Loaders(session, workspace_id, self.viewer))
+        return OperationScope(
+            session=work.session,
+            loaders=Loaders(work.session, workspace_id, self.viewer),
+            effects=work.effects,
+        )
 
 
 Info = StrawberryInfo[Context, None]

@@ -9,7 +9,7 @@ import strawberry
 from graphql import GraphQLError
 
 from backend.graphql.context import Info
-from backend.kit.errors import Forbidden, ServiceError
+from backend.kit.errors import Forbidden, ServiceError, catalogue
 
 if TYPE_CHECKING:
     from backend.auth.service import Viewer
@@ -17,11 +17,15 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-@strawberry.type
+@strawberry.type(description="A problem the user can fix, with a stable code to act on.")
 class UserError:
-    field: list[str] | None
-    message: str
-    code: str
+    field: list[str] | None = strawberry.field(
+        description="Path of the input field at fault, when one is."
+    )
+    message: str = strawberry.field(description="What went wrong, for a person to read.")
+    code: str = strawberry.field(
+        description="Stable machine code, one meaning each:\n" + catalogue()
+    )
 
 
 def unauthenticated() -> GraphQLError:

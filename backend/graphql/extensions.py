@@ -45,20 +45,21 @@ class UnitOfWork(SchemaExtension):
             yield
             return
         # The session connects on first use, so subscriptions (which resolve each event in a
-        # scope of its own, see graphql/subscriptions.py) hold no connection through this one.
-        async with context.runtime.db.sessionmaker() as session:
-            scope = context.open_scope(session)
+        # scope of its own, see api/subscriptions.py) hold no connection through this one.
+        async with context.runtime.unit_of_work() as work:
+            scope = context.open_scope(work)
             token = current_scope.set(scope)
             try:
                 yield
                 result = execution.result
-                errors = getattr(result, "errors", None) or []
-                failed = result is None or any(is_unexpected(e) for e in errors)
-                if _operation_type(execution) == OperationType.MUTATION and not failed:
-                    await session.commit()
-                    await scope.effects.release(context.runtime, context.runtime)
-                else:
-                    await session.rollback()
+                # Only a mutation that answered without any error commits: an error escaping a
+                # resolver (a ServiceError outside `attempt`, a bug) leaves nothing behind.
+                succeeded = result is not None and not (getattr(result, "errors", None) or [])
+                if _operation_type(execution) != OperationType.MUTATION or not succeeded:
+                    work.discard()
+            except BaseException:
+                work.discard()
+                raise
             finally:
                 try:
                     current_scope.reset(token)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from email_validator import EmailNotValidError, validate_email
 
-from backend.kit.errors import ServiceError
+from backend.kit.errors import ErrorCode, ServiceError
 
 
 def _idna_domain(domain: str) -> str:
@@ -42,7 +42,7 @@ def validate_address(address: str, field: list[str]) -> str:
         )
     except EmailNotValidError as exc:
         raise ServiceError(
-            "INVALID_EMAIL", f"'{address}' is not a valid email address: {exc}", field
+            ErrorCode.INVALID_EMAIL, f"'{address}' is not a valid email address: {exc}", field
         ) from exc
     return normalize_address(checked.normalized)
 
@@ -58,7 +58,9 @@ def validate_domain(domain: str, field: list[str]) -> str:
             test_environment=True,
         )
     except EmailNotValidError as exc:
-        raise ServiceError("INVALID_DOMAIN", f"'{domain}' is not a valid domain.", field) from exc
+        raise ServiceError(
+            ErrorCode.INVALID_DOMAIN, f"'{domain}' is not a valid domain.", field
+        ) from exc
     return _idna_domain(candidate)
 
 

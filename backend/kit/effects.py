@@ -11,7 +11,7 @@ class EventSink(Protocol):
 
 
 class JobSink(Protocol):
-    async def enqueue_sync(self, mailbox_id: str) -> None: ...
+    async def enqueue_sync(self, mailbox_id: str, defer_seconds: float = 0) -> None: ...
 
 
 @dataclass

@@ -1,12 +1,67 @@
-"""Failures a user can fix. Services raise them; the GraphQL edge turns them into userErrors."""
+"""Failures a user can fix. Services raise them; the entry points turn them into userErrors
+(GraphQL) or an `error=` redirect parameter (the OAuth callback).
+
+`ErrorCode` is the one catalogue of their codes: each has one meaning, listed in the schema's
+description of `UserError.code` and in docs/errors.md."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 
 
+class ErrorCode(enum.StrEnum):
+    def __new__(cls, value: str, meaning: str) -> ErrorCode:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.meaning = meaning
+        return member
+
+    meaning: str
+
+    # Input
+    INVALID_ARGUMENT = "INVALID_ARGUMENT", "An argument is out of its allowed range."
+    INVALID_CURSOR = "INVALID_CURSOR", "The `after` cursor was not issued by this API."
+    INVALID_EMAIL = "INVALID_EMAIL", "Not a deliverable email address."
+    INVALID_DOMAIN = "INVALID_DOMAIN", "Not a valid domain name."
+    INVALID_NAME = "INVALID_NAME", "A name is empty or too long."
+    INVALID_LIMIT = "INVALID_LIMIT", "A workspace limit must be a positive number (or none)."
+    # Objects
+    NOT_FOUND = "NOT_FOUND", "No such object in your workspace (or not one you may manage)."
+    FORBIDDEN = "FORBIDDEN", "Your role does not allow this."
+    DUPLICATE_USER = "DUPLICATE_USER", "A user with this address already exists."
+    DUPLICATE_EMAIL = "DUPLICATE_EMAIL", "Another contact already has this address."
+    TOO_MANY_ADDRESSES = "TOO_MANY_ADDRESSES", "A contact has at most 50 email addresses."
+    ALREADY_EXCLUDED = "ALREADY_EXCLUDED", "This address or domain is already excluded."
+    # Filing
+    ALREADY_FILED = "ALREADY_FILED", "The email is already on that contact's timeline."
+    NOT_FILED = "NOT_FILED", "The email is not on that contact's timeline."
+    SAME_CONTACT = "SAME_CONTACT", "Moving an email needs two different contacts."
+    # Mailboxes
+    ALREADY_CONNECTED = "ALREADY_CONNECTED", "This mailbox is already connected."
+    LIMIT_REACHED = "LIMIT_REACHED", "The workspace is at its mailbox limit (R13 PENDING_LIMIT)."
+    MAILBOX_DISCONNECTED = "MAILBOX_DISCONNECTED", "The mailbox is disconnected; connect it again."
+    MAILBOX_SUSPENDED = "MAILBOX_SUSPENDED", "Sync is suspended after 48 hours of failures."
+    UNSUPPORTED_PROVIDER = "UNSUPPORTED_PROVIDER", "mailsync cannot connect this kind of mailbox."
+    NOT_IMPLEMENTED = "NOT_IMPLEMENTED", "Part of the API that this version does not offer yet."
+    # Connecting through a provider's consent screen
+    INVALID_REQUEST = "INVALID_REQUEST", "The provider's answer lacks its code or state."
+    INVALID_STATE = "INVALID_STATE", "The sign-in link expired or was not issued by mailsync."
+    ACCESS_DENIED = "ACCESS_DENIED", "The provider or the user refused access to the mailbox."
+    ACCESS_REVOKED = "ACCESS_REVOKED", "The provider says the grant was revoked; sign in again."
+    MAILBOX_NOT_FOUND = "MAILBOX_NOT_FOUND", "The account has no mailbox the provider will serve."
+    RATE_LIMITED = "RATE_LIMITED", "The provider asked us to slow down; try again shortly."
+    PROVIDER_UNAVAILABLE = "PROVIDER_UNAVAILABLE", "The provider is unreachable; try again."
+    PROVIDER_ERROR = "PROVIDER_ERROR", "The provider answered with an error of its own."
+
+
+def catalogue() -> str:
+    """`CODE: meaning` lines, for the schema's description and the docs."""
+    return "\n".join(f"{code.value}: {code.meaning}" for code in ErrorCode)
+
+
 class ServiceError(Exception):
-    def __init__(self, code: str, message: str, field: Sequence[str] | None = None) -> None:
+    def __init__(self, code: ErrorCode, message: str, field: Sequence[str] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -15,9 +70,9 @@ class ServiceError(Exception):
 
 class NotFound(ServiceError):
     def __init__(self, what: str, field: Sequence[str] | None = None) -> None:
-        super().__init__("NOT_FOUND", f"{what} not found.", field)
+        super().__init__(ErrorCode.NOT_FOUND, f"{what} not found.", field)
 
 
 class Forbidden(ServiceError):
     def __init__(self, message: str = "You are not allowed to do this.") -> None:
-        super().__init__("FORBIDDEN", message)
+        super().__init__(ErrorCode.FORBIDDEN, message)

@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from backend.kit.errors import ServiceError
+from backend.kit.errors import ErrorCode, ServiceError
 
 T = TypeVar("T")
 
@@ -61,12 +61,14 @@ def decode_cursor(cursor: str, width: int) -> list[Any]:
             raise ValueError
         return [_decode_value(v) for v in values]
     except (ValueError, TypeError, KeyError) as exc:
-        raise ServiceError("INVALID_CURSOR", "The `after` cursor is not valid.", ["after"]) from exc
+        raise ServiceError(
+            ErrorCode.INVALID_CURSOR, "The `after` cursor is not valid.", ["after"]
+        ) from exc
 
 
 def clamp_first(first: int, maximum: int) -> int:
     if first < 0:
-        raise ServiceError("INVALID_ARGUMENT", "`first` must not be negative.", ["first"])
+        raise ServiceError(ErrorCode.INVALID_ARGUMENT, "`first` must not be negative.", ["first"])
     return min(first, maximum)
 
 

@@ -16,7 +16,7 @@ from backend.auth.service import Viewer
 from backend.auth.tables import User, Workspace
 from backend.kit.addresses import validate_address
 from backend.kit.effects import AfterCommit
-from backend.kit.errors import ServiceError
+from backend.kit.errors import ErrorCode, ServiceError
 from backend.kit.signing import sign, unsign
 from backend.mailboxes import service
 from backend.mailboxes.tables import Mailbox, MailboxStatus, SyncMode
@@ -40,14 +40,14 @@ def begin(
     """The authorization URL to send the user's browser to."""
     if provider == Provider.IMAP:
         raise ServiceError(
-            "UNSUPPORTED_PROVIDER",
+            ErrorCode.UNSUPPORTED_PROVIDER,
             "IMAP mailboxes connect with a password: use connectImapMailbox.",
             ["provider"],
         )
     connector = connector_for(provider)
     if connector is None:
         raise ServiceError(
-            "NOT_IMPLEMENTED",
+            ErrorCode.NOT_IMPLEMENTED,
             f"Connecting a {provider.value} mailbox is not available in this version yet.",
             ["provider"],
         )
@@ -89,21 +89,24 @@ async def finish(
     claims = unsign(settings.secret, STATE_PURPOSE, state)
     if claims is None or claims.get("p") != provider.value:
         raise ServiceError(
-            "INVALID_STATE", "This sign-in link expired or was not issued by mailsync; try again."
+            ErrorCode.INVALID_STATE,
+            "This sign-in link expired or was not issued by mailsync; try again.",
         )
     user = await session.get(User, uuid.UUID(str(claims["u"])))
     workspace = await session.get(Workspace, user.workspace_id) if user else None
     if user is None or workspace is None:
-        raise ServiceError("INVALID_STATE", "The user who started this sign-in no longer exists.")
+        raise ServiceError(
+            ErrorCode.INVALID_STATE, "The user who started this sign-in no longer exists."
+        )
     viewer = Viewer(user=user, workspace=workspace)
     connector = connector_for(provider)
     if connector is None:
-        raise ServiceError("NOT_IMPLEMENTED", f"{provider.value} is not available.")
+        raise ServiceError(ErrorCode.NOT_IMPLEMENTED, f"{provider.value} is not available.")
     try:
         account = await connector.complete(settings, code)
     except ProviderError as exc:
         raise ServiceError(
-            exc.code.value, f"The provider refused the connection: {exc.detail}"
+            ErrorCode[exc.code.value], f"The provider refused the connection: {exc.detail}"
         ) from exc
     target_id = claims.get("m")
     target = None
@@ -146,7 +149,7 @@ async def _same_account(
     ).first()
     if existing is not None and not service.can_manage(viewer, existing):
         raise ServiceError(
-            "ALREADY_CONNECTED",
+            ErrorCode.ALREADY_CONNECTED,
             f"{address} is already connected by another user.",
             ["emailAddress"],
         )
@@ -167,7 +170,7 @@ async def _reconnect(
         clash = await _same_account(session, viewer, mailbox.provider, account.email_address)
         if clash is not None and clash.id != mailbox.id:
             raise ServiceError(
-                "ALREADY_CONNECTED",
+                ErrorCode.ALREADY_CONNECTED,
                 f"{account.email_address} is already connected.",
                 ["emailAddress"],
             )

@@ -4,7 +4,7 @@ from backend.graphql.context import Info
 from backend.graphql.errors import UserError, attempt, require_viewer, user_errors
 from backend.graphql.inputs import required_id
 from backend.graphql.relay import id_of
-from backend.kit.errors import ServiceError
+from backend.kit.errors import ErrorCode, ServiceError
 from backend.mailboxes import connect, service, tables
 from backend.mailboxes import loaders as mailbox_loaders
 from backend.mailboxes.types import EmailVisibility, Mailbox, Provider, SyncMode
@@ -79,7 +79,7 @@ def not_implemented(what: str) -> list[UserError]:
     return [
         UserError(
             field=None,
-            code="NOT_IMPLEMENTED",
+            code=ErrorCode.NOT_IMPLEMENTED,
             message=f"{what} is not available in this version of mailsync yet.",
         )
     ]

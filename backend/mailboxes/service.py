@@ -13,7 +13,7 @@ from backend.kit.addresses import normalize_address
 from backend.kit.clock import now
 from backend.kit.crypto import decrypt_json, encrypt_json
 from backend.kit.effects import AfterCommit
-from backend.kit.errors import NotFound, ServiceError
+from backend.kit.errors import ErrorCode, NotFound, ServiceError
 from backend.mail import service as mail_service
 from backend.mailboxes import queries
 from backend.mailboxes.tables import EmailVisibility, Mailbox, MailboxStatus, SyncMode
@@ -104,7 +104,7 @@ async def connect_mailbox(
     ).first()
     if existing is not None:
         raise ServiceError(
-            "ALREADY_CONNECTED", f"{address} is already connected.", ["emailAddress"]
+            ErrorCode.ALREADY_CONNECTED, f"{address} is already connected.", ["emailAddress"]
         )
     mailbox = Mailbox(
         workspace_id=workspace.id,
@@ -168,16 +168,17 @@ async def request_sync(
     mailbox = await get_managed(session, viewer, mailbox_id)
     if mailbox.status == MailboxStatus.DISCONNECTED:
         raise ServiceError(
-            "MAILBOX_DISCONNECTED", "This mailbox is disconnected: connect it again to sync."
+            ErrorCode.MAILBOX_DISCONNECTED,
+            "This mailbox is disconnected: connect it again to sync.",
         )
     if mailbox.status == MailboxStatus.SUSPENDED:
         raise ServiceError(
-            "MAILBOX_SUSPENDED",
+            ErrorCode.MAILBOX_SUSPENDED,
             "Sync is suspended after 48 hours of failures: reconnect the mailbox.",
         )
     if mailbox.status == MailboxStatus.PENDING_LIMIT:
         raise ServiceError(
-            "LIMIT_REACHED",
+            ErrorCode.LIMIT_REACHED,
             "The workspace is at its mailbox limit; this mailbox starts when room frees up.",
         )
     effects.request_sync(mailbox.id)

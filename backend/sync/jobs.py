@@ -6,8 +6,20 @@ import logging
 import uuid
 from typing import TYPE_CHECKING
 
-from backend.runtime import sync_again_key
-from backend.sync.service import PassResult, due_mailboxes, run_pass
+from backend.auth.tables import Workspace
+from backend.kit.clock import now
+from backend.mailboxes.tables import Mailbox, MailboxStatus
+from backend.providers.base import ProviderError, SyncErrorCode, TransientProviderError
+from backend.sync.queue import SyncQueue
+from backend.sync.service import (
+    SYNCABLE,
+    PassCredentials,
+    PassResult,
+    due_mailboxes,
+    record_failure,
+    release_provider_side,
+    sync_pass,
+)
 
 if TYPE_CHECKING:
     from backend.runtime import Runtime
@@ -24,10 +36,44 @@ async def sync_mailbox(runtime: Runtime, mailbox_id: str) -> PassResult | None:
     return await run_pass(runtime, row_id)
 
 
+async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None:
+    """One pass, in its own unit of work; a failure rolls the pass back and is recorded in
+    another. The job's id guarantees one pass per mailbox at a time (R14)."""
+    started = now()
+    settings = runtime.settings
+    credentials = PassCredentials()
+    error: ProviderError
+    try:
+        async with runtime.unit_of_work() as work:
+            mailbox = await work.session.get(Mailbox, mailbox_id)
+            if mailbox is not None and mailbox.status == MailboxStatus.DISCONNECTED:
+                await release_provider_side(work.session, settings, mailbox)
+                return None
+            if mailbox is None or mailbox.status not in SYNCABLE:
+                return None
+            workspace = await work.session.get(Workspace, mailbox.workspace_id)
+            if workspace is None:
+                return None
+            return await sync_pass(
+                work.session, work.effects, settings, workspace, mailbox, credentials
+            )
+    except ProviderError as exc:
+        error = exc
+    except Exception as exc:
+        log.exception("mailbox %s: sync pass failed unexpectedly", mailbox_id)
+        error = TransientProviderError(f"unexpected: {exc!r}", SyncErrorCode.READ_FAILED)
+    async with runtime.unit_of_work() as work:
+        mailbox = await work.session.get(Mailbox, mailbox_id)
+        if mailbox is None:
+            return None
+        return record_failure(
+            work.session, work.effects, settings, mailbox, error, credentials, started
+        )
+
+
 async def after_sync(runtime: Runtime, mailbox_id: str) -> None:
     """A sync requested while this pass ran earns exactly one more pass (R14)."""
-    if await runtime.redis.getdel(sync_again_key(mailbox_id)):
-        await runtime.enqueue_sync(mailbox_id)
+    await SyncQueue(runtime.redis).after_pass(mailbox_id)
 
 
 async def schedule_due(runtime: Runtime) -> int:
@@ -37,7 +83,7 @@ async def schedule_due(runtime: Runtime) -> int:
     for mailbox_id in due:
         # Spread the minute's passes instead of starting them all at once; the offset is
         # stable per mailbox, so each keeps its own rhythm.
-        await runtime.enqueue_sync(
+        await runtime.jobs.enqueue_sync(
             str(mailbox_id), defer_seconds=mailbox_id.int % spread if spread else 0
         )
     return len(due)

@@ -36,7 +36,6 @@ from backend.sync.parsing import ParsedMessage, parse_message
 from backend.sync.status import MESSAGES, SUSPEND_AFTER, backoff
 
 if TYPE_CHECKING:
-    from backend.runtime import Runtime
     from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -304,70 +303,76 @@ async def _label_synced(
         )
 
 
-async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None:
-    """Run one pass. The job wrapper guarantees one pass per mailbox at a time (R14)."""
+@dataclass
+class PassCredentials:
+    """Credentials a provider refreshed during the pass: saved whether the pass succeeds or not
+    (Microsoft rotates refresh tokens, so losing one loses access)."""
+
+    refreshed: dict[str, Any] | None = None
+
+
+async def sync_pass(
+    session: AsyncSession,
+    effects: AfterCommit,
+    settings: Settings,
+    workspace: Workspace,
+    mailbox: Mailbox,
+    credentials: PassCredentials,
+) -> PassResult:
+    """File what changed since the cursor and move the cursor with it; raises ProviderError
+    when the pass fails (the caller rolls back and records it with `record_failure`)."""
     started = now()
-    effects = AfterCommit()
-    async with runtime.db.sessionmaker() as session:
-        mailbox = await session.get(Mailbox, mailbox_id)
-        if mailbox is not None and mailbox.status == MailboxStatus.DISCONNECTED:
-            await _release(runtime, session, mailbox)
-            return None
-        if mailbox is None or mailbox.status not in SYNCABLE:
-            return None
-        workspace = await session.get(Workspace, mailbox.workspace_id)
-        if workspace is None:
-            return None
-        error: ProviderError | None = None
-        filed = failed = duplicates = 0
-        refreshed: dict[str, Any] | None = None
-        try:
-            provider = _provider(runtime.settings, mailbox)
-            try:
-                outcome = await _file_all(session, effects, provider, workspace, mailbox)
-                filed, failed, duplicates = outcome.filed, outcome.failed, outcome.duplicates
-                await _renew_push(provider, mailbox)
-                await _label_synced(provider, workspace, mailbox, outcome.on_timeline)
-            finally:
-                refreshed = provider.updated_credentials()
-                await provider.close()
-            mailbox.cursor = outcome.cursor
-            if refreshed is not None:
-                write_credentials(runtime.settings.secret, mailbox, refreshed)
-            _succeeded(mailbox, filed, effects)
-            session.add(mailbox)
-            await session.commit()
-        except ProviderError as exc:
-            error = exc
-        except Exception as exc:
-            log.exception("mailbox %s: sync pass failed unexpectedly", mailbox_id)
-            error = TransientProviderError(f"unexpected: {exc!r}", SyncErrorCode.READ_FAILED)
-        if error is not None:
-            await session.rollback()
-            effects.clear()
-            mailbox = await session.get(Mailbox, mailbox_id, populate_existing=True)
-            if mailbox is None:
-                return None
-            filed = duplicates = 0
-            if refreshed is not None:
-                write_credentials(runtime.settings.secret, mailbox, refreshed)
-            _failed(session, mailbox, error, effects)
-            session.add(mailbox)
-            await session.commit()
-    result = PassResult(mailbox_id, filed, failed, duplicates, started, now(), error)
+    provider = _provider(settings, mailbox)
+    try:
+        outcome = await _file_all(session, effects, provider, workspace, mailbox)
+        await _renew_push(provider, mailbox)
+        await _label_synced(provider, workspace, mailbox, outcome.on_timeline)
+    finally:
+        credentials.refreshed = provider.updated_credentials()
+        await provider.close()
+    mailbox.cursor = outcome.cursor
+    if credentials.refreshed is not None:
+        write_credentials(settings.secret, mailbox, credentials.refreshed)
+    _succeeded(mailbox, outcome.filed, effects)
+    session.add(mailbox)
+    await session.flush()
+    result = PassResult(
+        mailbox.id, outcome.filed, outcome.failed, outcome.duplicates, started, now()
+    )
     effects.publish(mailbox.workspace_id, result.event())
-    await effects.release(runtime, runtime)
     return result
 
 
-async def _release(runtime: Runtime, session: AsyncSession, mailbox: Mailbox) -> None:
+def record_failure(
+    session: AsyncSession,
+    effects: AfterCommit,
+    settings: Settings,
+    mailbox: Mailbox,
+    error: ProviderError,
+    credentials: PassCredentials,
+    started: datetime,
+) -> PassResult:
+    """A failed pass: its error, the backoff or suspension (R13), and the credentials the
+    provider refreshed before failing."""
+    if credentials.refreshed is not None:
+        write_credentials(settings.secret, mailbox, credentials.refreshed)
+    _failed(session, mailbox, error, effects)
+    session.add(mailbox)
+    result = PassResult(mailbox.id, 0, 0, 0, started, now(), error)
+    effects.publish(mailbox.workspace_id, result.event())
+    return result
+
+
+async def release_provider_side(
+    session: AsyncSession, settings: Settings, mailbox: Mailbox
+) -> None:
     """A disconnected mailbox: stop the provider's pushes (Gmail watch, Graph subscription),
     then forget its credentials. Run as the mailbox's pass, so never beside one."""
     sealed = mailbox.credentials_encrypted
     if sealed is None:
         return
     try:
-        provider = _provider(runtime.settings, mailbox)
+        provider = _provider(settings, mailbox)
         try:
             await provider.unsubscribe()
         finally:
@@ -388,7 +393,6 @@ async def _release(runtime: Runtime, session: AsyncSession, mailbox: Mailbox) ->
         )
         .values(credentials_encrypted=None)
     )
-    await session.commit()
 
 
 async def due_mailboxes(session: AsyncSession, interval_seconds: int) -> list[uuid.UUID]:

@@ -13,7 +13,7 @@ from sqlmodel import col
 from backend.auth.service import Viewer
 from backend.contacts.tables import Contact
 from backend.kit.effects import AfterCommit
-from backend.kit.errors import NotFound, ServiceError
+from backend.kit.errors import ErrorCode, NotFound, ServiceError
 from backend.mail.service import NewEmail, email_received_event, refresh_threads
 from backend.mail.tables import (
     Email,
@@ -69,7 +69,9 @@ async def file_email(
     contact = await _get_contact(session, viewer, contact_id, "contactId")
     if not await _link(session, email, contact):
         raise ServiceError(
-            "ALREADY_FILED", "This email is already on that contact's timeline.", ["contactId"]
+            ErrorCode.ALREADY_FILED,
+            "This email is already on that contact's timeline.",
+            ["contactId"],
         )
     await session.flush()
     effects.publish(
@@ -92,7 +94,9 @@ async def move_email(
     target = await _get_contact(session, viewer, to_contact_id, "toContactId")
     if source.id == target.id:
         raise ServiceError(
-            "SAME_CONTACT", "Choose a different contact to move the email to.", ["toContactId"]
+            ErrorCode.SAME_CONTACT,
+            "Choose a different contact to move the email to.",
+            ["toContactId"],
         )
     removed = await session.execute(
         delete(TimelineEntry).where(
@@ -101,7 +105,7 @@ async def move_email(
     )
     if not removed.rowcount:  # type: ignore[attr-defined]
         raise ServiceError(
-            "NOT_FILED", "This email is not on that contact's timeline.", ["fromContactId"]
+            ErrorCode.NOT_FILED, "This email is not on that contact's timeline.", ["fromContactId"]
         )
     if await _link(session, email, target):
         effects.publish(

@@ -8,7 +8,7 @@ from backend.auth import queries
 from backend.auth.service import Viewer
 from backend.auth.tables import ContactAutoCreation, ContactMatching, Role, User, Workspace
 from backend.kit.addresses import validate_address
-from backend.kit.errors import Forbidden, ServiceError
+from backend.kit.errors import ErrorCode, Forbidden, ServiceError
 
 UNSET = object()
 
@@ -21,7 +21,7 @@ async def create_workspace(
     session: AsyncSession, name: str, owner_email: str, owner_name: str | None = None
 ) -> tuple[Workspace, User]:
     if not name.strip():
-        raise ServiceError("INVALID_NAME", "A workspace needs a name.", ["name"])
+        raise ServiceError(ErrorCode.INVALID_NAME, "A workspace needs a name.", ["name"])
     workspace = Workspace(name=name.strip(), capture_key=f"capture-{secrets.token_hex(8)}")
     session.add(workspace)
     await session.flush()
@@ -35,7 +35,9 @@ async def add_user(
     address = validate_address(email, ["email"])
     if await queries.user_by_email(session, address) is not None:
         raise ServiceError(
-            "DUPLICATE_USER", f"A user with the address {address} already exists.", ["email"]
+            ErrorCode.DUPLICATE_USER,
+            f"A user with the address {address} already exists.",
+            ["email"],
         )
     user = User(
         workspace_id=workspace.id,
@@ -61,11 +63,11 @@ async def update_settings(
         raise Forbidden("Only workspace owners and admins can change settings.")
     workspace = await session.get(Workspace, viewer.workspace_id)
     if workspace is None:
-        raise ServiceError("NOT_FOUND", "Workspace not found.")
+        raise ServiceError(ErrorCode.NOT_FOUND, "Workspace not found.")
     if mailbox_limit is not UNSET:
         if mailbox_limit is not None and (not isinstance(mailbox_limit, int) or mailbox_limit < 0):
             raise ServiceError(
-                "INVALID_LIMIT",
+                ErrorCode.INVALID_LIMIT,
                 "The mailbox limit must be zero or more (null for unlimited).",
                 ["mailboxLimit"],
             )

@@ -32,7 +32,8 @@ from backend.mailboxes import service as mailboxes_service
 from backend.providers.base import Provider
 from backend.runtime import Runtime
 from backend.settings import Settings
-from backend.sync.service import run_pass
+from backend.sync.jobs import run_pass
+from backend.sync.queue import SyncQueue
 from backend.workspaces import service as workspaces_service
 from tests.providers import fake_provider
 
@@ -109,7 +110,7 @@ async def pipeline_rate(
         secret_key="b" * 40,
         _env_file=None,
     )  # type: ignore[call-arg]
-    runtime = await Runtime.create(settings)
+    runtime = await Runtime.create(settings, jobs=SyncQueue)
     try:
         async with runtime.db.transaction() as session:
             workspace, owner = await workspaces_service.create_workspace(
