@@ -167,3 +167,24 @@ async def test_r17_restricted_mailboxes_hide_fields_from_everyone_but_the_owner(
     }
     assert (await gql(query, variables, token=owner.token))["email"] == hidden
     assert (await gql(query, variables, token=teammate.token))["email"] == full
+
+
+async def test_a_colleague_reads_the_mail_but_not_the_mailbox_behind_it(
+    gql: GQL, factory: Factory
+) -> None:
+    owner = await factory.workspace()
+    colleague = await factory.member(owner)
+    mailbox = await factory.mailbox(owner)
+    await factory.contact(owner, "ola@client.test")
+    email = await factory.email(
+        owner, mailbox, raw_message("ola@client.test", [owner.email], "Shared with the team")
+    )
+    query = """query($e: ID!, $m: ID!) { email(id: $e) { subject
+        mailbox { emailAddress status lastError { code } activity(days: 7) { synced } } }
+        mailbox(id: $m) { id } }"""
+    variables = {"e": to_global_id("Email", email.id), "m": to_global_id("Mailbox", mailbox.id)}
+    seen = await gql(query, variables, token=colleague.token)
+    assert seen == {"email": {"subject": "Shared with the team", "mailbox": None}, "mailbox": None}
+    managed = await gql(query, variables, token=owner.token)
+    assert managed["email"]["mailbox"]["emailAddress"] == mailbox.email_address
+    assert managed["mailbox"] == {"id": variables["m"]}

@@ -30,8 +30,8 @@ from backend.graphql.errors import require_viewer
 from backend.graphql.extensions import ExpectedErrors, UnitOfWork, is_unexpected
 from backend.graphql.relay import Node, parse_global_id
 from backend.mailboxes import loaders as mailbox_loaders
+from backend.mailboxes.access import can_manage
 from backend.mailboxes.resolvers import MailboxMutation, MailboxQuery
-from backend.mailboxes.service import can_manage
 from backend.mailboxes.types import Mailbox
 from backend.settings import Settings, get_settings
 from backend.timeline import loaders as timeline_loaders

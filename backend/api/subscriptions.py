@@ -16,7 +16,7 @@ from backend.graphql.context import Info, current_scope
 from backend.graphql.errors import require_viewer
 from backend.graphql.relay import id_of
 from backend.mailboxes import loaders as mailbox_loaders
-from backend.mailboxes.service import can_manage
+from backend.mailboxes.access import can_manage
 from backend.mailboxes.types import Mailbox, MailboxStatus
 from backend.timeline import loaders as timeline_loaders
 from backend.timeline.types import Email

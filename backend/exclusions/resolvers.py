@@ -1,7 +1,7 @@
 import strawberry
 
 from backend.contacts.resolvers import DeletePayload
-from backend.exclusions import queries, service
+from backend.exclusions import access, queries, service
 from backend.exclusions.types import Exclusion, ExclusionConnection
 from backend.graphql.context import Info
 from backend.graphql.errors import UserError, attempt, require_viewer, user_errors
@@ -31,9 +31,7 @@ class ExclusionQuery:
     ) -> ExclusionConnection:
         viewer = require_viewer(info)
         session = info.context.session
-        stmt = queries.visible_exclusions(
-            viewer.workspace_id, None if viewer.is_admin else viewer.user.id
-        )
+        stmt = queries.visible_exclusions(viewer.workspace_id, access.listed_creator(viewer))
         request = page_request(first, after, 50, info.context.runtime.settings.max_page_size)
         page = await queries.exclusions_page(session, stmt, request)
         return connection(

@@ -9,6 +9,7 @@ from sqlmodel import col, select
 
 from backend.auth.service import Viewer
 from backend.contacts.tables import Contact, ContactAddress
+from backend.exclusions import access
 from backend.exclusions.rules import is_excluded
 from backend.exclusions.tables import Exclusion, ExclusionKind
 from backend.kit.addresses import validate_address, validate_domain
@@ -52,11 +53,7 @@ async def remove_exclusion(
 ) -> uuid.UUID:
     """Owners and admins remove any exclusion; a USER only their own (others look missing)."""
     exclusion = await session.get(Exclusion, exclusion_id) if exclusion_id else None
-    if (
-        exclusion is None
-        or exclusion.workspace_id != viewer.workspace_id
-        or (not viewer.is_admin and exclusion.created_by_id != viewer.user.id)
-    ):
+    if exclusion is None or not access.can_see(viewer, exclusion):
         raise NotFound("Exclusion", ["id"])
     await session.delete(exclusion)
     await session.flush()
@@ -136,8 +133,6 @@ async def visible_exclusion(
     session: AsyncSession, viewer: Viewer, exclusion_id: uuid.UUID
 ) -> Exclusion | None:
     exclusion = await session.get(Exclusion, exclusion_id)
-    if exclusion is None or exclusion.workspace_id != viewer.workspace_id:
-        return None
-    if not viewer.is_admin and exclusion.created_by_id != viewer.user.id:
+    if exclusion is None or not access.can_see(viewer, exclusion):
         return None
     return exclusion

@@ -18,7 +18,7 @@ from backend.kit.addresses import validate_address
 from backend.kit.effects import AfterCommit
 from backend.kit.errors import ErrorCode, ServiceError
 from backend.kit.signing import sign, unsign
-from backend.mailboxes import service
+from backend.mailboxes import access, service
 from backend.mailboxes.tables import Mailbox, MailboxStatus, SyncMode
 from backend.providers.base import Provider, ProviderError
 from backend.providers.oauth import ConnectedAccount, connector_for
@@ -147,7 +147,7 @@ async def _same_account(
             )
         )
     ).first()
-    if existing is not None and not service.can_manage(viewer, existing):
+    if existing is not None and not access.can_manage(viewer, existing):
         raise ServiceError(
             ErrorCode.ALREADY_CONNECTED,
             f"{address} is already connected by another user.",

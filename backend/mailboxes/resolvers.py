@@ -5,7 +5,7 @@ from backend.graphql.errors import UserError, attempt, require_viewer, user_erro
 from backend.graphql.inputs import required_id
 from backend.graphql.relay import id_of
 from backend.kit.errors import ErrorCode, ServiceError
-from backend.mailboxes import connect, service, tables
+from backend.mailboxes import access, connect, service, tables
 from backend.mailboxes import loaders as mailbox_loaders
 from backend.mailboxes.types import EmailVisibility, Mailbox, Provider, SyncMode
 
@@ -99,7 +99,7 @@ class MailboxQuery:
         viewer = require_viewer(info)
         row_id = id_of(id, "Mailbox")
         row = await mailbox_loaders.mailbox(info).load(row_id) if row_id else None
-        return Mailbox(row=row) if row and service.can_manage(viewer, row) else None
+        return Mailbox(row=row) if row and access.can_manage(viewer, row) else None
 
 
 @strawberry.type

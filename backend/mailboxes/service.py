@@ -15,7 +15,7 @@ from backend.kit.crypto import decrypt_json, encrypt_json
 from backend.kit.effects import AfterCommit
 from backend.kit.errors import ErrorCode, NotFound, ServiceError
 from backend.mail import service as mail_service
-from backend.mailboxes import queries
+from backend.mailboxes import access, queries
 from backend.mailboxes.tables import EmailVisibility, Mailbox, MailboxStatus, SyncMode
 from backend.providers.base import Provider
 
@@ -48,23 +48,18 @@ def write_credentials(secret: bytes, mailbox: Mailbox, credentials: dict[str, An
     mailbox.credentials_encrypted = encrypt_json(secret, credentials)
 
 
-def can_manage(viewer: Viewer, mailbox: Mailbox) -> bool:
-    return mailbox.workspace_id == viewer.workspace_id and (
-        viewer.is_admin or mailbox.owner_id == viewer.user.id
-    )
-
-
 async def visible_mailboxes(session: AsyncSession, viewer: Viewer) -> list[Mailbox]:
     """The viewer's own mailboxes; owners and admins see the whole workspace's."""
-    owner = None if viewer.is_admin else viewer.user.id
-    return await queries.workspace_mailboxes(session, viewer.workspace_id, owner)
+    return await queries.workspace_mailboxes(
+        session, viewer.workspace_id, access.listed_owner(viewer)
+    )
 
 
 async def get_managed(
     session: AsyncSession, viewer: Viewer, mailbox_id: uuid.UUID | None
 ) -> Mailbox:
     mailbox = await session.get(Mailbox, mailbox_id) if mailbox_id else None
-    if mailbox is None or not can_manage(viewer, mailbox):
+    if mailbox is None or not access.can_manage(viewer, mailbox):
         raise NotFound("Mailbox", ["id"])
     return mailbox
 

@@ -1,5 +1,4 @@
 import datetime
-import enum
 import uuid
 from typing import TYPE_CHECKING, Annotated
 
@@ -13,10 +12,11 @@ from backend.graphql.context import Info
 from backend.graphql.relay import Connection, Node, connection, page_request, to_global_id
 from backend.kit.pagination import count
 from backend.mail import tables
+from backend.mailboxes import access as mailbox_access
 from backend.mailboxes import loaders as mailbox_loaders
-from backend.mailboxes.tables import EmailVisibility
 from backend.timeline import loaders as timeline_loaders
 from backend.timeline import queries
+from backend.timeline.access import Access, access_for
 from backend.workspaces.types import User
 
 if TYPE_CHECKING:
@@ -28,28 +28,6 @@ EmailSource = tables.EmailSource
 strawberry.enum(EmailSource)
 DeliveryStatus = tables.DeliveryStatus
 strawberry.enum(DeliveryStatus)
-
-
-class Access(enum.IntEnum):
-    """How much of an email the viewer may see (R17)."""
-
-    METADATA = 0
-    SUBJECT = 1
-    ALL = 2
-
-
-_ACCESS_BY_VISIBILITY = {
-    EmailVisibility.SHARE_EVERYTHING: Access.ALL,
-    EmailVisibility.SUBJECT_ONLY: Access.SUBJECT,
-    EmailVisibility.METADATA_ONLY: Access.METADATA,
-}
-
-
-def access_for(visibility: str | None, owner_id: uuid.UUID | None, info: Info) -> Access:
-    viewer = info.context.viewer
-    if visibility is None or (viewer is not None and owner_id == viewer.user.id):
-        return Access.ALL
-    return _ACCESS_BY_VISIBILITY[EmailVisibility(visibility)]
 
 
 @strawberry.type
@@ -90,7 +68,7 @@ class Email(Node):
         mailbox = await mailbox_loaders.mailbox(info).load(self.row.mailbox_id)
         if mailbox is None:
             return Access.ALL
-        return access_for(mailbox.visibility, mailbox.owner_id, info)
+        return access_for(info.context.viewer, mailbox.visibility, mailbox.owner_id)
 
     async def _participants(self, info: Info, role: tables.ParticipantRole) -> list[Participant]:
         rows = await timeline_loaders.participants(info).load(self.row.id)
@@ -109,16 +87,22 @@ class Email(Node):
             raise LookupError(f"thread {self.row.thread_id} of email {self.row.id} is missing")
         return Thread(row=row)
 
-    @strawberry.field
+    @strawberry.field(
+        description="The mailbox that brought the email in; null unless you manage it "
+        "(your own, or any for owners and admins)."
+    )
     async def mailbox(
         self, info: Info
     ) -> Annotated["Mailbox", strawberry.lazy("backend.mailboxes.types")] | None:
         from backend.mailboxes.types import Mailbox
 
-        if self.row.mailbox_id is None:
+        viewer = info.context.viewer
+        if self.row.mailbox_id is None or viewer is None:
             return None
         row = await mailbox_loaders.mailbox(info).load(self.row.mailbox_id)
-        return Mailbox(row=row) if row else None
+        # The mailbox's status, errors and activity are its managers' business: a colleague
+        # sees the mail (as R17 allows) but not the mailbox, as with `mailbox(id)`.
+        return Mailbox(row=row) if row and mailbox_access.can_manage(viewer, row) else None
 
     @strawberry.field
     def direction(self) -> EmailDirection:
@@ -215,7 +199,7 @@ class Thread(Node):
     @strawberry.field(description="null where the viewer may see metadata only")
     async def subject(self, info: Info) -> str | None:
         viewers = await timeline_loaders.thread_subject_viewers(info).load(self.row.id)
-        if any(access_for(v, owner, info) >= Access.SUBJECT for v, owner in viewers):
+        if any(access_for(info.context.viewer, v, owner) >= Access.SUBJECT for v, owner in viewers):
             return self.row.subject
         return None
 

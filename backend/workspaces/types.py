@@ -5,6 +5,7 @@ import strawberry
 from backend.auth import tables
 from backend.graphql.context import Info
 from backend.graphql.relay import Node, to_global_id
+from backend.mailboxes import access as mailbox_access
 from backend.mailboxes import loaders as mailbox_loaders
 from backend.workspaces.service import capture_address
 
@@ -46,7 +47,7 @@ class User(Node):
         from backend.mailboxes.types import Mailbox
 
         viewer = info.context.viewer
-        if viewer is None or (not viewer.is_admin and viewer.user.id != self.row.id):
+        if viewer is None or not mailbox_access.can_list_mailboxes_of(viewer, self.row.id):
             return []
         rows = await mailbox_loaders.mailboxes_of_owner(info).load(self.row.id)
         return [Mailbox(row=m) for m in rows]
