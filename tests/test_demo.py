@@ -21,6 +21,8 @@ from backend.settings import Settings
 from tests.browser import chromium
 from tests.conftest import REDIS_URL, free_port
 
+pytestmark = pytest.mark.e2e  # starts `mailsync demo` and Chromium
+
 DEMO_REDIS_URL = REDIS_URL.rsplit("/", 1)[0] + "/14"
 
 

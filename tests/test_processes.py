@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
+import pytest
 
 from backend.runtime import Runtime
 from tests.client import subscribe
@@ -17,6 +18,8 @@ from tests.conftest import free_port
 from tests.factories import Factory, raw_message
 from tests.providers import fake_provider
 from tests.worker import drain
+
+pytestmark = pytest.mark.e2e  # starts two API processes
 
 QUERY = "subscription { emailReceived { email { subject } contacts { name } } }"
 
