@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,6 +29,7 @@ from backend.auth.service import authenticate
 from backend.auth.tokens import bearer_value
 from backend.graphql.context import Context
 from backend.graphql.schema import build_schema
+from backend.providers.microsoft.client import warm_up as warm_up_graph_sdk
 from backend.runtime import Runtime
 from backend.settings import Settings, configure_logging, get_settings
 
@@ -78,6 +80,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         configure_logging(settings)
+        # msgraph-sdk's lazy imports take seconds; pay them here, not in the first callback.
+        await asyncio.to_thread(warm_up_graph_sdk)
         runtime = await Runtime.create(settings, with_hub=True)
         graphql_app.runtime = runtime
         app.state.runtime = runtime
