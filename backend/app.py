@@ -113,7 +113,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             log.warning("readiness: redis unreachable: %s", exc)
             checks["redis"] = "unreachable"
         ready = all(v == "ok" for v in checks.values())
-        return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+        # Live subscriptions held by this process (its event hub's fan-out).
+        subscribers = runtime.hub.subscriber_count if runtime.hub is not None else 0
+        return JSONResponse(
+            {"ready": ready, **checks, "subscribers": subscribers},
+            status_code=200 if ready else 503,
+        )
 
     async def graphiql_asset(request: Request) -> Response:
         path = graphiql.asset_path(request.path_params["name"])
