@@ -3,7 +3,6 @@ worker's provider, and the Microsoft sandbox on a real port playing Graph and it
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -32,7 +31,7 @@ from tests.sync_helpers import error_codes, reload_mailbox, wait_until
 from tests.test_gmail import DISCONNECT, RECONNECT, SETTINGS, emails_of, follow_consent
 from tests.test_gmail import connect as connect_gmail
 from tests.test_gmail import deliver as deliver_gmail
-from tests.worker import drain, live_worker
+from tests.worker import drain, idle, live_worker
 
 CONNECT = """
 mutation($input: ConnectMailboxInput!) {
@@ -476,7 +475,7 @@ async def test_reconnecting_while_the_disconnect_is_released_keeps_the_new_crede
     slow = microsoft.microsoft.faults.add(
         Fault(delay_seconds=1.5, account=address, method="DELETE", path="/subscriptions", times=1)
     )
-    async with live_worker(runtime):
+    async with live_worker(runtime) as worker:
         await gql(DISCONNECT, {"id": mailbox_gid}, token=owner.token)
 
         async def deleting() -> bool:
@@ -489,7 +488,11 @@ async def test_reconnecting_while_the_disconnect_is_released_keeps_the_new_crede
         ]
         landed = await follow_consent(url)
         assert landed["status"] == ["PENDING"]
-        await asyncio.sleep(2)
+
+        async def released() -> bool:  # the slow release, and any pass it earned, have ended
+            return await idle(runtime, worker)
+
+        await wait_until(released, 30)
     await drain(runtime)
     microsoft.microsoft.deliver(address, raw_message("ned@client.test", [address], "After"))
     await settle(microsoft, runtime)
