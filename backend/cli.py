@@ -81,11 +81,11 @@ def worker(
     burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
 ) -> None:
     """Run the arq worker: sync passes and the 5-minute scheduler."""
+    _settings()  # before worker.settings, which reads the settings as it is imported
     from arq.worker import run_worker
 
     from worker.settings import WorkerSettings
 
-    _settings()
     run_worker(WorkerSettings, burst=burst)  # type: ignore[arg-type]
 
 

@@ -113,7 +113,10 @@ def test_development_and_test_keep_their_defaults() -> None:
 
 
 @pytest.mark.e2e
-def test_serve_in_production_with_development_secrets_exits_and_says_why(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["worker"]])
+def test_a_process_in_production_with_development_secrets_exits_and_says_why(
+    tmp_path: Path, command: list[str]
+) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSYNC_")}
     env |= {
         "MAILSYNC_ENV": "production",
@@ -121,7 +124,7 @@ def test_serve_in_production_with_development_secrets_exits_and_says_why(tmp_pat
         "MAILSYNC_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'x.db'}",
     }
     out = subprocess.run(
-        ["uv", "run", "--frozen", "--project", str(ROOT), "mailsync", "serve", "--port", "0"],
+        ["uv", "run", "--frozen", "--project", str(ROOT), "mailsync", *command],
         cwd=tmp_path,  # no .env file of the checkout's
         env=env,
         capture_output=True,
