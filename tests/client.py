@@ -141,9 +141,12 @@ async def subscribe(
     async with ws_connect(url, token, [protocol]) as (ws, chosen):
         before = await subscribers()
         sub = await start(ws, chosen, "1", query, variables)
-        async with asyncio.timeout(WORK_TIMEOUT):
-            while True:  # polled: the hub signals nothing on the wire
-                if await subscribers() > before:
-                    break
-                await asyncio.sleep(0.01)
+        deadline = asyncio.get_running_loop().time() + WORK_TIMEOUT
+        while await subscribers() <= before:  # polled: the hub signals nothing on the wire
+            if asyncio.get_running_loop().time() > deadline:
+                raise GraphQLFailed(
+                    f"the subscription was not registered within {WORK_TIMEOUT:.0f} s "
+                    f"(refused? the server's answer is on the socket): {query}"
+                )
+            await asyncio.sleep(0.01)
         yield sub
