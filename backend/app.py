@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from backend.api.schema import build_schema
 from backend.auth.service import authenticate
 from backend.auth.tokens import bearer_value
 from backend.graphql.context import Context
+from backend.providers.microsoft.client import warm_up as warm_up_graph_sdk
 from backend.runtime import Runtime
 from backend.settings import Settings, configure_logging, get_settings
 from backend.sync.queue import SyncQueue
@@ -80,6 +82,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         configure_logging(settings)
+        # msgraph-sdk's lazy imports take seconds; pay them here, not in the first callback.
+        await asyncio.to_thread(warm_up_graph_sdk)
         runtime = await Runtime.create(settings, jobs=SyncQueue, with_hub=True)
         graphql_app.runtime = runtime
         app.state.runtime = runtime
@@ -111,7 +115,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             log.warning("readiness: redis unreachable: %s", exc)
             checks["redis"] = "unreachable"
         ready = all(v == "ok" for v in checks.values())
-        return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+        # Live subscriptions held by this process (its event hub's fan-out).
+        subscribers = runtime.hub.subscriber_count if runtime.hub is not None else 0
+        return JSONResponse(
+            {"ready": ready, **checks, "subscribers": subscribers},
+            status_code=200 if ready else 503,
+        )
 
     async def graphiql_asset(request: Request) -> Response:
         path = graphiql.asset_path(request.path_params["name"])

@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 
 from backend.settings import Settings, get_settings
 
@@ -26,6 +27,12 @@ app.add_typer(token_app, name="token")
 def _settings() -> Settings:
     try:
         return get_settings()
+    except ValidationError as exc:
+        # Each error's message only: the full text repeats the input, secrets included.
+        for error in exc.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            typer.echo(f"configuration error: {message}", err=True)
+        raise typer.Exit(2) from exc
     except ValueError as exc:
         typer.echo(f"configuration error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -74,11 +81,11 @@ def worker(
     burst: Annotated[bool, typer.Option(help="Exit once the queue is empty.")] = False,
 ) -> None:
     """Run the arq worker: sync passes and the scheduler that enqueues due ones every minute."""
+    _settings()  # before worker.settings, which reads the settings as it is imported
     from arq.worker import run_worker
 
     from worker.settings import WorkerSettings
 
-    _settings()
     run_worker(WorkerSettings, burst=burst)  # type: ignore[arg-type]
 
 

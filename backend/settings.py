@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import ipaddress
 import logging
 from pathlib import Path
 from typing import Literal, NamedTuple
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +20,10 @@ DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"  # noqa: S105 (refused outs
 PLACEHOLDER_SECRETS = frozenset(
     {"", "changeme", "change-me", "secret", "please-change", "xxx", DEV_SECRET_KEY}
 )
+# The development OAuth clients: fine against the sandbox, refused in production.
+DEV_GOOGLE_CLIENT_ID = "mailsync-development.apps.googleusercontent.com"
+DEV_MICROSOFT_CLIENT_ID = "00000000-0000-0000-0000-000000000000"
+DEV_CLIENT_SECRET = "mailsync-development-secret"  # noqa: S105 (refused in production)
 
 
 class GoogleEndpoints(NamedTuple):
@@ -63,11 +69,12 @@ class Settings(BaseSettings):
     google_token_url: str = "https://oauth2.googleapis.com/token"  # noqa: S105 (a URL)
     google_revoke_url: str = "https://oauth2.googleapis.com/revoke"
     google_api_url: str = "https://gmail.googleapis.com/"
-    google_client_id: str = "mailsync-development.apps.googleusercontent.com"
-    google_client_secret: SecretStr = SecretStr("mailsync-development-secret")
+    google_client_id: str = DEV_GOOGLE_CLIENT_ID
+    google_client_secret: SecretStr = SecretStr(DEV_CLIENT_SECRET)
     # The Pub/Sub topic Gmail publishes to; its push subscription targets /webhooks/google.
     google_pubsub_topic: str = "projects/mailsync/topics/gmail"
-    # Shared secret in the push URL (?token=); derived from SECRET_KEY when unset.
+    # Shared secret in the push URL (?token=); derived from SECRET_KEY when unset, except in
+    # production, which requires it.
     google_push_token: SecretStr | None = None
     # Microsoft: the real endpoints by default; MAILSYNC_MICROSOFT_BASE_URL points login and
     # Graph at one server (`mailsync sandbox`).
@@ -75,8 +82,8 @@ class Settings(BaseSettings):
     microsoft_login_url: str = "https://login.microsoftonline.com"
     microsoft_graph_url: str = "https://graph.microsoft.com/v1.0"
     microsoft_tenant: str = "common"
-    microsoft_client_id: str = "00000000-0000-0000-0000-000000000000"
-    microsoft_client_secret: SecretStr = SecretStr("mailsync-development-secret")
+    microsoft_client_id: str = DEV_MICROSOFT_CLIENT_ID
+    microsoft_client_secret: SecretStr = SecretStr(DEV_CLIENT_SECRET)
     # Lifetime asked for Graph subscriptions; they are renewed daily, so it must outlast a day
     # with room for a late pass. Under the documented maximum for Outlook messages (4,230
     # minutes in older docs, 10,080 in newer ones).
@@ -96,6 +103,29 @@ class Settings(BaseSettings):
             )
         if key is not None and self.env != "development" and len(key) < 32:
             raise ValueError("MAILSYNC_SECRET_KEY must be at least 32 characters")
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.env != "production":
+            return self
+        problems = [
+            *_development_client("MAILSYNC_GOOGLE", self.google_client_id, DEV_GOOGLE_CLIENT_ID),
+            *_development_secret("MAILSYNC_GOOGLE", self.google_client_secret),
+            *_development_client(
+                "MAILSYNC_MICROSOFT", self.microsoft_client_id, DEV_MICROSOFT_CLIENT_ID
+            ),
+            *_development_secret("MAILSYNC_MICROSOFT", self.microsoft_client_secret),
+            *_unsafe_public_url(self.public_url),
+        ]
+        push = self.google_push_token.get_secret_value() if self.google_push_token else None
+        if push is None or push.strip().lower() in PLACEHOLDER_SECRETS:
+            problems.append(
+                "MAILSYNC_GOOGLE_PUSH_TOKEN must be set in production (a random value; the "
+                "Pub/Sub push subscription's URL carries it as ?token=)"
+            )
+        if problems:
+            raise ValueError("unsafe for production:\n- " + "\n- ".join(problems))
         return self
 
     @property
@@ -136,6 +166,38 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+def _development_client(prefix: str, client_id: str, development: str) -> list[str]:
+    if client_id.strip() in {"", development}:
+        return [f"{prefix}_CLIENT_ID must be set to your own OAuth client in production"]
+    return []
+
+
+def _development_secret(prefix: str, secret: SecretStr) -> list[str]:
+    value = secret.get_secret_value().strip()
+    if value == DEV_CLIENT_SECRET or value.lower() in PLACEHOLDER_SECRETS:
+        return [f"{prefix}_CLIENT_SECRET must be set to your OAuth client's secret in production"]
+    return []
+
+
+def _unsafe_public_url(url: str) -> list[str]:
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme != "https" or not host:
+        return [f"MAILSYNC_PUBLIC_URL must be an https:// URL in production (got {url!r})"]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        local = host == "localhost" or host.endswith(".localhost")
+    else:
+        local = address.is_loopback or address.is_unspecified
+    if local:
+        return [
+            f"MAILSYNC_PUBLIC_URL must be the API's public address in production, "
+            f"not a loopback one (got {url!r})"
+        ]
+    return []
 
 
 @functools.cache

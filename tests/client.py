@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import websockets
+from websockets.typing import Subprotocol
 
 TRANSPORT_WS = "graphql-transport-ws"
 LEGACY_WS = "graphql-ws"
+
+# Generous bounds for work to happen on a loaded two-core machine; a test asserting that
+# something does NOT happen passes its own, short, time instead.
+WORK_TIMEOUT = 30.0
+
+# How many subscriptions the server's event hub holds (for the subscriber's workspace, or
+# in all when the process serves only the test): see `subscribe`.
+SubscriberCount = Callable[[], Awaitable[int]]
 
 
 class GraphQLFailed(AssertionError):
@@ -55,7 +64,7 @@ class Subscription:
         self.protocol = protocol
         self.op_id = op_id
 
-    async def next(self, timeout: float = 5.0) -> dict[str, Any]:
+    async def next(self, timeout: float = WORK_TIMEOUT) -> dict[str, Any]:
         """The next data payload of this operation (skipping keep-alives)."""
         async with asyncio.timeout(timeout):
             while True:
@@ -86,12 +95,14 @@ async def ws_connect(
     url: str, token: str | None, protocols: list[str] | None = None
 ) -> AsyncIterator[tuple[Any, str]]:
     offered = protocols or [TRANSPORT_WS]
-    async with websockets.connect(url, subprotocols=offered) as ws:  # type: ignore[arg-type]
+    async with websockets.connect(
+        url, subprotocols=[Subprotocol(p) for p in offered], open_timeout=WORK_TIMEOUT
+    ) as ws:
         protocol = ws.subprotocol or offered[0]
         payload = {"Authorization": f"Bearer {token}"} if token else {}
         await ws.send(json.dumps({"type": "connection_init", "payload": payload}))
         while True:
-            ack = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            ack = json.loads(await asyncio.wait_for(ws.recv(), WORK_TIMEOUT))
             if ack.get("type") != "ka":
                 break
         if ack.get("type") != "connection_ack":
@@ -118,9 +129,24 @@ async def subscribe(
     query: str,
     variables: dict[str, Any] | None = None,
     protocol: str = TRANSPORT_WS,
+    *,
+    subscribers: SubscriberCount,
 ) -> AsyncIterator[Subscription]:
+    """A subscription that is registered with the server's event hub when this yields.
+
+    Neither websocket protocol acknowledges a subscribe, and a `ping` sent after it proves
+    nothing: Strawberry answers the ping at once while the operation runs in its own task,
+    which reaches the hub only when the resolver's generator first runs. So this waits until
+    `subscribers()` counts one more than before the subscribe."""
     async with ws_connect(url, token, [protocol]) as (ws, chosen):
+        before = await subscribers()
         sub = await start(ws, chosen, "1", query, variables)
-        # Give the server a moment to register the subscription before events are sent.
-        await asyncio.sleep(0.2)
+        deadline = asyncio.get_running_loop().time() + WORK_TIMEOUT
+        while await subscribers() <= before:  # polled: the hub signals nothing on the wire
+            if asyncio.get_running_loop().time() > deadline:
+                raise GraphQLFailed(
+                    f"the subscription was not registered within {WORK_TIMEOUT:.0f} s "
+                    f"(refused? the server's answer is on the socket): {query}"
+                )
+            await asyncio.sleep(0.01)
         yield sub

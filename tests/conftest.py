@@ -27,7 +27,7 @@ from backend.runtime import Runtime
 from backend.sandbox.google import GoogleSandbox
 from backend.settings import Settings, get_settings
 from backend.sync.queue import SyncQueue
-from tests.client import GQL
+from tests.client import GQL, SubscriberCount
 from tests.factories import Factory
 from tests.sandbox import SandboxServer
 
@@ -136,6 +136,14 @@ class LiveServer:
     @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/graphql"
+
+    def subscribers(self, workspace_id: object) -> SubscriberCount:
+        """Subscriptions of a workspace registered with this server's event hub."""
+
+        async def count() -> int:
+            return int(self.app.state.runtime.hub.subscribers_of(str(workspace_id)))
+
+        return count
 
     async def start(self) -> None:
         self.task = asyncio.create_task(self.server.serve())

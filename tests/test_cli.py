@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from backend.cli import app
@@ -26,6 +27,7 @@ def mailsync(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
     )
 
 
+@pytest.mark.e2e  # runs `mailsync` processes
 def test_operator_workflow(tmp_path: Path) -> None:
     env = {
         **os.environ,
@@ -68,6 +70,7 @@ def test_export_schema_prints_the_committed_schema() -> None:
     assert out.stdout == (ROOT / "schema.graphql").read_text()
 
 
+@pytest.mark.e2e  # runs `mailsync` processes
 def test_refuses_to_start_without_a_secret_outside_development(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "MAILSYNC_SECRET_KEY"}
     env |= {

@@ -21,6 +21,8 @@ from backend.settings import Settings
 from tests.browser import chromium
 from tests.conftest import REDIS_URL, free_port
 
+pytestmark = pytest.mark.e2e  # starts `mailsync demo` and Chromium
+
 DEMO_REDIS_URL = REDIS_URL.rsplit("/", 1)[0] + "/14"
 
 
@@ -81,7 +83,7 @@ async def test_graphiql_from_the_demo_shows_email_received_events_offline(demo_u
             ".some(i => i.textContent.trim() === 'Live'); if (!live) document.querySelector("
             "'.graphiql-execute-button').dispatchEvent(new PointerEvent('pointerdown', "
             "{bubbles: true, button: 0, pointerType: 'mouse'})); return live; })()",
-            timeout=20,
+            timeout=30,
         )
         await page.evaluate(
             "[...document.querySelectorAll('[role=menuitem]')].find(i => i.textContent.trim() === 'Live').click()"
@@ -109,7 +111,7 @@ def test_the_demo_connects_outlook_and_mail_crossing_gmail_and_outlook_is_filed_
     settings = Settings(redis_url=DEMO_REDIS_URL, log_level="WARNING")
     with (
         running_stack(settings, "127.0.0.1", free_port(), quiet=True) as stack,
-        httpx.Client(base_url=stack.api, trust_env=False, timeout=10) as http,
+        httpx.Client(base_url=stack.api, trust_env=False, timeout=30) as http,
     ):
         token = stack.tokens[OWNER_EMAIL]
 

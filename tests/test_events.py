@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from backend.runtime import Runtime
 from tests.client import GQL, LEGACY_WS, TRANSPORT_WS, subscribe
 from tests.conftest import LiveServer
 from tests.factories import Factory, raw_message
 from tests.providers import fake_provider
+from tests.sync_helpers import wait_until
 from tests.worker import drain
 
 EMAIL_RECEIVED = """
@@ -34,8 +33,18 @@ async def test_worker_job_files_mail_and_subscribers_of_that_workspace_only_get_
             raw_message("Ann Client <ann@client.test>", [owner.email], "Quote", "Numbers inside"),
         )
         async with (
-            subscribe(api.ws_url, owner.token, EMAIL_RECEIVED) as mine,
-            subscribe(api.ws_url, stranger.token, EMAIL_RECEIVED) as theirs,
+            subscribe(
+                api.ws_url,
+                owner.token,
+                EMAIL_RECEIVED,
+                subscribers=api.subscribers(owner.workspace.id),
+            ) as mine,
+            subscribe(
+                api.ws_url,
+                stranger.token,
+                EMAIL_RECEIVED,
+                subscribers=api.subscribers(stranger.workspace.id),
+            ) as theirs,
         ):
             await gql(
                 "mutation($id: ID!) { syncMailbox(id: $id) { mailbox { id } userErrors { code } } }",
@@ -67,7 +76,11 @@ async def test_subscription_filters_by_contact(
     ann = await factory.contact(owner, "ann@one.test", "Ann")
     await factory.contact(owner, "bob@two.test", "Bob")
     async with subscribe(
-        api.ws_url, owner.token, EMAIL_RECEIVED, {"contactId": _gid("Contact", ann.id)}
+        api.ws_url,
+        owner.token,
+        EMAIL_RECEIVED,
+        {"contactId": _gid("Contact", ann.id)},
+        subscribers=api.subscribers(owner.workspace.id),
     ) as sub:
         await factory.email(owner, mailbox, raw_message("bob@two.test", [owner.email], "From Bob"))
         await factory.email(owner, mailbox, raw_message("ann@one.test", [owner.email], "From Ann"))
@@ -82,7 +95,13 @@ async def test_legacy_graphql_ws_protocol_delivers_events(
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
     await factory.contact(owner, "carol@three.test", "Carol")
-    async with subscribe(api.ws_url, owner.token, EMAIL_RECEIVED, protocol=LEGACY_WS) as sub:
+    async with subscribe(
+        api.ws_url,
+        owner.token,
+        EMAIL_RECEIVED,
+        protocol=LEGACY_WS,
+        subscribers=api.subscribers(owner.workspace.id),
+    ) as sub:
         assert sub.protocol == LEGACY_WS
         await factory.email(
             owner, mailbox, raw_message("carol@three.test", [owner.email], "Legacy")
@@ -126,8 +145,12 @@ async def test_mailbox_status_and_pass_events(
     with fake_provider() as store:
         store.deliver(mailbox.email_address, raw_message("dan@four.test", [owner.email], "Hi"))
         async with (
-            subscribe(api.ws_url, owner.token, status_sub) as statuses,
-            subscribe(api.ws_url, owner.token, pass_sub) as passes,
+            subscribe(
+                api.ws_url, owner.token, status_sub, subscribers=api.subscribers(owner.workspace.id)
+            ) as statuses,
+            subscribe(
+                api.ws_url, owner.token, pass_sub, subscribers=api.subscribers(owner.workspace.id)
+            ) as passes,
         ):
             await runtime.jobs.enqueue_sync(str(mailbox.id))
             await drain(runtime)
@@ -151,9 +174,15 @@ async def test_hub_keeps_one_redis_subscription_for_many_clients(
     hub = api.app.state.runtime.hub
     before = hub.subscriber_count
     async with (
-        subscribe(api.ws_url, owner.token, EMAIL_RECEIVED) as _a,
-        subscribe(api.ws_url, owner.token, EMAIL_RECEIVED) as _b,
-        subscribe(api.ws_url, owner.token, EMAIL_RECEIVED) as _c,
+        subscribe(
+            api.ws_url, owner.token, EMAIL_RECEIVED, subscribers=api.subscribers(owner.workspace.id)
+        ) as _a,
+        subscribe(
+            api.ws_url, owner.token, EMAIL_RECEIVED, subscribers=api.subscribers(owner.workspace.id)
+        ) as _b,
+        subscribe(
+            api.ws_url, owner.token, EMAIL_RECEIVED, subscribers=api.subscribers(owner.workspace.id)
+        ) as _c,
     ):
         assert hub.subscriber_count == before + 3
         clients = await api.app.state.runtime.redis.execute_command("PUBSUB", "NUMPAT")
@@ -162,5 +191,8 @@ async def test_hub_keeps_one_redis_subscription_for_many_clients(
             "PUBSUB", "CHANNELS", "mailsync:events:*"
         )
         assert channels == []  # one pattern subscription, no channel per subscriber
-    await asyncio.sleep(0.2)
-    assert hub.subscriber_count == before
+
+    async def unregistered() -> bool:  # the server notices the closed sockets on its own time
+        return bool(hub.subscriber_count == before)
+
+    await wait_until(unregistered, 30)

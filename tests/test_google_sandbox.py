@@ -376,10 +376,11 @@ async def test_watch_pushes_a_pubsub_envelope_after_a_change(google_server: Sand
         await asyncio.sleep(0.3)
         assert received == []
         await insert(box, raw_message("a@client.test", [me]))
-        for _ in range(100):
-            if received:
-                break
-            await asyncio.sleep(0.02)
+        async with asyncio.timeout(30):
+            while True:
+                if received:
+                    break
+                await asyncio.sleep(0.02)
         endpoint, envelope = received[0]
         notice = json.loads(unb64url(envelope["message"]["data"]))
         assert endpoint == "http://app.test/push" and notice["emailAddress"] == me

@@ -15,7 +15,13 @@ async def test_healthz_and_readyz(api: LiveServer) -> None:
         assert (await client.get("/healthz")).text == "ok"
         ready = await client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "database": "ok", "redis": "ok"}
+    body = ready.json()
+    assert {k: body[k] for k in ("ready", "database", "redis")} == {
+        "ready": True,
+        "database": "ok",
+        "redis": "ok",
+    }
+    assert body["subscribers"] == api.app.state.runtime.hub.subscriber_count
 
 
 async def test_graphiql_is_served_without_any_cdn(api: LiveServer) -> None:

@@ -58,7 +58,7 @@ def test_secret_key_is_required_outside_development() -> None:
         Settings(env="production", secret_key="changeme", _env_file=None)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="at least 32"):
         Settings(env="production", secret_key="short-but-not-a-placeholder", _env_file=None)  # type: ignore[call-arg]
-    assert Settings(env="production", secret_key="x" * 40, _env_file=None).secret == b"x" * 40  # type: ignore[call-arg]
+    assert Settings(env="test", secret_key="x" * 40, _env_file=None).secret == b"x" * 40  # type: ignore[call-arg]
     assert Settings(env="development", _env_file=None).secret  # type: ignore[call-arg]
 
 

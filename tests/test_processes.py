@@ -10,15 +10,29 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
+import pytest
 
 from backend.runtime import Runtime
-from tests.client import subscribe
+from tests.client import WORK_TIMEOUT, SubscriberCount, subscribe
 from tests.conftest import free_port
 from tests.factories import Factory, raw_message
 from tests.providers import fake_provider
 from tests.worker import drain
 
+pytestmark = pytest.mark.e2e  # starts two API processes
+
 QUERY = "subscription { emailReceived { email { subject } contacts { name } } }"
+
+
+def subscribers(ws_url: str) -> SubscriberCount:
+    """Subscriptions the API process holds (it serves only this test), from /readyz."""
+    url = ws_url.replace("ws://", "http://").replace("/graphql", "/readyz")
+
+    async def count() -> int:
+        async with httpx.AsyncClient(trust_env=False, timeout=WORK_TIMEOUT) as client:
+            return int((await client.get(url)).json()["subscribers"])
+
+    return count
 
 
 @asynccontextmanager
@@ -32,8 +46,8 @@ async def api_process() -> AsyncIterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient() as client:
-            for _ in range(300):
+        async with httpx.AsyncClient(trust_env=False, timeout=WORK_TIMEOUT) as client:
+            for _ in range(600):  # start-up imports take seconds on a loaded machine
                 if proc.poll() is not None:
                     raise RuntimeError(
                         f"API process exited: {proc.stderr.read().decode() if proc.stderr else ''}"
@@ -65,8 +79,8 @@ async def test_one_event_reaches_subscribers_on_two_api_processes(
         async with (
             api_process() as first,
             api_process() as second,
-            subscribe(first, owner.token, QUERY) as one,
-            subscribe(second, owner.token, QUERY) as two,
+            subscribe(first, owner.token, QUERY, subscribers=subscribers(first)) as one,
+            subscribe(second, owner.token, QUERY, subscribers=subscribers(second)) as two,
         ):
             await runtime.jobs.enqueue_sync(str(mailbox.id))
             assert await drain(runtime) == 1

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from backend.mailboxes.tables import MailboxStatus
 from backend.runtime import Runtime
 from backend.sandbox.faults import Fault
@@ -19,6 +21,8 @@ from tests.factories import Factory, raw_message
 from tests.sandbox import SandboxServer
 from tests.sync_helpers import reload_mailbox, wait_until
 from tests.test_gmail import connected, deliver, emails_of
+
+pytestmark = pytest.mark.e2e  # starts worker processes
 
 PASS_TIMEOUT = 3  # arq retries a dead worker's job this + 10 seconds after it started
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from arq.connections import RedisSettings
+from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
 
 from backend.runtime import Runtime
@@ -66,3 +67,13 @@ async def live_worker(runtime: Runtime) -> AsyncIterator[Worker]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await worker.close()
+
+
+async def idle(runtime: Runtime, worker: Worker) -> bool:
+    """Nothing queued, nothing claimed, and none of the worker's job tasks still running
+    (a job's after_job_end, which may queue one more pass, runs inside its task)."""
+    if await runtime.redis.zcard("arq:queue"):
+        return False
+    if [key async for key in runtime.redis.scan_iter(in_progress_key_prefix + "*")]:
+        return False
+    return all(task.done() for task in worker.tasks.values())

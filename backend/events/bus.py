@@ -62,6 +62,11 @@ class EventHub:
     def subscriber_count(self) -> int:
         return sum(len(queues) for queues in self._subscribers.values())
 
+    def subscribers_of(self, workspace_id: str) -> int:
+        """Subscriptions of one workspace registered here (a subscribe is not acknowledged on
+        the wire, so tests wait for this before publishing)."""
+        return len(self._subscribers.get(workspace_id, ()))
+
     @contextlib.asynccontextmanager
     async def subscribe(self, workspace_id: str) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=QUEUE_SIZE)

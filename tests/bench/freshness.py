@@ -75,7 +75,13 @@ async def measure(api: str, sandbox: str, token: str, count: int, interval: floa
                     latencies[subject] = time.perf_counter() - sent_at[subject]
 
         receiver = asyncio.create_task(receive())
-        await asyncio.sleep(0.5)  # let the subscription register before the first insert
+        # Nothing on the wire acknowledges a subscribe: wait until the API's event hub holds
+        # it (the bench's API process serves no other subscriber).
+        async with asyncio.timeout(30):
+            while True:
+                if (await http.get(f"{api}/readyz")).json()["subscribers"] >= 1:
+                    break
+                await asyncio.sleep(0.02)
         grant = await http.post(f"/_sandbox/google/accounts/{OWNER_EMAIL}/token")
         headers = {"Authorization": f"Bearer {grant.json()['access_token']}"}
         for n in range(count):

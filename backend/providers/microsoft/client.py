@@ -36,6 +36,20 @@ class _TokenProvider(AccessTokenProvider):
         return AllowedHostsValidator([])  # [] = every host
 
 
+def warm_up() -> None:
+    """Import what msgraph-sdk imports lazily the first time it reads a response.
+
+    Its generated models import the types of their fields inside `get_field_deserializers`,
+    so the first `User` read pulls in about 1,200 modules (seconds). Done at start-up, the
+    first OAuth callback does not pay for it."""
+    from msgraph.generated.models.message import Message
+    from msgraph.generated.models.subscription import Subscription
+    from msgraph.generated.models.user import User
+
+    for model in (User, Message, Subscription):
+        model().get_field_deserializers()
+
+
 def build_graph_client(
     base_url: str, get_token: Callable[[], str], *, timeout: float = 30, retries: bool = True
 ) -> tuple[GraphServiceClient, httpx.AsyncClient]:
