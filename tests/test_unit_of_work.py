@@ -20,7 +20,7 @@ from backend.mailboxes import connect
 from backend.mailboxes.service import connect_mailbox
 from backend.mailboxes.tables import Mailbox
 from backend.providers.base import Provider
-from backend.runtime import Runtime
+from backend.runtime import Runtime, Work
 from backend.settings import Settings
 from tests.conftest import REDIS_URL, LiveServer
 from tests.factories import Factory, Member, unique
@@ -99,6 +99,18 @@ async def test_a_route_that_fails_releases_nothing(
         await redis.aclose()
 
 
+async def _connect(runtime: Runtime, work: Work, owner: Member, address: str) -> Mailbox:
+    return await connect_mailbox(
+        work.session,
+        work.effects,
+        runtime.settings.secret,
+        owner=owner.user,
+        provider=Provider.GMAIL,
+        email_address=address,
+        credentials={},
+    )
+
+
 async def test_a_unit_of_work_commits_then_releases_and_drops_everything_on_failure(
     runtime: Runtime, factory: Factory
 ) -> None:
@@ -110,28 +122,12 @@ async def test_a_unit_of_work_commits_then_releases_and_drops_everything_on_fail
     try:
         with pytest.raises(RuntimeError):
             async with runtime.unit_of_work() as work:
-                await connect_mailbox(
-                    work.session,
-                    work.effects,
-                    runtime.settings.secret,
-                    owner=owner.user,
-                    provider=Provider.GMAIL,
-                    email_address=dropped,
-                    credentials={},
-                )
+                await _connect(runtime, work, owner, dropped)
                 work.effects.publish(owner.workspace.id, {"type": "dropped"})
                 raise RuntimeError("a bug after the writes")
         assert await _queued(runtime) == []
         async with runtime.unit_of_work() as work:
-            mailbox = await connect_mailbox(
-                work.session,
-                work.effects,
-                runtime.settings.secret,
-                owner=owner.user,
-                provider=Provider.GMAIL,
-                email_address=kept,
-                credentials={},
-            )
+            mailbox = await _connect(runtime, work, owner, kept)
             work.effects.publish(owner.workspace.id, {"type": "kept"})
         assert f"sync:{mailbox.id}".encode() in await _queued(runtime)
         assert await _events_before_sentinel(runtime, owner, listen) == [{"type": "kept"}]
