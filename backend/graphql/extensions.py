@@ -52,10 +52,15 @@ class UnitOfWork(SchemaExtension):
             try:
                 yield
                 result = execution.result
-                # Only a mutation that answered without any error commits: an error escaping a
-                # resolver (a ServiceError outside `attempt`, a bug) leaves nothing behind.
-                succeeded = result is not None and not (getattr(result, "errors", None) or [])
-                if _operation_type(execution) != OperationType.MUTATION or not succeeded:
+                # A mutation commits unless one of its fields failed (any error on a root
+                # field, such as a ServiceError escaping `attempt`, FORBIDDEN, or a bug) or an
+                # unexpected error happened anywhere. A client's bad argument deeper in the
+                # payload (a malformed cursor) does not undo what the mutation did.
+                errors = getattr(result, "errors", None) or []
+                failed = result is None or any(
+                    is_unexpected(e) or (e.path is not None and len(e.path) <= 1) for e in errors
+                )
+                if _operation_type(execution) != OperationType.MUTATION or failed:
                     work.discard()
             except BaseException:
                 work.discard()

@@ -106,7 +106,8 @@ async def finish(
         account = await connector.complete(settings, code)
     except ProviderError as exc:
         raise ServiceError(
-            ErrorCode[exc.code.value], f"The provider refused the connection: {exc.detail}"
+            ErrorCode.__members__.get(exc.code.value, ErrorCode.PROVIDER_ERROR),
+            f"The provider refused the connection: {exc.detail}",
         ) from exc
     target_id = claims.get("m")
     target = None

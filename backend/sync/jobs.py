@@ -38,34 +38,37 @@ async def sync_mailbox(runtime: Runtime, mailbox_id: str) -> PassResult | None:
 
 async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None:
     """One pass, in its own unit of work; a failure rolls the pass back and is recorded in
-    another. The job's id guarantees one pass per mailbox at a time (R14)."""
+    another. The job's id guarantees one pass per mailbox at a time (R14). Only the pass's own
+    failures are recorded: one of the commit or the release after it fails the job instead,
+    and arq retries it."""
     started = now()
     settings = runtime.settings
     credentials = PassCredentials()
     error: ProviderError
-    try:
-        async with runtime.unit_of_work() as work:
-            mailbox = await work.session.get(Mailbox, mailbox_id)
-            if mailbox is not None and mailbox.status == MailboxStatus.DISCONNECTED:
-                await release_provider_side(work.session, settings, mailbox)
-                return None
-            if mailbox is None or mailbox.status not in SYNCABLE:
-                return None
-            workspace = await work.session.get(Workspace, mailbox.workspace_id)
-            if workspace is None:
-                return None
-            return await sync_pass(
-                work.session, work.effects, settings, workspace, mailbox, credentials
-            )
-    except ProviderError as exc:
-        error = exc
-    except Exception as exc:
-        log.exception("mailbox %s: sync pass failed unexpectedly", mailbox_id)
-        error = TransientProviderError(f"unexpected: {exc!r}", SyncErrorCode.READ_FAILED)
     async with runtime.unit_of_work() as work:
         mailbox = await work.session.get(Mailbox, mailbox_id)
-        if mailbox is None:
+        if mailbox is not None and mailbox.status == MailboxStatus.DISCONNECTED:
+            await release_provider_side(work.session, settings, mailbox)
             return None
+        if mailbox is None or mailbox.status not in SYNCABLE:
+            return None
+        workspace = await work.session.get(Workspace, mailbox.workspace_id)
+        if workspace is None:
+            return None
+        try:
+            return await sync_pass(
+                work.session, work.effects, settings, workspace, mailbox, credentials, started
+            )
+        except ProviderError as exc:
+            error = exc
+        except Exception as exc:
+            log.exception("mailbox %s: sync pass failed unexpectedly", mailbox_id)
+            error = TransientProviderError(f"unexpected: {exc!r}", SyncErrorCode.READ_FAILED)
+        work.discard()
+    async with runtime.unit_of_work() as work:
+        mailbox = await work.session.get(Mailbox, mailbox_id)
+        if mailbox is None or mailbox.status not in SYNCABLE:
+            return None  # disconnected (or gone) meanwhile: its failure is nobody's concern
         return record_failure(
             work.session, work.effects, settings, mailbox, error, credentials, started
         )

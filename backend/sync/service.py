@@ -318,10 +318,10 @@ async def sync_pass(
     workspace: Workspace,
     mailbox: Mailbox,
     credentials: PassCredentials,
+    started: datetime,
 ) -> PassResult:
     """File what changed since the cursor and move the cursor with it; raises ProviderError
     when the pass fails (the caller rolls back and records it with `record_failure`)."""
-    started = now()
     provider = _provider(settings, mailbox)
     try:
         outcome = await _file_all(session, effects, provider, workspace, mailbox)
