@@ -32,8 +32,8 @@ from backend.auth.tokens import bearer_value
 from backend.graphql.context import Context
 from backend.providers.microsoft.client import warm_up as warm_up_graph_sdk
 from backend.runtime import Runtime
+from backend.sending.queue import JobQueue
 from backend.settings import Settings, configure_logging, get_settings
-from backend.sync.queue import SyncQueue
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         configure_logging(settings)
         # msgraph-sdk's lazy imports take seconds; pay them here, not in the first callback.
         await asyncio.to_thread(warm_up_graph_sdk)
-        runtime = await Runtime.create(settings, jobs=SyncQueue, with_hub=True)
+        runtime = await Runtime.create(settings, jobs=JobQueue, with_hub=True)
         graphql_app.runtime = runtime
         app.state.runtime = runtime
         missing = graphiql.missing_assets()

@@ -64,6 +64,11 @@ SUBJECTS = [
     "Intro: our CTO",
     "Renewal in March",
 ]
+SEND = """
+mutation($input: SendEmailInput!) {
+  sendEmail(input: $input) { email { messageId } userErrors { code message } }
+}"""
+MAILBOXES = "{ viewer { user { mailboxes { id } } } }"
 CONNECT = """
 mutation($provider: Provider!, $hint: String) {
   connectMailbox(input: {provider: $provider, loginHint: $hint}) {
@@ -272,7 +277,9 @@ def run(settings: Settings, host: str, port: int) -> None:
             "Press Ctrl+C to stop.\n",
             flush=True,
         )
-        traffic = Traffic(stack.sandbox, list(stack.tokens), settings_interval())
+        traffic = Traffic(
+            stack.sandbox, list(stack.tokens), settings_interval(), stack.api, stack.tokens
+        )
         while not stopping and stack.alive():
             traffic.tick()
             time.sleep(0.2)
@@ -284,12 +291,20 @@ def settings_interval() -> float:
 
 class Traffic:
     """Mail the way it flows for a sales team: contacts write (now and then to a Gmail and an
-    Outlook user at once), users reply from Gmail or Outlook (now and then copying a colleague
+    Outlook user at once), users write from the CRM and the contact answers, users reply from
+    Gmail or Outlook (now and then copying a colleague
     on the other one), a newsletter the workspace excluded, a stranger (never filed), and now
     and then a mailbox failing."""
 
-    def __init__(self, sandbox: str, users: list[str], interval: float) -> None:
+    def __init__(
+        self, sandbox: str, users: list[str], interval: float, api: str, tokens: dict[str, str]
+    ) -> None:
         self.sandbox = sandbox
+        self.api = api
+        self.tokens = tokens
+        self.mailbox_ids: dict[str, str] = {}
+        # CRM-sent mail waiting for the contact's answer: (user, contact, subject, Message-ID).
+        self.awaiting_reply: list[tuple[str, str, str, str]] = []
         self.users = users
         self.interval = interval
         self.next_at = time.monotonic() + 1
@@ -326,7 +341,16 @@ class Traffic:
             self.reply(user, contact, subject, message_id, cc=colleague)
             copied = f" (cc {colleague})" if colleague else ""
             print(f"  -> {user} replied to {contact}{copied}: Re: {subject}", flush=True)
+        elif roll < 0.82 and self.awaiting_reply:
+            user, contact, subject, message_id = self.awaiting_reply.pop(0)
+            self.contact_answers(user, contact, subject, message_id)
+            print(f"  <- {contact} answered {user}'s CRM email: Re: {subject}", flush=True)
         elif roll < 0.88:
+            name, contact = self.random.choice(CONTACTS)
+            subject = self.random.choice(SUBJECTS)
+            if self.send_from_crm(user, contact, subject):
+                print(f"  => {user} wrote to {contact} from the CRM: {subject}", flush=True)
+        elif roll < 0.94:
             self._deliver(
                 [user], f"Offers <deals@{EXCLUDED_DOMAIN}>", "50% off today", make_msgid()
             )
@@ -364,7 +388,49 @@ class Traffic:
             self.received[recipient].append((contact, subject, message_id))
         return message_id
 
-    def _deliver(self, users: list[str], sender: str, subject: str, message_id: str) -> None:
+    def send_from_crm(self, user: str, contact: str, subject: str) -> bool:
+        """What a user does in the CRM: sendEmail through their own mailbox (R15)."""
+        headers = {"Authorization": f"Bearer {self.tokens[user]}"}
+        if user not in self.mailbox_ids:
+            found = self.http.post(
+                f"{self.api}/graphql", json={"query": MAILBOXES}, headers=headers
+            ).json()
+            boxes = found["data"]["viewer"]["user"]["mailboxes"]
+            if not boxes:
+                return False
+            self.mailbox_ids[user] = boxes[0]["id"]
+        payload = {
+            "mailboxId": self.mailbox_ids[user],
+            "to": [contact],
+            "subject": subject,
+            "bodyHtml": f"<p>Hello,</p><p>about <b>{subject.lower()}</b>: see you soon.</p>",
+        }
+        answer = self.http.post(
+            f"{self.api}/graphql",
+            json={"query": SEND, "variables": {"input": payload}},
+            headers=headers,
+        ).json()
+        sent = answer["data"]["sendEmail"]
+        if sent["email"] is None:
+            print(f"  traffic: sendEmail refused: {sent['userErrors']}", flush=True)
+            return False
+        self.awaiting_reply.append((user, contact, subject, sent["email"]["messageId"]))
+        return True
+
+    def contact_answers(self, user: str, contact: str, subject: str, message_id: str) -> None:
+        name = next(n for n, a in CONTACTS if a == contact)
+        self._deliver(
+            [user], f"{name} <{contact}>", f"Re: {subject}", make_msgid(), in_reply_to=message_id
+        )
+
+    def _deliver(
+        self,
+        users: list[str],
+        sender: str,
+        subject: str,
+        message_id: str,
+        in_reply_to: str | None = None,
+    ) -> None:
         message = EmailMessage()
         message["From"] = sender
         message["To"] = users[0]
@@ -373,6 +439,9 @@ class Traffic:
         message["Subject"] = subject
         message["Message-ID"] = message_id
         message["Date"] = formatdate(usegmt=True)
+        if in_reply_to:
+            message["In-Reply-To"] = in_reply_to
+            message["References"] = in_reply_to
         message.set_content(f"{subject}\n\nSent by the mailsync demo traffic generator.")
         raw = {"rawBase64": base64.b64encode(message.as_bytes()).decode()}
         # What the sender's mail server does: one copy into each recipient's mailbox.

@@ -5,6 +5,7 @@ from backend.contacts.tables import Contact, ContactAddress
 from backend.exclusions.tables import Exclusion
 from backend.mail.tables import Email, MailboxMessage, Participant, Thread, TimelineEntry
 from backend.mailboxes.tables import Mailbox, SyncActivityDay, SyncErrorEntry
+from backend.sending.tables import OutgoingMessage
 
 __all__ = [
     "ApiToken",
@@ -14,6 +15,7 @@ __all__ = [
     "Exclusion",
     "Mailbox",
     "MailboxMessage",
+    "OutgoingMessage",
     "Participant",
     "SyncActivityDay",
     "SyncErrorEntry",

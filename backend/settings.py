@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     sync_spread_seconds: int = 60
     # A pass running longer is cancelled; one whose worker died is retried this + 10 s later.
     sync_pass_timeout_seconds: int = 300
+    # A send (one provider call, or a look-up and a call) running longer is cancelled.
+    send_timeout_seconds: int = 120
     capture_domain: str = "capture.mailsync.local"
     # Where the browser lands after an OAuth connect, with ?mailboxId= or ?error= appended.
     oauth_return_url: str | None = None

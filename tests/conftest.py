@@ -25,8 +25,8 @@ from backend.app import create_app
 from backend.kit import clock
 from backend.runtime import Runtime
 from backend.sandbox.google import GoogleSandbox
+from backend.sending.queue import JobQueue
 from backend.settings import Settings, get_settings
-from backend.sync.queue import SyncQueue
 from tests.client import GQL, SubscriberCount
 from tests.factories import Factory
 from tests.sandbox import SandboxServer
@@ -108,7 +108,7 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
     redis = Redis.from_url(REDIS_URL)
     await redis.flushdb()
     await redis.aclose()
-    rt = await Runtime.create(settings, jobs=SyncQueue)
+    rt = await Runtime.create(settings, jobs=JobQueue)
     yield rt
     await rt.close()
 

@@ -98,7 +98,7 @@ async def test_graphiql_from_the_demo_shows_email_received_events_offline(demo_u
 
 ADA_TIMELINE = """query($search: String) { contacts(search: $search) { edges { node {
   timeline(first: 20) { totalCount edges { node {
-    subject direction thread { id } sentBy { email } mailbox { provider emailAddress } } } } } } } }"""
+    subject direction deliveryStatus thread { id } sentBy { email } mailbox { provider emailAddress } } } } } } } }"""
 MAILBOXES = "{ mailboxes { id provider emailAddress status lastSyncedAt } }"
 
 
@@ -130,7 +130,7 @@ def test_the_demo_connects_outlook_and_mail_crossing_gmail_and_outlook_is_filed_
 
         # Ada writes to Max's Outlook and copies Olivia's Gmail; Max answers from Outlook
         # and copies Sam, whose Gmail receives it from the Outlook side.
-        traffic = Traffic(stack.sandbox, list(stack.tokens), interval=0)
+        traffic = Traffic(stack.sandbox, list(stack.tokens), 0, stack.api, stack.tokens)
         subject = "Cross-provider quote"
         message_id = traffic.contact_writes(
             "Ada Lovelace", "ada@analytical.example", OUTLOOK_EMAIL, subject, cc=OWNER_EMAIL
@@ -149,6 +149,17 @@ def test_the_demo_connects_outlook_and_mail_crossing_gmail_and_outlook_is_filed_
             cc="sam@demo.mailsync.test",
         )
         _until(lambda: any(e["direction"] == "OUTGOING" for e in timeline()))
+
+        # Olivia writes to Grace from the CRM (R15); Grace answers into Olivia's Gmail.
+        assert traffic.send_from_crm(OWNER_EMAIL, "grace@cobol.example", "From the CRM")
+        _, grace, crm_subject, crm_message_id = traffic.awaiting_reply.pop()
+        traffic.contact_answers(OWNER_EMAIL, grace, crm_subject, crm_message_id)
+
+        def grace_timeline() -> list[dict[str, Any]]:
+            contact = gql(ADA_TIMELINE, search=grace)["contacts"]["edges"]
+            return [e["node"] for e in contact[0]["node"]["timeline"]["edges"]]
+
+        _until(lambda: len(grace_timeline()) == 2)
 
         # Every mailbox finishes a pass that began after all of this was delivered.
         asked_at = datetime.now(UTC)
@@ -172,6 +183,10 @@ def test_the_demo_connects_outlook_and_mail_crossing_gmail_and_outlook_is_filed_
         assert outgoing["sentBy"]["email"] == OUTLOOK_EMAIL
         assert outgoing["mailbox"]["provider"] == "MICROSOFT"
         assert incoming["thread"]["id"] == outgoing["thread"]["id"]
+        answer, crm = sorted(grace_timeline(), key=lambda e: e["direction"])
+        assert crm["subject"] == "From the CRM" and crm["deliveryStatus"] == "SENT"
+        assert answer["subject"] == "Re: From the CRM"
+        assert answer["thread"]["id"] == crm["thread"]["id"]
 
 
 async def _flush(url: str) -> None:

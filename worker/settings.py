@@ -8,15 +8,18 @@ from arq import cron, func
 from arq.connections import RedisSettings
 
 from backend.runtime import Runtime
+from backend.sending import jobs as sending_jobs
+from backend.sending.jobs import MAX_SEND_ATTEMPTS
+from backend.sending.queue import SEND_FUNCTION, JobQueue
 from backend.settings import configure_logging, get_settings
 from backend.sync import jobs
-from backend.sync.queue import SYNC_FUNCTION, SYNC_PREFIX, SyncQueue
+from backend.sync.queue import SYNC_FUNCTION, SYNC_PREFIX
 
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings = get_settings()
     configure_logging(settings)
-    ctx["runtime"] = await Runtime.create(settings, jobs=SyncQueue)
+    ctx["runtime"] = await Runtime.create(settings, jobs=JobQueue)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
@@ -28,8 +31,16 @@ async def sync_mailbox(ctx: dict[str, Any], mailbox_id: str) -> dict[str, int] |
     return None if result is None else {"filed": result.filed, "failed": result.failed}
 
 
+async def send_email(ctx: dict[str, Any], email_id: str) -> str:
+    return await sending_jobs.send_email(ctx["runtime"], email_id)
+
+
 async def schedule_due(ctx: dict[str, Any]) -> int:
     return await jobs.schedule_due(ctx["runtime"])
+
+
+async def requeue_unsent(ctx: dict[str, Any]) -> int:
+    return await sending_jobs.requeue_unsent(ctx["runtime"])
 
 
 async def after_job_end(ctx: dict[str, Any]) -> None:
@@ -41,14 +52,26 @@ async def after_job_end(ctx: dict[str, Any]) -> None:
 # arq keeps a running job's in-progress key for the longest timeout + 10 s; when a worker is
 # killed mid-pass the key expires and another worker retries the pass (R14).
 PASS_TIMEOUT = get_settings().sync_pass_timeout_seconds
+SEND_TIMEOUT = get_settings().send_timeout_seconds
 
 
 class WorkerSettings:
     functions = [
-        func(sync_mailbox, name=SYNC_FUNCTION, keep_result=0, timeout=PASS_TIMEOUT, max_tries=5)
+        func(sync_mailbox, name=SYNC_FUNCTION, keep_result=0, timeout=PASS_TIMEOUT, max_tries=5),
+        # The job counts its own attempts (R15); arq's count only bounds crash loops.
+        func(
+            send_email,
+            name=SEND_FUNCTION,
+            keep_result=0,
+            timeout=SEND_TIMEOUT,
+            max_tries=MAX_SEND_ATTEMPTS + 3,
+        ),
     ]
     job_timeout = PASS_TIMEOUT
-    cron_jobs = [cron(schedule_due, second={0}, run_at_startup=True, unique=True, keep_result=0)]
+    cron_jobs = [
+        cron(schedule_due, second={0}, run_at_startup=True, unique=True, keep_result=0),
+        cron(requeue_unsent, second={30}, unique=True, keep_result=0),
+    ]
     on_startup = startup
     on_shutdown = shutdown
     after_job_end = after_job_end

@@ -33,6 +33,7 @@ from backend.mailboxes import loaders as mailbox_loaders
 from backend.mailboxes.access import can_manage
 from backend.mailboxes.resolvers import MailboxMutation, MailboxQuery
 from backend.mailboxes.types import Mailbox
+from backend.sending.resolvers import SendMutation
 from backend.settings import Settings, get_settings
 from backend.timeline import loaders as timeline_loaders
 from backend.timeline.resolvers import MailMutation, MailQuery
@@ -78,7 +79,14 @@ Query = merge_types(
 )
 Mutation = merge_types(
     "Mutation",
-    (ContactMutation, MailboxMutation, MailMutation, ExclusionMutation, WorkspaceMutation),
+    (
+        ContactMutation,
+        MailboxMutation,
+        MailMutation,
+        SendMutation,
+        ExclusionMutation,
+        WorkspaceMutation,
+    ),
 )
 
 

@@ -82,6 +82,33 @@ def _uuid(value: object) -> uuid.UUID | None:
         return None
 
 
+async def _email_events(
+    info: Info,
+    kind: str,
+    contact_id: strawberry.ID | None,
+    thread_id: strawberry.ID | None,
+    mailbox_id: strawberry.ID | None,
+) -> AsyncIterator[EmailEvent]:
+    """Events about one email, narrowed by contact, thread and mailbox when given."""
+    want_contact = id_of(contact_id, "Contact")
+    want_thread = id_of(thread_id, "Thread")
+    want_mailbox = id_of(mailbox_id, "Mailbox")
+    async for event in _events(info, kind):
+        contact_ids = [c for c in (_uuid(v) for v in event.get("contactIds", [])) if c]
+        if contact_id is not None and want_contact not in contact_ids:
+            continue
+        if thread_id is not None and _uuid(event.get("threadId")) != want_thread:
+            continue
+        if mailbox_id is not None and _uuid(event.get("mailboxId")) != want_mailbox:
+            continue
+        email_id = _uuid(event.get("emailId"))
+        email = await timeline_loaders.email(info).load(email_id) if email_id else None
+        if email is None:
+            continue  # deleted again before we got to it
+        contacts = await contact_loaders.contacts(info, contact_ids)
+        yield EmailEvent(email=Email(row=email), contacts=[Contact(row=c) for c in contacts])
+
+
 @strawberry.type
 class Subscription:
     @strawberry.subscription(
@@ -94,23 +121,23 @@ class Subscription:
         thread_id: strawberry.ID | None = None,
         mailbox_id: strawberry.ID | None = None,
     ) -> AsyncGenerator[EmailEvent, None]:
-        want_contact = id_of(contact_id, "Contact")
-        want_thread = id_of(thread_id, "Thread")
-        want_mailbox = id_of(mailbox_id, "Mailbox")
-        async for event in _events(info, "emailReceived"):
-            contact_ids = [c for c in (_uuid(v) for v in event.get("contactIds", [])) if c]
-            if contact_id is not None and want_contact not in contact_ids:
-                continue
-            if thread_id is not None and _uuid(event.get("threadId")) != want_thread:
-                continue
-            if mailbox_id is not None and _uuid(event.get("mailboxId")) != want_mailbox:
-                continue
-            email_id = _uuid(event.get("emailId"))
-            email = await timeline_loaders.email(info).load(email_id) if email_id else None
-            if email is None:
-                continue  # deleted again before we got to it
-            contacts = await contact_loaders.contacts(info, contact_ids)
-            yield EmailEvent(email=Email(row=email), contacts=[Contact(row=c) for c in contacts])
+        async for event in _email_events(info, "emailReceived", contact_id, thread_id, mailbox_id):
+            yield event
+
+    @strawberry.subscription(
+        description="A CRM-sent email became SENT or FAILED (R15), so a timeline can turn "
+        '"sending..." into "sent" without polling.'
+    )
+    async def email_delivery_changed(
+        self,
+        info: Info,
+        mailbox_id: strawberry.ID | None = None,
+        contact_id: strawberry.ID | None = None,
+    ) -> AsyncGenerator[EmailEvent, None]:
+        async for event in _email_events(
+            info, "emailDeliveryChanged", contact_id, None, mailbox_id
+        ):
+            yield event
 
     @strawberry.subscription(
         description="A mailbox changed status (PENDING -> ACTIVE, ACTIVE -> ERROR, ...)."

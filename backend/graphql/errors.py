@@ -9,7 +9,7 @@ import strawberry
 from graphql import GraphQLError
 
 from backend.graphql.context import Info
-from backend.kit.errors import Forbidden, ServiceError, catalogue
+from backend.kit.errors import Forbidden, ServiceError, ServiceErrors, catalogue
 
 if TYPE_CHECKING:
     from backend.auth.service import Viewer
@@ -54,24 +54,28 @@ def require_admin(info: Info) -> Viewer:
 
 
 def user_errors(error: ServiceError, prefix: list[str] | None = None) -> list[UserError]:
-    field = error.field
-    if field is not None and prefix is not None:
-        field = [*prefix, *field]
-    return [UserError(field=field, message=error.message, code=error.code)]
+    found = error.errors if isinstance(error, ServiceErrors) else [error]
+    return [
+        UserError(
+            field=[*prefix, *e.field] if e.field is not None and prefix is not None else e.field,
+            message=e.message,
+            code=e.code,
+        )
+        for e in found
+    ]
 
 
 async def attempt(info: Info, action: Callable[[], Awaitable[T]]) -> T | ServiceError:
     """Run a mutation's service call in a savepoint: on a ServiceError nothing it wrote stays."""
     scope = info.context.scope
     effects = scope.effects
-    marks = (len(effects.events), len(effects.sync_requests))
+    marks = effects.marks()
     try:
         async with scope.session.begin_nested():
             return await action()
     except ServiceError as exc:
         # The savepoint undid the writes; the effects they queued must go with them.
-        del effects.events[marks[0] :]
-        del effects.sync_requests[marks[1] :]
+        effects.drop_after(marks)
         if isinstance(exc, Forbidden):
             raise forbidden(exc.message) from exc
         return exc

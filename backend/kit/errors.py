@@ -44,6 +44,16 @@ class ErrorCode(enum.StrEnum):
     MAILBOX_SUSPENDED = "MAILBOX_SUSPENDED", "Sync is suspended after 48 hours of failures."
     UNSUPPORTED_PROVIDER = "UNSUPPORTED_PROVIDER", "mailsync cannot connect this kind of mailbox."
     NOT_IMPLEMENTED = "NOT_IMPLEMENTED", "Part of the API that this version does not offer yet."
+    # Sending from the CRM (R15)
+    NOT_MAILBOX_OWNER = "NOT_MAILBOX_OWNER", "Only the mailbox's owner sends from it."
+    NO_RECIPIENTS = "NO_RECIPIENTS", "An email needs at least one recipient."
+    TOO_MANY_RECIPIENTS = "TOO_MANY_RECIPIENTS", "More recipients than the provider takes at once."
+    SUBJECT_TOO_LONG = "SUBJECT_TOO_LONG", "The subject is longer than 998 characters."
+    BODY_TOO_LARGE = "BODY_TOO_LARGE", "The body is larger than mailsync sends (1 MB)."
+    MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE", "The message is larger than the provider accepts."
+    SEND_LIMIT_REACHED = "SEND_LIMIT_REACHED", "The mailbox reached its provider's sending limit."
+    RECIPIENT_REJECTED = "RECIPIENT_REJECTED", "The provider refused a recipient."
+    SEND_FAILED = "SEND_FAILED", "The provider refused the message for another reason."
     # Connecting through a provider's consent screen
     INVALID_REQUEST = "INVALID_REQUEST", "The provider's answer lacks its code or state."
     INVALID_STATE = "INVALID_STATE", "The sign-in link expired or was not issued by mailsync."
@@ -66,6 +76,14 @@ class ServiceError(Exception):
         self.code = code
         self.message = message
         self.field = list(field) if field is not None else None
+
+
+class ServiceErrors(ServiceError):
+    """Several problems with one input (each bad address of an email, say), reported together."""
+
+    def __init__(self, errors: Sequence[ServiceError]) -> None:
+        super().__init__(errors[0].code, errors[0].message, errors[0].field)
+        self.errors = list(errors)
 
 
 class NotFound(ServiceError):

@@ -57,6 +57,15 @@ class Email(SQLModel, table=True):
         sa.Index("ix_emails_workspace_sent", "workspace_id", "sent_at", "id"),
         sa.Index("ix_emails_thread_sent", "thread_id", "sent_at", "id"),
         sa.Index("ix_emails_mailbox", "mailbox_id"),
+        # R15: one email per idempotency key and sender.
+        sa.Index(
+            "ux_emails_sender_idempotency_key",
+            "sent_by_id",
+            "idempotency_key",
+            unique=True,
+            sqlite_where=sa.text("idempotency_key IS NOT NULL"),
+            postgresql_where=sa.text("idempotency_key IS NOT NULL"),
+        ),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)

@@ -223,14 +223,13 @@ async def _file_parsed(
     the message at fault ends as IMPORT_FAILED (None), never the pass."""
     if not parsed:
         return []
-    marks = (len(effects.events), len(effects.sync_requests))
+    marks = effects.marks()
     try:
         return [
             r.outcome for r in await ingest_batch(session, effects, workspace, mailbox, ctx, parsed)
         ]
     except Exception as exc:
-        del effects.events[marks[0] :]
-        del effects.sync_requests[marks[1] :]
+        effects.drop_after(marks)
         if len(parsed) == 1:
             _import_failed(session, mailbox, parsed[0][0], exc)
             return [None]
@@ -269,7 +268,8 @@ def _failed(
     set_status(mailbox, MailboxStatus.ERROR, effects)
 
 
-def _provider(settings: Settings, mailbox: Mailbox) -> MailProvider:
+def provider_for_mailbox(settings: Settings, mailbox: Mailbox) -> MailProvider:
+    """The adapter serving a mailbox, with its decrypted credentials."""
     account = MailboxAccount(id=str(mailbox.id), email_address=mailbox.email_address)
     credentials = read_credentials(settings.secret, mailbox)
     return provider_for(mailbox.provider, account, credentials, settings)
@@ -322,7 +322,7 @@ async def sync_pass(
 ) -> PassResult:
     """File what changed since the cursor and move the cursor with it; raises ProviderError
     when the pass fails (the caller rolls back and records it with `record_failure`)."""
-    provider = _provider(settings, mailbox)
+    provider = provider_for_mailbox(settings, mailbox)
     try:
         outcome = await _file_all(session, effects, provider, workspace, mailbox)
         await _renew_push(provider, mailbox)
@@ -372,7 +372,7 @@ async def release_provider_side(
     if sealed is None:
         return
     try:
-        provider = _provider(settings, mailbox)
+        provider = provider_for_mailbox(settings, mailbox)
         try:
             await provider.unsubscribe()
         finally:

@@ -9,33 +9,9 @@ from backend.graphql.relay import connection, id_of, page_request
 from backend.kit.errors import ServiceError
 from backend.kit.pagination import PageRequest, count
 from backend.mail import tables
-from backend.mailboxes.resolvers import not_implemented
 from backend.timeline import loaders as timeline_loaders
 from backend.timeline import queries, service
 from backend.timeline.types import Email, EmailConnection, EmailFilter, Thread, ThreadConnection
-
-
-@strawberry.input
-class SendEmailInput:
-    mailbox_id: strawberry.ID
-    to: list[str]
-    cc: list[str] | None = None
-    bcc: list[str] | None = None
-    subject: str
-    body_text: str | None = None
-    body_html: str | None = None
-    in_reply_to_email_id: strawberry.ID | None = strawberry.field(
-        default=None, description="reply inside an existing thread"
-    )
-    idempotency_key: str | None = strawberry.field(
-        default=None, description="the same key never sends twice"
-    )
-
-
-@strawberry.type
-class SendEmailPayload:
-    email: Email | None
-    user_errors: list[UserError]
 
 
 @strawberry.input
@@ -158,13 +134,6 @@ class MailQuery:
 
 @strawberry.type
 class MailMutation:
-    @strawberry.mutation
-    async def send_email(self, info: Info, input: SendEmailInput) -> SendEmailPayload:
-        require_viewer(info)
-        return SendEmailPayload(
-            email=None, user_errors=not_implemented("Sending email from the CRM")
-        )
-
     @strawberry.mutation(
         description="add to a contact's timeline; also assigns an unassigned email"
     )

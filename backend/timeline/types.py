@@ -174,6 +174,12 @@ class Email(Node):
         ids = await timeline_loaders.email_contact_ids(info).load(self.row.id)
         return [Contact(row=c) for c in await contact_loaders.contacts(info, ids)]
 
+    @strawberry.field(
+        description="The RFC 5322 Message-ID: the same email in any mail system; replies name it."
+    )
+    def message_id(self) -> str:
+        return self.row.message_id
+
     @strawberry.field
     def delivery_status(self) -> DeliveryStatus | None:
         return self.row.delivery_status

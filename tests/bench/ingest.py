@@ -31,9 +31,9 @@ from backend.kit.effects import AfterCommit
 from backend.mailboxes import service as mailboxes_service
 from backend.providers.base import Provider
 from backend.runtime import Runtime
+from backend.sending.queue import JobQueue
 from backend.settings import Settings
 from backend.sync.jobs import run_pass
-from backend.sync.queue import SyncQueue
 from backend.workspaces import service as workspaces_service
 from tests.providers import fake_provider
 
@@ -110,7 +110,7 @@ async def pipeline_rate(
         secret_key="b" * 40,
         _env_file=None,
     )  # type: ignore[call-arg]
-    runtime = await Runtime.create(settings, jobs=SyncQueue)
+    runtime = await Runtime.create(settings, jobs=JobQueue)
     try:
         async with runtime.db.transaction() as session:
             workspace, owner = await workspaces_service.create_workspace(

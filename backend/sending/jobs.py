@@ -1,0 +1,117 @@
+"""The send job (`send:<email id>`): it takes an id, reloads the rows, and is safe to run
+twice. R15's "never twice": the attempt is counted (and committed) before the provider is
+called, so a retry after a crash first looks for the message in the mailbox."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from arq import Retry
+from sqlmodel import col, select
+
+from backend.kit.clock import now
+from backend.mail.tables import DeliveryStatus, Email
+from backend.mailboxes.service import write_credentials
+from backend.mailboxes.tables import Mailbox, MailboxStatus
+from backend.providers.base import (
+    PermanentProviderError,
+    ProviderError,
+    SentMessage,
+    TransientProviderError,
+)
+from backend.sending.service import record_failed, record_sent
+from backend.sending.tables import OutgoingMessage
+from backend.sync.service import provider_for_mailbox
+from backend.sync.status import backoff
+
+if TYPE_CHECKING:
+    from backend.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# Transient failures (rate limits, 5xx) are retried with backoff this many times in all.
+MAX_SEND_ATTEMPTS = 5
+CANNOT_SEND = {MailboxStatus.DISCONNECTED, MailboxStatus.SUSPENDED}
+
+
+@dataclass
+class _Send:
+    raw: bytes
+    message_id: str
+    provider_thread_id: str | None
+    attempt: int
+
+
+async def send_email(runtime: Runtime, email_id: str) -> str:
+    try:
+        row_id = uuid.UUID(email_id)
+    except ValueError:
+        log.warning("ignoring a send job for a malformed email id %r", email_id)
+        return "malformed"
+    settings = runtime.settings
+    async with runtime.unit_of_work() as work:
+        email = await work.session.get(Email, row_id)
+        outgoing = await work.session.get(OutgoingMessage, row_id)
+        if email is None or outgoing is None or email.delivery_status != DeliveryStatus.QUEUED:
+            return "settled"  # sent, failed or deleted meanwhile: a replayed job does nothing
+        mailbox = await work.session.get(Mailbox, outgoing.mailbox_id)
+        if mailbox is None or mailbox.status in CANNOT_SEND:
+            if mailbox is not None:
+                reason = PermanentProviderError(f"the mailbox is {mailbox.status.value.lower()}")
+                await record_failed(work.session, work.effects, email, mailbox, reason)
+            return "failed"
+        outgoing.attempts += 1
+        work.session.add(outgoing)
+        send = _Send(outgoing.raw, email.message_id, outgoing.provider_thread_id, outgoing.attempts)
+        provider = provider_for_mailbox(settings, mailbox)
+    outcome: SentMessage | ProviderError
+    try:
+        found = await provider.find_sent(send.message_id) if send.attempt > 1 else None
+        if found is not None:
+            log.info("email %s: found in the mailbox after a lost answer, not sent again", email_id)
+        outcome = found or await provider.send(send.raw, send.provider_thread_id)
+    except ProviderError as exc:
+        outcome = exc
+    finally:
+        refreshed = provider.updated_credentials()
+        await provider.close()
+    async with runtime.unit_of_work() as work:
+        email = await work.session.get(Email, row_id)
+        mailbox = await work.session.get(Mailbox, mailbox.id)
+        if email is None or mailbox is None:
+            return "deleted"
+        if refreshed is not None:
+            write_credentials(settings.secret, mailbox, refreshed)
+            work.session.add(mailbox)
+        if isinstance(outcome, SentMessage):
+            await record_sent(work.session, work.effects, email, mailbox, outcome)
+            return "sent"
+        if isinstance(outcome, TransientProviderError) and send.attempt < MAX_SEND_ATTEMPTS:
+            delay = backoff(send.attempt, outcome.retry_after).total_seconds()
+            log.info(
+                "email %s: send attempt %d failed, retrying: %s", email_id, send.attempt, outcome
+            )
+        else:
+            await record_failed(work.session, work.effects, email, mailbox, outcome)
+            return "failed"
+    # The refreshed credentials are committed; arq runs the job again after the backoff.
+    raise Retry(defer=delay)
+
+
+async def requeue_unsent(runtime: Runtime) -> int:
+    """Nothing is lost: a queued email whose job vanished (Redis lost, say) is queued again.
+    The job id makes this a no-op for an email whose job is still queued or running."""
+    horizon = now() - timedelta(seconds=2 * runtime.settings.send_timeout_seconds)
+    async with runtime.unit_of_work() as work:
+        waiting = list(
+            await work.session.scalars(
+                select(OutgoingMessage.email_id).where(col(OutgoingMessage.created_at) < horizon)
+            )
+        )
+    for email_id in waiting:
+        await runtime.jobs.enqueue_send(str(email_id))
+    return len(waiting)
