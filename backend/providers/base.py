@@ -11,7 +11,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 
 class Provider(enum.StrEnum):
@@ -73,8 +73,26 @@ class FetchedMessage:
 
 @dataclass
 class SentMessage:
+    """What the provider answered for a sent message. `provider_id` is "" when the provider
+    accepted the message without naming it (Graph `sendMail` answers 202 with no body) and its
+    Sent copy could not be found yet; the Sent copy then arrives through sync."""
+
     provider_id: str
     thread_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SendLimits:
+    """What one message may carry, as the provider documents it, so the product can refuse a
+    message before queueing it. `max_bytes` is the size of the RFC 5322 message itself."""
+
+    max_recipients: int  # To + Cc + Bcc addresses
+    max_bytes: int
+
+
+def bare_message_id(value: str) -> str:
+    """An RFC 5322 Message-ID without its angle brackets or surrounding space."""
+    return value.strip().removeprefix("<").removesuffix(">").strip()
 
 
 class ProviderError(Exception):
@@ -125,7 +143,40 @@ class CursorInvalid(PermanentProviderError):
     """The cursor cannot be used any more; the engine answers with a full re-list."""
 
 
+class SendRejection(enum.StrEnum):
+    """Why a provider refused to send a message (a documented limit, a bad recipient)."""
+
+    DAILY_LIMIT = "DAILY_LIMIT"  # the mailbox's daily sending limit is used up
+    TOO_MANY_RECIPIENTS = "TOO_MANY_RECIPIENTS"  # more recipients than one message may have
+    TOO_LARGE = "TOO_LARGE"  # the message (or the request carrying it) is too big
+    RECIPIENT_REJECTED = "RECIPIENT_REJECTED"  # an address the provider will not send to
+    OTHER = "OTHER"
+
+
+class SendRejected(PermanentProviderError):
+    """The provider refused this message; sending it again as it is will not help.
+
+    `retry_after` (seconds) is set when the provider said when sending works again (Gmail's
+    daily limit); the message itself is not wrong then, but the product should not hold a
+    send job for hours."""
+
+    code = SyncErrorCode.SEND_FAILED
+
+    def __init__(
+        self,
+        detail: str,
+        reason: SendRejection = SendRejection.OTHER,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
 class MailProvider(abc.ABC):
+    # Per-message limits; each provider sets its documented values.
+    send_limits: ClassVar[SendLimits] = SendLimits(max_recipients=100, max_bytes=10 * 1024 * 1024)
+
     @abc.abstractmethod
     async def own_addresses(self) -> list[str]:
         """The mailbox's address and its aliases (send-as, proxy addresses)."""
@@ -140,7 +191,21 @@ class MailProvider(abc.ABC):
 
     @abc.abstractmethod
     async def send(self, raw: bytes, thread_id: str | None = None) -> SentMessage:
-        """Send an RFC 5322 message through the mailbox; it lands in its Sent folder."""
+        """Send an RFC 5322 message through the mailbox as it is (every header, every part);
+        it lands in its Sent folder. `thread_id` is the provider thread a reply belongs to.
+
+        Raises `SendRejected` (with its `reason`) when the provider refuses the message for a
+        documented limit or a bad recipient, `TransientProviderError` when it may work later
+        (5xx, short rate limits), another `PermanentProviderError` (code SEND_FAILED unless
+        the mailbox itself is at fault, e.g. ACCESS_REVOKED) otherwise."""
+
+    async def find_sent(self, message_id: str) -> SentMessage | None:
+        """The message of the mailbox whose RFC 5322 Message-ID is `message_id` (with or
+        without angle brackets), or None. Used before re-sending, so that a send the provider
+        accepted but whose answer was lost is not sent twice.
+
+        The default finds nothing: a provider that cannot search must say so by overriding."""
+        return None
 
     @abc.abstractmethod
     async def mark(self, provider_ids: Sequence[str], label: str) -> None:

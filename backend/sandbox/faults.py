@@ -15,12 +15,21 @@ class Fault:
     message: str | None = None
     retry_after: float | None = None
     delay_seconds: float = 0.0
+    # Set (even 0): the request is processed first (a send is accepted and delivered), then
+    # the answer waits this long, and is the fault's error when `status` is set: a provider
+    # that accepted a message whose answer never reached the client in time.
+    after_delay_seconds: float | None = None
     account: str | None = None  # None: every account
     path: str | None = None  # regular expression searched in the request path
     method: str | None = None
     times: int | None = None  # None: until cleared
     id: int = 0
     hits: int = 0
+
+    @property
+    def after(self) -> bool:
+        """The request runs before this fault applies (see `after_delay_seconds`)."""
+        return self.after_delay_seconds is not None
 
     def matches(self, account: str | None, method: str, path: str) -> bool:
         if self.account is not None and (account or "").lower() != self.account.lower():
@@ -37,6 +46,7 @@ class Fault:
             "message": self.message,
             "retryAfter": self.retry_after,
             "delaySeconds": self.delay_seconds,
+            "afterDelaySeconds": self.after_delay_seconds,
             "account": self.account,
             "path": self.path,
             "method": self.method,
@@ -87,6 +97,7 @@ def fault_from_json(data: dict[str, Any]) -> Fault:
         message=data.get("message"),
         retry_after=number("retryAfter"),
         delay_seconds=float(data.get("delaySeconds", 0) or 0),
+        after_delay_seconds=number("afterDelaySeconds"),
         account=data.get("account"),
         path=data.get("path"),
         method=data.get("method"),

@@ -28,7 +28,14 @@ from typing import Any
 from urllib.parse import urlencode
 
 from backend.sandbox.faults import Fault, FaultTable
-from backend.sandbox.wire import SubRequest, SubResponse, boundary_of, split_multipart
+from backend.sandbox.wire import (
+    SubRequest,
+    SubResponse,
+    boundary_of,
+    prepend_headers,
+    split_multipart,
+    strip_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +76,12 @@ COSTS = {
     "messages.import": 25,
     "watch": 100,
 }
+# Sending limits (docs/providers.md, "Sending"): the discovery document's maxSize for
+# messages.send uploads; "Gmail sending limits in Google Workspace" for the rest.
+MAX_SEND_BYTES = 36_700_160
+MAX_RECIPIENTS = 100  # per message sent through the Gmail API
+DAILY_SEND_LIMIT = 2000  # messages per rolling 24 hours (500 for trial accounts)
+DAY = 86_400.0
 TOPIC = re.compile(r"^projects/[^/]+/topics/[^/]+$")
 _REPLY_PREFIX = re.compile(r"^\s*((re|fwd?|aw|sv|antw)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
 _ids = itertools.count(int(time.time() * 1000) << 12)
@@ -195,8 +208,8 @@ class Account:
     messages: dict[str, StoredMessage] = field(default_factory=dict)
     labels: dict[str, dict[str, Any]] = field(default_factory=dict)
     watch: Watch | None = None
-    daily_send_limit: int = 2000
-    sent_on: dict[str, int] = field(default_factory=dict)
+    daily_send_limit: int = DAILY_SEND_LIMIT
+    sent_at: list[float] = field(default_factory=list)  # send times in the last 24 hours
     quota_window: tuple[int, int] = (0, 0)  # (minute, units used)
     last_push: float = 0.0
     push_pending: bool = False
@@ -444,8 +457,16 @@ class GoogleSandbox:
         if fault is not None:
             if fault.delay_seconds:
                 await asyncio.sleep(fault.delay_seconds)
+            if fault.after:
+                answer = await self._answer(request, token)
+                await asyncio.sleep(fault.after_delay_seconds or 0)
+                return self._fault_response(fault) if fault.status else answer
             if fault.status:
                 return self._fault_response(fault)
+        return await self._answer(request, token)
+
+    async def _answer(self, request: SubRequest, token: AccessToken | None) -> SubResponse:
+        path = request.path
         if token is None or token.grant.revoked or token.expires_at < time.time():
             return error(
                 401,
@@ -835,6 +856,12 @@ class GoogleSandbox:
 
     def _send(self, account: Account, req: SubRequest, upload: bool) -> SubResponse:
         meta, raw = self._upload_body(req, upload)
+        if len(raw) > MAX_SEND_BYTES:
+            return error(
+                413,
+                f"Media larger than: {MAX_SEND_BYTES}",
+                "uploadTooLarge",
+            )
         parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
         recipients = [
             addr.lower()
@@ -845,29 +872,37 @@ class GoogleSandbox:
         ]
         if not recipients:
             raise BadRequest("Recipient address required")
-        if len(recipients) > 100:
-            raise BadRequest("Too many recipients")
-        today = datetime.now(UTC).date().isoformat()
-        if account.sent_on.get(today, 0) >= account.daily_send_limit:
+        if len(recipients) > MAX_RECIPIENTS:
+            raise BadRequest(
+                f"Too many recipients: a message sent through the Gmail API may have at most "
+                f"{MAX_RECIPIENTS} To, Cc and Bcc addresses"
+            )
+        now = time.time()
+        account.sent_at = [t for t in account.sent_at if t > now - DAY]
+        if len(account.sent_at) >= account.daily_send_limit:
+            # Documented: 429 "User-rate limit exceeded" "(Mail sending)" with a time to retry.
+            wait = int(account.sent_at[0] + DAY - now) + 1 if account.sent_at else int(DAY)
             return error(
                 429,
                 "User-rate limit exceeded (Mail sending)",
                 "rateLimitExceeded",
                 domain="usageLimits",
+                **{"Retry-After": str(wait)},
             )
-        account.sent_on[today] = account.sent_on.get(today, 0) + 1
-        if not parsed["From"]:
-            parsed["From"] = account.email
-        if not parsed["Message-ID"]:
-            parsed["Message-ID"] = email.utils.make_msgid(domain="mail.gmail.com")
+        account.sent_at.append(now)
+        # The message goes as it came; only what Gmail fills in when missing is added.
+        missing: list[tuple[str, str]] = []
         if not parsed["Date"]:
-            parsed["Date"] = email.utils.formatdate(localtime=False, usegmt=True)
-        raw = parsed.as_bytes()
+            missing.append(("Date", email.utils.formatdate(localtime=False, usegmt=True)))
+        if not parsed["Message-ID"]:
+            missing.append(("Message-ID", email.utils.make_msgid(domain="mail.gmail.com")))
+        if not parsed["From"]:
+            missing.append(("From", account.email))
+        raw = prepend_headers(raw, missing)
         labels = ["SENT"] + (["INBOX", "UNREAD"] if account.addresses() & set(recipients) else [])
         sent = self._store(account, raw, labels, requested_thread=meta.get("threadId"))
         # Recipients never see Bcc.
-        del parsed["Bcc"]
-        delivered = parsed.as_bytes()
+        delivered = strip_header(raw, "Bcc")
         for address in dict.fromkeys(recipients):
             other = self.account(address)
             if other is not None and other is not account:
@@ -1085,7 +1120,8 @@ _DATE = re.compile(r"^(\d{4})/(\d{1,2})/(\d{1,2})$")
 
 
 def search_matcher(query: str) -> Callable[[StoredMessage], bool]:
-    """The part of Gmail's search syntax a sync needs: after:/before:, in:, label:, from:, to:."""
+    """The part of Gmail's search syntax mailsync needs: after:/before:, in:, label:, from:,
+    to:, rfc822msgid:."""
     tests: list[Callable[[StoredMessage], bool]] = []
     for term in query.split():
         key, sep, value = term.partition(":")
@@ -1110,6 +1146,10 @@ def _search_term(key: str, value: str) -> Callable[[StoredMessage], bool]:
         return dated
     if key in ("in", "label"):
         return lambda m: value.upper() in m.label_ids
+    if key == "rfc822msgid":
+        # Gmail's operator for the Message-ID header; written without angle brackets.
+        wanted = value.strip().removeprefix("<").removesuffix(">")
+        return lambda m: (m.header_message_id or "").lower().strip("<>") == wanted
     if key in ("from", "to"):
         header = "From" if key == "from" else "To"
         return lambda m: value in str(m.parsed()[header] or "").lower()

@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlencode
 
 from backend.sandbox.faults import Fault, FaultTable
-from backend.sandbox.wire import SubRequest, SubResponse
+from backend.sandbox.wire import SubRequest, SubResponse, prepend_headers, strip_header
 
 GRAPH_PREFIX = "/v1.0/"
 WELL_KNOWN = {"inbox": "Inbox", "sentitems": "Sent Items", "drafts": "Drafts"}
@@ -44,6 +44,8 @@ _FOLDER_RESOURCE = re.compile(
 )
 _ALL_MESSAGES = re.compile(r"^/?(?:me|users/[^/]+)/messages$", re.IGNORECASE)
 _MSGID = re.compile(r"<[^<>\s]+>")
+# Graph answers 413 to a request over 4 MB (user-post-messages; sendMail likewise).
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
 _FILTER_MESSAGE_ID = re.compile(r"internetMessageId\s+eq\s+'((?:[^']|'')*)'", re.IGNORECASE)
 _FILTER_SINCE = re.compile(r"receivedDateTime\s+(ge|gt)\s+(\S+)", re.IGNORECASE)
 
@@ -97,6 +99,18 @@ class BadRequest(Exception):
     pass
 
 
+class MimeInvalid(BadRequest):
+    """A text/plain body that is not base64 MIME."""
+
+
+def _is_mime(req: SubRequest) -> bool:
+    return req.headers.get("content-type", "").lower().startswith("text/plain")
+
+
+def _immutable(req: SubRequest) -> bool:
+    return _prefer(req.headers.get("prefer", "")).get("idtype", "").lower() == "immutableid"
+
+
 @dataclass
 class Folder:
     id: str
@@ -116,6 +130,8 @@ class MsMessage:
     categories: list[str] = field(default_factory=list)
     is_draft: bool = False
     is_read: bool = False
+    # A draft whose id was handed out as an ImmutableId keeps it when sent (Sent Items).
+    keep_id: bool = False
     seq: int = 0  # the change that last touched it (delta)
 
     def parsed(self) -> Message:
@@ -508,8 +524,21 @@ class MicrosoftSandbox:
         if fault is not None:
             if fault.delay_seconds:
                 await asyncio.sleep(fault.delay_seconds)
+            if fault.after:
+                answer = await self._answer(request, base_url, path, found)
+                await asyncio.sleep(fault.after_delay_seconds or 0)
+                return self._fault_response(fault) if fault.status else answer
             if fault.status:
                 return self._fault_response(fault)
+        return await self._answer(request, base_url, path, found)
+
+    async def _answer(
+        self,
+        request: SubRequest,
+        base_url: str,
+        path: str,
+        found: tuple[MsGrant, float] | None,
+    ) -> SubResponse:
         if found is None or found[0].revoked or found[1] < time.time():
             return graph_error(
                 401,
@@ -541,6 +570,12 @@ class MicrosoftSandbox:
             for message, kind in notify:
                 self._notify(self.accounts[message[0]], message[1], kind)
             return answer
+        except MimeInvalid:
+            return graph_error(
+                400,
+                "ErrorMimeContentInvalidBase64String",
+                "Invalid base64 string for MIME content.",
+            )
         except BadRequest as exc:
             return graph_error(400, "ErrorInvalidRequest", str(exc))
 
@@ -606,10 +641,18 @@ class MicrosoftSandbox:
             if denied:
                 return denied, notify
             return self._folders(account, req, parts[2:], base_url), notify
+        if method in ("POST", "PATCH") and len(req.body) > MAX_REQUEST_BYTES:
+            return graph_error(
+                413, "RequestEntityTooLarge", "The request size exceeds the maximum limit."
+            ), notify
         if lower[1] == "sendmail" and method == "POST" and len(parts) == 2:
             denied = need("mail.send")
             if denied:
                 return denied, notify
+            if _is_mime(req):
+                mime = self._mime_body(account, req)
+                notify.extend(self._dispatch_raw(account, mime, True, None))
+                return SubResponse(202, b""), notify
             data = self._json(req)
             message = _ci(data, "message")
             if not isinstance(message, dict):
@@ -624,7 +667,11 @@ class MicrosoftSandbox:
             if len(parts) == 2 and method == "GET":
                 return self._list_messages(account, req, base_url), notify
             if len(parts) == 2 and method == "POST":
-                draft = self._draft(account, self._json(req), None)
+                if _is_mime(req):
+                    draft = self._mime_draft(account, self._mime_body(account, req), None)
+                else:
+                    draft = self._draft(account, self._json(req), None)
+                draft.keep_id = _immutable(req)
                 return ok(draft.as_json(account), 201), notify
             message = account.messages.get(parts[2]) if len(parts) > 2 else None
             if message is None:
@@ -655,7 +702,11 @@ class MicrosoftSandbox:
             if len(parts) == 4 and lower[3] == "$value" and method == "GET":
                 return SubResponse(200, message.raw, {"Content-Type": "text/plain"}), notify
             if len(parts) == 4 and lower[3] == "createreply" and method == "POST":
-                draft = self._draft(account, self._json(req), message)
+                if _is_mime(req):
+                    draft = self._mime_draft(account, self._mime_body(account, req), message)
+                else:
+                    draft = self._draft(account, self._json(req), message)
+                draft.keep_id = _immutable(req)
                 return ok(draft.as_json(account), 201), notify
             if len(parts) == 4 and lower[3] == "send" and method == "POST":
                 denied = need("mail.send")
@@ -669,7 +720,7 @@ class MicrosoftSandbox:
 
     def _list_messages(self, account: MsAccount, req: SubRequest, base_url: str) -> SubResponse:
         """GET me/messages: newest first; `$filter` on internetMessageId or receivedDateTime."""
-        chosen = [m for m in account.messages.values() if not m.is_draft]
+        chosen = list(account.messages.values())  # every folder, Drafts included
         flt = (req.query.get("$filter") or [""])[0]
         if flt:
             by_id = _FILTER_MESSAGE_ID.fullmatch(flt.strip())
@@ -837,7 +888,13 @@ class MicrosoftSandbox:
         account.changes.append(Change(account.seq, message.folder_id, message.id, kind))
 
     def _store(
-        self, account: MsAccount, raw: bytes, folder: Folder, *, draft: bool = False
+        self,
+        account: MsAccount,
+        raw: bytes,
+        folder: Folder,
+        *,
+        draft: bool = False,
+        message_id: str | None = None,
     ) -> MsMessage:
         parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
         message_id = (
@@ -859,7 +916,7 @@ class MicrosoftSandbox:
             or "AAQk" + base64.urlsafe_b64encode(secrets.token_bytes(18)).decode()
         )
         message = MsMessage(
-            id="AAkALg" + base64.urlsafe_b64encode(secrets.token_bytes(30)).decode(),
+            id=message_id or "AAkALg" + base64.urlsafe_b64encode(secrets.token_bytes(30)).decode(),
             folder_id=folder.id,
             conversation_id=conversation,
             raw=raw,
@@ -986,7 +1043,90 @@ class MicrosoftSandbox:
             raise BadRequest("At least one recipient is required, but none were found.")
         del account.messages[draft.id]
         self._change(account, draft, "deleted")
-        return self._dispatch(account, mime, True, draft.conversation_id)
+        # The draft moves to Sent Items: its ImmutableId stays, a regular id does not.
+        return self._dispatch_raw(
+            account,
+            draft.raw,
+            True,
+            draft.conversation_id,
+            sent_id=draft.id if draft.keep_id else None,
+        )
+
+    def _mime_body(self, account: MsAccount, req: SubRequest) -> bytes:
+        """A text/plain body: base64 MIME, as Graph documents for sendMail, POST messages
+        and createReply; what the MIME lacks of From, Date and Message-ID is filled in."""
+        try:
+            raw = base64.b64decode(req.body.strip(), validate=True)
+        except ValueError:
+            raw = b""
+        if not raw.strip():
+            raise MimeInvalid()
+        parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
+        if not parsed.keys():
+            raise MimeInvalid()
+        missing: list[tuple[str, str]] = []
+        if not parsed["From"]:
+            missing.append(("From", account.email))
+        if not parsed["Date"]:
+            missing.append(("Date", format_datetime(datetime.now(UTC))))
+        if not parsed["Message-ID"]:
+            missing.append(("Message-ID", make_msgid(domain="sandbox.outlook.test")))
+        return prepend_headers(raw, missing)
+
+    def _mime_draft(self, account: MsAccount, raw: bytes, reply_to: MsMessage | None) -> MsMessage:
+        """A draft made from MIME, kept as it came; a reply draft joins the original's
+        conversation and gets In-Reply-To/References when the MIME has none."""
+        if reply_to is not None:
+            parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
+            extra: list[tuple[str, str]] = []
+            if not parsed["In-Reply-To"]:
+                extra.append(("In-Reply-To", reply_to.internet_message_id))
+            if not parsed["References"]:
+                original = reply_to.parsed()
+                refs = [str(original.get("references", "")).strip(), reply_to.internet_message_id]
+                extra.append(("References", " ".join(filter(None, refs))))
+            raw = prepend_headers(raw, extra)
+        draft = self._store(account, raw, account.folder("drafts"), draft=True)
+        if reply_to is not None:
+            draft.conversation_id = reply_to.conversation_id
+        return draft
+
+    def _dispatch_raw(
+        self,
+        account: MsAccount,
+        raw: bytes,
+        save: bool,
+        conversation: str | None,
+        *,
+        sent_id: str | None = None,
+    ) -> list[tuple[tuple[str, MsMessage], str]]:
+        """Send MIME bytes as they are: the Sent Items copy keeps them (Bcc too), recipients
+        get them without Bcc."""
+        parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
+        recipients = [
+            a.lower()
+            for _, a in getaddresses(
+                [str(v) for h in ("To", "Cc", "Bcc") for v in parsed.get_all(h, [])]
+            )
+            if a
+        ]
+        if not recipients:
+            raise BadRequest("At least one recipient is required, but none were found.")
+        notify: list[tuple[tuple[str, MsMessage], str]] = []
+        if save:
+            sent = self._store(account, raw, account.folder("sentitems"), message_id=sent_id)
+            if conversation:
+                sent.conversation_id = conversation
+            notify.append(((account.email, sent), "created"))
+        delivered = strip_header(raw, "Bcc")
+        for address in dict.fromkeys(recipients):
+            target = self.account(address)
+            if target is not None:
+                received = self._store(target, delivered, target.folder("inbox"))
+                notify.append(((target.email, received), "created"))
+            elif self.external_delivery is not None:
+                self.external_delivery(address, delivered)
+        return notify
 
     def _dispatch(
         self, account: MsAccount, mime: EmailMessage, save: bool, conversation: str | None

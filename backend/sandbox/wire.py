@@ -122,3 +122,36 @@ def batch_response(items: list[tuple[SubRequest, SubResponse]]) -> tuple[bytes, 
         out += response.body + b"\r\n"
     out += f"--{boundary}--\r\n".encode()
     return bytes(out), f"multipart/mixed; boundary={boundary}"
+
+
+def header_block_end(raw: bytes) -> int:
+    """Where a message's header block ends (the index of its blank line), or len(raw)."""
+    match = _BLANK_LINE.search(raw)
+    return match.start() if match else len(raw)
+
+
+def strip_header(raw: bytes, name: str) -> bytes:
+    """The message without every field `name` (and its folded lines); the rest byte for byte."""
+    end = header_block_end(raw)
+    lines = raw[:end].splitlines(keepends=True)
+    kept: list[bytes] = []
+    dropping = False
+    prefix = name.lower().encode() + b":"
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and dropping:
+            continue
+        dropping = line.lower().startswith(prefix)
+        if not dropping:
+            kept.append(line)
+    head = b"".join(kept)
+    if lines and not lines[-1].endswith(b"\n") and kept and kept[-1] is not lines[-1]:
+        head = head.rstrip(b"\r\n")
+    return head + raw[end:]
+
+
+def prepend_headers(raw: bytes, headers: list[tuple[str, str]]) -> bytes:
+    """Header fields added in front of a message, in its own line ending."""
+    if not headers:
+        return raw
+    newline = b"\r\n" if b"\r\n" in raw[: header_block_end(raw) + 2] else b"\n"
+    return b"".join(f"{k}: {v}".encode() + newline for k, v in headers) + raw

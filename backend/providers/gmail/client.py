@@ -31,8 +31,11 @@ from backend.providers.base import (
     AccessDenied,
     AccessRevoked,
     MailboxNotFound,
+    PermanentProviderError,
     ProviderError,
     RateLimited,
+    SendRejected,
+    SendRejection,
     SyncErrorCode,
     TransientProviderError,
 )
@@ -107,6 +110,38 @@ def translate(exc: HttpError, *, what: str) -> ProviderError:
     return ProviderError(detail, SyncErrorCode.READ_FAILED)
 
 
+def send_failure(exc: HttpError, *, what: str) -> ProviderError:
+    """Gmail's refusal of a `messages.send`, as a `SendRejected` when it is about the message.
+
+    Documented (developers.google.com/workspace/gmail/api/guides/handle-errors): the daily
+    sending limit answers 429 "User-rate limit exceeded" "(Mail sending)" with a time to
+    retry; other 429/403 rate limits are per-minute quota and stay transient. A message over
+    the upload limit answers 413; a 400 names a bad or excessive recipient list."""
+    status = exc.status_code
+    reason = error_reason(exc) or ""
+    message = str(exc.reason or "")
+    lowered = message.lower()
+    detail = f"{what}: HTTP {status} {reason} {message}".strip()
+    if status in (403, 429) and "mail sending" in lowered:
+        return SendRejected(detail, SendRejection.DAILY_LIMIT, retry_after=retry_after(exc))
+    if status == 413 or reason in ("uploadTooLarge", "messageTooLarge"):
+        return SendRejected(detail, SendRejection.TOO_LARGE)
+    if status == 400:
+        if "recipient" in lowered and any(
+            word in lowered for word in ("too many", "maximum", "limit", "exceed")
+        ):
+            return SendRejected(detail, SendRejection.TOO_MANY_RECIPIENTS)
+        if "too large" in lowered or "size" in lowered:
+            return SendRejected(detail, SendRejection.TOO_LARGE)
+        if "recipient" in lowered or "to header" in lowered or "address" in lowered:
+            return SendRejected(detail, SendRejection.RECIPIENT_REJECTED)
+        return SendRejected(detail, SendRejection.OTHER)
+    error = translate(exc, what=what)
+    if isinstance(error, (TransientProviderError, PermanentProviderError)):
+        return error
+    return PermanentProviderError(error.detail, SyncErrorCode.SEND_FAILED)
+
+
 def refresh_failure(exc: RefreshError, *, what: str) -> ProviderError:
     text = str(exc)
     if "invalid_grant" in text or not getattr(exc, "retryable", True):
@@ -139,25 +174,35 @@ class GmailClient:
     def users(self) -> Any:
         return self.service.users()
 
-    async def execute(self, build: Callable[[], Any], *, what: str) -> Any:
-        """Run one API call, waiting out short rate limits and blips inside the pass."""
-        for attempt in range(INLINE_RETRIES + 1):
+    async def execute(
+        self,
+        build: Callable[[], Any],
+        *,
+        what: str,
+        retries: int = INLINE_RETRIES,
+        translator: Callable[..., ProviderError] = translate,
+    ) -> Any:
+        """Run one API call, waiting out short rate limits and blips inside the pass.
+
+        `retries=0` for calls that must not be repeated blindly (a send the provider may
+        have accepted before the answer failed)."""
+        for attempt in range(retries + 1):
             try:
                 return await asyncio.to_thread(lambda: build().execute(num_retries=0))
             except HttpError as exc:
-                error = translate(exc, what=what)
+                error = translator(exc, what=what)
             except RefreshError as exc:
                 raise refresh_failure(exc, what=what) from exc
             except (httplib2.HttpLib2Error, TransportError, OSError, TimeoutError) as exc:
                 error = TransientProviderError(f"{what}: {exc!r}")
-            if not self._worth_waiting(error, attempt):
+            if not self._worth_waiting(error, attempt, retries):
                 raise error
             assert isinstance(error, TransientProviderError)
             await asyncio.sleep(error.retry_after if error.retry_after is not None else attempt + 1)
         raise AssertionError("unreachable")
 
-    def _worth_waiting(self, error: ProviderError, attempt: int) -> bool:
-        if not isinstance(error, TransientProviderError) or attempt >= INLINE_RETRIES:
+    def _worth_waiting(self, error: ProviderError, attempt: int, retries: int) -> bool:
+        if not isinstance(error, TransientProviderError) or attempt >= retries:
             return False
         return error.retry_after is None or error.retry_after <= self.inline_wait
 

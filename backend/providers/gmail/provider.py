@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from googleapiclient.errors import HttpError
+from googleapiclient.errors import HttpError, MediaUploadSizeError
+from googleapiclient.http import MediaIoBaseUpload
 
 from backend.providers.base import (
     ChangeSet,
@@ -19,11 +21,15 @@ from backend.providers.base import (
     MessageRef,
     PermanentProviderError,
     ProviderError,
+    SendLimits,
+    SendRejected,
+    SendRejection,
     SentMessage,
     SyncErrorCode,
     TransientProviderError,
+    bare_message_id,
 )
-from backend.providers.gmail.client import GmailClient, b64url, translate, unb64url
+from backend.providers.gmail.client import GmailClient, send_failure, translate, unb64url
 from backend.settings import Settings
 
 SYNCED_LABELS = ("INBOX", "SENT")
@@ -31,6 +37,10 @@ SKIPPED_LABELS = {"DRAFT", "SPAM", "TRASH"}
 PAGE = 500
 FETCH_ROUNDS = 3
 BATCH_MODIFY_LIMIT = 1000
+# Gmail API `messages.send`: uploads up to 35 MB (the discovery document's `maxSize`,
+# 36,700,160 bytes); at most 100 To/Cc/Bcc recipients for mail sent through the Gmail API
+# ("Gmail sending limits in Google Workspace", support.google.com/a/answer/166852).
+GMAIL_SEND_LIMITS = SendLimits(max_recipients=100, max_bytes=36_700_160)
 
 
 def _message_order(message_id: str) -> tuple[int, str]:
@@ -42,6 +52,8 @@ def _message_order(message_id: str) -> tuple[int, str]:
 
 
 class GmailProvider(MailProvider):
+    send_limits = GMAIL_SEND_LIMITS
+
     def __init__(
         self, mailbox: MailboxAccount, credentials: dict[str, Any], settings: Settings
     ) -> None:
@@ -181,21 +193,44 @@ class GmailProvider(MailProvider):
         )
 
     async def send(self, raw: bytes, thread_id: str | None = None) -> SentMessage:
-        body: dict[str, Any] = {"raw": b64url(raw)}
-        if thread_id:
-            body["threadId"] = thread_id
+        """`messages.send` through the upload endpoint (`uploadType=media`, or `multipart`
+        with `{"threadId"}` for a reply), the path Gmail's docs give for messages of any size;
+        the bytes go as they are. Not retried inline: a send may have been accepted before
+        its answer was lost, and only `find_sent` can tell."""
+        body = {"threadId": thread_id} if thread_id else None
+
+        def build() -> Any:
+            media = MediaIoBaseUpload(io.BytesIO(raw), mimetype="message/rfc822", resumable=False)
+            return self.client.users.messages().send(userId="me", body=body, media_body=media)
+
         try:
             result = await self.client.execute(
-                lambda: self.client.users.messages().send(userId="me", body=body),
-                what="messages.send",
+                build, what="messages.send", retries=0, translator=send_failure
             )
-        except PermanentProviderError:
-            raise
-        except TransientProviderError:
-            raise
-        except ProviderError as exc:
-            raise PermanentProviderError(exc.detail, SyncErrorCode.SEND_FAILED) from exc
+        except MediaUploadSizeError as exc:  # the client refuses before uploading
+            raise SendRejected(f"messages.send: {exc}", SendRejection.TOO_LARGE) from exc
         return SentMessage(str(result["id"]), result.get("threadId"))
+
+    async def find_sent(self, message_id: str) -> SentMessage | None:
+        """`messages.list` with `q=rfc822msgid:<id>` (Gmail's search operator for the
+        Message-ID header, written without angle brackets), spam and trash included: a sent
+        message the user deleted was still sent."""
+        bare = bare_message_id(message_id)
+        if not bare:
+            return None
+        params: dict[str, Any] = {
+            "userId": "me",
+            "q": f"rfc822msgid:{bare}",
+            "includeSpamTrash": True,
+            "maxResults": 10,
+        }
+        result = await self.client.execute(
+            functools.partial(self._messages_list, params), what="messages.list rfc822msgid"
+        )
+        found = result.get("messages") or []
+        if not found:
+            return None
+        return SentMessage(str(found[0]["id"]), found[0].get("threadId"))
 
     async def mark(self, provider_ids: Sequence[str], label: str) -> None:
         if not provider_ids:

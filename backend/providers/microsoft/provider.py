@@ -4,35 +4,26 @@ subscription for push, MIME through `/$value`, sending through sendMail or creat
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
-import email
+import email.parser
 import email.policy
 import functools
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
-from email.utils import getaddresses
 from typing import Any, TypeVar
 
 import httpx
 from kiota_abstractions.api_error import APIError
 from kiota_abstractions.base_request_configuration import RequestConfiguration
-from msgraph.generated.models.body_type import BodyType
-from msgraph.generated.models.email_address import EmailAddress
-from msgraph.generated.models.internet_message_header import InternetMessageHeader
-from msgraph.generated.models.item_body import ItemBody
+from kiota_abstractions.method import Method
+from kiota_abstractions.request_information import RequestInformation
+from kiota_abstractions.serialization import ParsableFactory
 from msgraph.generated.models.message import Message
 from msgraph.generated.models.o_data_errors.o_data_error import ODataError
-from msgraph.generated.models.recipient import Recipient
 from msgraph.generated.models.subscription import Subscription
-from msgraph.generated.users.item.messages.item.create_reply.create_reply_post_request_body import (
-    CreateReplyPostRequestBody,
-)
-from msgraph.generated.users.item.send_mail.send_mail_post_request_body import (
-    SendMailPostRequestBody,
-)
 
 from backend.providers.base import (
     AccessDenied,
@@ -46,9 +37,13 @@ from backend.providers.base import (
     PermanentProviderError,
     ProviderError,
     RateLimited,
+    SendLimits,
+    SendRejected,
+    SendRejection,
     SentMessage,
     SyncErrorCode,
     TransientProviderError,
+    bare_message_id,
 )
 from backend.providers.microsoft.client import build_graph_client
 from backend.providers.microsoft.tokens import TokenKeeper
@@ -62,6 +57,13 @@ CONCURRENCY = 4
 INLINE_RETRIES = 2
 RESYNC_CODES = {"syncStateNotFound", "resyncRequired", "SyncStateNotFound"}
 DELTA_PREFER = 'odata.maxpagesize=100, IdType="ImmutableId"'
+IMMUTABLE = 'IdType="ImmutableId"'
+# Graph refuses a request over 4 MB with 413 (learn.microsoft.com/graph/api/user-post-messages;
+# the same limit applies to sendMail and createReply). The MIME goes base64-encoded, a third
+# larger, so 3,000,000 bytes of MIME stay under 4,000,000 (and 4 MiB) of request. 500
+# recipients per message is Exchange Online's default recipient limit (Exchange Online limits).
+GRAPH_SEND_LIMITS = SendLimits(max_recipients=500, max_bytes=3_000_000)
+TOO_LARGE_CODES = {"ErrorMessageSizeExceeded", "RequestEntityTooLarge", "ErrorRequestSizeExceeded"}
 
 
 def client_state(settings: Settings, mailbox_id: str) -> str:
@@ -126,7 +128,33 @@ def translate(error: APIError, *, what: str) -> ProviderError:
     return ProviderError(detail, SyncErrorCode.READ_FAILED)
 
 
+def send_failure(error: APIError, *, what: str) -> ProviderError:
+    """Graph's refusal of a send, as a `SendRejected` when it is about the message."""
+    status = int(getattr(error, "response_status_code", 0) or 0)
+    code, message = "", ""
+    if isinstance(error, ODataError) and error.error is not None:
+        code, message = str(error.error.code or ""), str(error.error.message or "")
+    detail = f"{what}: HTTP {status} {code} {message}".strip()
+    if status == 413 or code in TOO_LARGE_CODES:
+        return SendRejected(detail, SendRejection.TOO_LARGE)
+    if code == "ErrorInvalidRecipients":
+        return SendRejected(detail, SendRejection.RECIPIENT_REJECTED)
+    if status == 400:
+        lowered = message.lower()
+        if "recipient" in lowered and any(w in lowered for w in ("too many", "maximum", "limit")):
+            return SendRejected(detail, SendRejection.TOO_MANY_RECIPIENTS)
+        if "recipient" in lowered:
+            return SendRejected(detail, SendRejection.RECIPIENT_REJECTED)
+        return SendRejected(detail, SendRejection.OTHER)
+    translated = translate(error, what=what)
+    if isinstance(translated, (TransientProviderError, PermanentProviderError)):
+        return translated
+    return PermanentProviderError(translated.detail, SyncErrorCode.SEND_FAILED)
+
+
 class MicrosoftProvider(MailProvider):
+    send_limits = GRAPH_SEND_LIMITS
+
     def __init__(
         self, mailbox: MailboxAccount, credentials: dict[str, Any], settings: Settings
     ) -> None:
@@ -148,16 +176,28 @@ class MicrosoftProvider(MailProvider):
     def updated_credentials(self) -> dict[str, Any] | None:
         return self.tokens.updated()
 
-    async def call(self, make: Callable[[], Awaitable[T]], *, what: str) -> T:
-        """One Graph call: a fresh token first, one refresh on 401, short waits inline."""
+    async def call(
+        self,
+        make: Callable[[], Awaitable[T]],
+        *,
+        what: str,
+        retries: int = INLINE_RETRIES,
+        translator: Callable[..., ProviderError] = translate,
+    ) -> T:
+        """One Graph call: a fresh token first, one refresh on 401, short waits inline.
+
+        `retries=0` for calls that must not be repeated blindly (a send Graph may have
+        accepted before its answer was lost); a 401 is still retried once after a refresh,
+        since Graph did nothing with the request."""
         refreshed = False
-        for attempt in range(INLINE_RETRIES + 1):
+        attempt = 0
+        while True:
             await self.tokens.ensure_fresh()
             try:
                 async with self._limit:
                     return await make()
             except APIError as exc:
-                error = translate(exc, what=what)
+                error = translator(exc, what=what)
                 status = int(getattr(exc, "response_status_code", 0) or 0)
                 if status == 401 and not refreshed:
                     refreshed = True
@@ -165,13 +205,13 @@ class MicrosoftProvider(MailProvider):
                     continue
             except httpx.HTTPError as exc:
                 error = TransientProviderError(f"{what}: {exc!r}")
-            if not isinstance(error, TransientProviderError) or attempt == INLINE_RETRIES:
+            if not isinstance(error, TransientProviderError) or attempt >= retries:
                 raise error
             wait = error.retry_after if error.retry_after is not None else 0.5 * (attempt + 1)
             if wait > self.inline_wait:
                 raise error
             await asyncio.sleep(wait)
-        raise AssertionError("unreachable")
+            attempt += 1
 
     async def me(self) -> Any:
         return await self.call(self.graph.me.get, what="me")
@@ -268,50 +308,110 @@ class MicrosoftProvider(MailProvider):
         return list(await asyncio.gather(*(one(ref) for ref in refs)))
 
     async def send(self, raw: bytes, thread_id: str | None = None) -> SentMessage:
-        parsed = email.message_from_bytes(raw, policy=email.policy.default)
-        assert isinstance(parsed, EmailMessage)
-        message = _graph_message(parsed)
-        original = await self._original(str(parsed.get("In-Reply-To", "")).strip())
-        try:
-            if original is not None:
-                # createReply + send keeps Outlook's conversation (threading by Thread-Index).
-                builder = self.graph.me.messages.by_message_id(original)
-                draft = await self.call(
-                    lambda: builder.create_reply.post(_reply_body(message)), what="createReply"
+        """The MIME itself goes to Graph (base64, `Content-Type: text/plain`), so every header
+        (Message-ID, In-Reply-To, References, custom ones) and every attachment survives.
+
+        A reply to a message the mailbox holds goes through `createReply` with the MIME (Graph
+        accepts MIME there too) and then `send`: Outlook files it in the original's
+        conversation, and the draft, asked for with an ImmutableId, keeps its id in Sent Items,
+        where delta sees it. Other mail goes through `sendMail`, which answers 202 without an
+        id; the Sent copy is then looked up by Message-ID, and when Graph has not filed it
+        yet the answer names no id (it arrives through delta)."""
+        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
+        in_reply_to = next(iter(_message_ids(str(headers.get("In-Reply-To", "")))), "")
+        original = await self._original(in_reply_to) if in_reply_to else None
+        if original is not None:
+            reply = self.graph.me.messages.by_message_id(original).create_reply
+            draft = await self.call(
+                lambda: self._post_mime(reply, raw, Message),
+                what="createReply",
+                translator=send_failure,
+            )
+            if draft is None or not draft.id:
+                raise PermanentProviderError(
+                    "createReply returned no draft", SyncErrorCode.SEND_FAILED
                 )
-                if draft is None or not draft.id:
-                    raise TransientProviderError("createReply returned no draft")
-                draft_id = str(draft.id)
-                await self.call(
-                    lambda: self.graph.me.messages.by_message_id(draft_id).patch(message),
-                    what="update reply",
-                )
-                await self.call(
-                    self.graph.me.messages.by_message_id(draft_id).send.post, what="send reply"
-                )
-                return SentMessage(draft_id, draft.conversation_id or thread_id)
-            body = SendMailPostRequestBody(message=message, save_to_sent_items=True)
-            await self.call(lambda: self.graph.me.send_mail.post(body), what="sendMail")
-        except (PermanentProviderError, TransientProviderError):
-            raise
-        except ProviderError as exc:
-            raise PermanentProviderError(exc.detail, SyncErrorCode.SEND_FAILED) from exc
-        # sendMail answers 202 with no id: the Sent Items copy arrives through delta.
+            draft_id = str(draft.id)
+            await self.call(
+                self.graph.me.messages.by_message_id(draft_id).send.post,
+                what="send reply",
+                retries=0,
+                translator=send_failure,
+            )
+            return SentMessage(draft_id, draft.conversation_id or thread_id)
+        await self.call(
+            lambda: self._post_mime(self.graph.me.send_mail, raw, None),
+            what="sendMail",
+            retries=0,
+            translator=send_failure,
+        )
+        message_id = str(headers.get("Message-ID", "") or "")
+        if message_id.strip():
+            try:
+                found = await self.find_sent(message_id)
+            except ProviderError:
+                found = None  # sent all the same: the Sent copy arrives through delta
+            if found is not None:
+                return SentMessage(found.provider_id, found.thread_id or thread_id)
         return SentMessage("", thread_id)
 
-    async def _original(self, in_reply_to: str) -> str | None:
-        if not in_reply_to:
+    async def _post_mime(
+        self, builder: Any, raw: bytes, parsable: ParsableFactory[Any] | None
+    ) -> Any:
+        """POST the MIME to a builder's URL on the SDK's own adapter (auth, middleware):
+        the SDK only writes JSON bodies, Graph wants the MIME base64-encoded as text/plain."""
+        info = RequestInformation(Method.POST, builder.url_template, builder.path_parameters)
+        info.configure(_config(IMMUTABLE))
+        info.headers.try_add("Accept", "application/json")
+        info.set_stream_content(base64.b64encode(raw), "text/plain")
+        errors: dict[str, Any] = {"XXX": ODataError}
+        adapter = builder.request_adapter
+        if parsable is None:
+            await adapter.send_no_response_content_async(info, errors)
             return None
-        config = _config()
+        return await adapter.send_async(info, parsable, errors)
+
+    async def find_sent(self, message_id: str) -> SentMessage | None:
+        """`GET /me/messages?$filter=internetMessageId eq '<id>'` (every folder), ids asked
+        for as ImmutableIds; drafts are skipped (a reply draft carries the Message-ID before
+        it is sent), and of several copies (mail to oneself) the Sent Items one wins."""
+        bare = bare_message_id(message_id)
+        if not bare:
+            return None
+        builder = self.graph.me.messages
+        config = _config(IMMUTABLE)
+        escaped = f"<{bare}>".replace("'", "''")
+        config.query_parameters = builder.MessagesRequestBuilderGetQueryParameters(
+            filter=f"internetMessageId eq '{escaped}'",
+            select=["id", "conversationId", "isDraft", "parentFolderId"],
+            top=10,
+        )
+        page = await self.call(lambda: builder.get(config), what="find sent")
+        found = [m for m in (page.value if page else None) or [] if m.id and not m.is_draft]
+        if not found:
+            return None
+        chosen = found[0]
+        if len(found) > 1:
+            sent = await self.call(
+                self.graph.me.mail_folders.by_mail_folder_id("sentitems").get,
+                what="sentitems folder",
+            )
+            chosen = next((m for m in found if sent and m.parent_folder_id == sent.id), chosen)
+        return SentMessage(str(chosen.id), chosen.conversation_id)
+
+    async def _original(self, in_reply_to: str) -> str | None:
+        """The mailbox's message a reply answers (drafts aside), by its Message-ID."""
+        config = _config(IMMUTABLE)
         builder = self.graph.me.messages
         escaped = in_reply_to.replace("'", "''")
         config.query_parameters = builder.MessagesRequestBuilderGetQueryParameters(
-            filter=f"internetMessageId eq '{escaped}'", select=["id"], top=1
+            filter=f"internetMessageId eq '{escaped}'", select=["id", "isDraft"], top=10
         )
         found = await self.call(lambda: builder.get(config), what="find original")
-        if found is None or not found.value:
-            return None
-        return str(found.value[0].id)
+        for message in (found.value if found else None) or []:
+            if message.id and not message.is_draft:
+                return str(message.id)
+        return None
 
     async def mark(self, provider_ids: Sequence[str], label: str) -> None:
         async def one(provider_id: str) -> None:
@@ -377,32 +477,14 @@ class MicrosoftProvider(MailProvider):
         self.tokens.remember("subscription_id", None)
 
 
-def _recipients(message: EmailMessage, header: str) -> list[Recipient]:
-    return [
-        Recipient(email_address=EmailAddress(address=address, name=name or None))
-        for name, address in getaddresses([str(v) for v in message.get_all(header, [])])
-        if address
-    ]
-
-
-def _graph_message(parsed: EmailMessage) -> Message:
-    body_part = parsed.get_body(preferencelist=("html", "plain"))
-    content = str(body_part.get_content()) if body_part is not None else ""
-    is_html = body_part is not None and body_part.get_content_subtype() == "html"
-    headers = [
-        InternetMessageHeader(name=name, value=str(value))
-        for name, value in parsed.items()
-        if name.lower().startswith("x-")
-    ]
-    return Message(
-        subject=str(parsed.get("Subject", "")),
-        body=ItemBody(content_type=BodyType.Html if is_html else BodyType.Text, content=content),
-        to_recipients=_recipients(parsed, "To"),
-        cc_recipients=_recipients(parsed, "Cc"),
-        bcc_recipients=_recipients(parsed, "Bcc"),
-        internet_message_headers=headers or None,
-    )
-
-
-def _reply_body(message: Message) -> CreateReplyPostRequestBody:
-    return CreateReplyPostRequestBody(message=Message(to_recipients=message.to_recipients))
+def _message_ids(value: str) -> list[str]:
+    """The `<...>` ids in a header such as In-Reply-To or References."""
+    out, rest = [], value
+    while "<" in rest and ">" in rest:
+        start = rest.index("<")
+        end = rest.find(">", start)
+        if end < 0:
+            break
+        out.append(rest[start : end + 1])
+        rest = rest[end + 1 :]
+    return out
