@@ -26,7 +26,6 @@ NOT_YET_BUILT = {
     "field Mutation.rotateCaptureAddress is missing": "issue 16 (capture address)",
     "type WorkspacePayload is missing": "issue 16 (rotateCaptureAddress's payload)",
     "field Subscription.unassignedEmailReceived is missing": "issue 16 (capture address)",
-    "field Subscription.emailDeliveryChanged is missing": "issue 18 (sending from the CRM)",
 }
 
 
