@@ -99,14 +99,14 @@ async def test_r15_send_through_gmail_files_at_once_then_lands_in_sent_and_the_i
     assert row.delivery_status == DeliveryStatus.SENT
     (received,) = await inbox_of(google, ann)
     parsed = received[1]
-    assert parsed["Message-ID"] == row.message_id
+    assert parsed["Message-ID"].strip() == row.message_id
     assert parsed["Subject"] == "Proposal"
     assert parsed["From"].addresses[0].addr_spec == address
     assert parsed["From"].addresses[0].display_name == owner.user.name
     html = parsed.get_body(("html",))
     assert html is not None and "<script>alert(1)</script>" in html.get_content()  # as written
     sent = await inbox_of(google, address, "SENT")
-    assert [m[1]["Message-ID"] for m in sent] == [row.message_id]
+    assert [m[1]["Message-ID"].strip() for m in sent] == [row.message_id]
 
 
 async def test_r15_r9_a_reply_from_the_crm_stays_in_the_contact_thread(
@@ -142,7 +142,7 @@ async def test_r15_r9_a_reply_from_the_crm_stays_in_the_contact_thread(
         ).one()
     assert sighting.provider_thread_id == first["threadId"]  # the Gmail thread kept
     (received,) = await inbox_of(google, ann)
-    assert received[1]["In-Reply-To"] == incoming.message_id
+    assert received[1]["In-Reply-To"].strip() == incoming.message_id
 
 
 async def test_r15_the_same_idempotency_key_returns_the_same_email_and_sends_once(
@@ -308,7 +308,7 @@ async def test_r15_send_through_outlook_keeps_the_mime_and_the_sent_copy_is_stor
     row = await stored(runtime, result["email"]["id"])
     assert row.delivery_status == DeliveryStatus.SENT
     (received,) = await inbox_of(google, ann)
-    assert received[1]["Message-ID"] == row.message_id
+    assert received[1]["Message-ID"].strip() == row.message_id
     assert received[1]["Subject"] == "From Outlook"
     await runtime.jobs.enqueue_sync(str(mailbox_id))
     await outlook_settle(microsoft, runtime)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import html
 import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime
 
 import nh3
 
@@ -37,7 +38,8 @@ class Draft:
 def new_message_id(sender_address: str) -> str:
     """Ours, under the sender's domain, so replies name it and R7 recognises the Sent copy."""
     domain = sender_address.rpartition("@")[2] or "mailsync.invalid"
-    return make_msgid(idstring="mailsync", domain=domain)
+    # Short enough that the header is never folded onto a second line.
+    return f"<{uuid.uuid4().hex}@{domain}>"
 
 
 def text_of_html(value: str) -> str:
