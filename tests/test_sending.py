@@ -344,3 +344,44 @@ async def test_r15_a_queued_email_whose_job_was_lost_is_queued_again_and_sent_on
     await drain(runtime)
     assert (await stored(runtime, result["email"]["id"])).delivery_status == DeliveryStatus.SENT
     assert len(await inbox_of(google, ann)) == 1
+
+
+async def test_r15_gmail_daily_sending_limit_fails_the_email_with_its_code_and_send_failed(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime, api: LiveServer
+) -> None:
+    from tests.sync_helpers import error_codes
+
+    owner, mailbox_id, address = await connected(gql, factory, google, runtime)
+    ann = recipient(google)
+    await factory.contact(owner, ann, "Ann")
+    google.google.ensure_account(address).daily_send_limit = 0
+    async with subscribe(
+        api.ws_url,
+        owner.token,
+        DELIVERY,
+        {"m": to_global_id("Mailbox", mailbox_id)},
+        subscribers=api.subscribers(owner.workspace.id),
+    ) as sub:
+        result = await send(gql, owner, mailbox_id, to=[ann], subject="Over the limit")
+        assert result["userErrors"] == []
+        async with live_worker(runtime):
+            event = (await sub.next())["data"]["emailDeliveryChanged"]
+    assert event["email"] == {"subject": "Over the limit", "deliveryStatus": "FAILED"}
+    shown = await gql(EMAIL, {"id": result["email"]["id"]}, token=owner.token)
+    assert shown["email"]["deliveryStatus"] == "FAILED"
+    assert shown["email"]["deliveryError"].startswith("SEND_LIMIT_REACHED: ")
+    assert "SEND_FAILED" in await error_codes(runtime, mailbox_id)
+    assert await inbox_of(google, ann) == []
+
+
+async def test_r15_graph_request_size_limit_is_a_user_error_before_anything_is_queued(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime
+) -> None:
+    from tests.test_microsoft import connected as outlook_connected
+
+    owner, mailbox_id, _ = await outlook_connected(gql, factory, microsoft, runtime)
+    big = await send(gql, owner, mailbox_id, to=["ann@client.test"], bodyText="x" * (3_500_000))
+    assert [(e["field"], e["code"]) for e in big["userErrors"]] == [
+        (["input", "bodyText"], "MESSAGE_TOO_LARGE")
+    ]
+    assert await emails_of(runtime, owner.workspace.id) == []

@@ -49,7 +49,7 @@ class ErrorCode(enum.StrEnum):
     NO_RECIPIENTS = "NO_RECIPIENTS", "An email needs at least one recipient."
     TOO_MANY_RECIPIENTS = "TOO_MANY_RECIPIENTS", "More recipients than the provider takes at once."
     SUBJECT_TOO_LONG = "SUBJECT_TOO_LONG", "The subject is longer than 998 characters."
-    BODY_TOO_LARGE = "BODY_TOO_LARGE", "The body is larger than mailsync sends (1 MB)."
+    BODY_TOO_LARGE = "BODY_TOO_LARGE", "The body is larger than mailsync sends (5 MB)."
     MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE", "The message is larger than the provider accepts."
     SEND_LIMIT_REACHED = "SEND_LIMIT_REACHED", "The mailbox reached its provider's sending limit."
     RECIPIENT_REJECTED = "RECIPIENT_REJECTED", "The provider refused a recipient."

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from backend.auth.service import Viewer
 
 MAX_SUBJECT_CHARS = 998
-MAX_BODY_BYTES = 1024 * 1024
+MAX_BODY_BYTES = 5 * 1024 * 1024
 MAX_KEY_CHARS = 200
 # Safe everywhere when a provider names no limits of its own.
 DEFAULT_LIMITS = SendLimits(max_recipients=100, max_bytes=3 * 1024 * 1024)
@@ -174,7 +174,7 @@ def _checked(request: SendRequest, limits: SendLimits) -> tuple[list[str], list[
     for name, body in (("bodyText", request.body_text), ("bodyHtml", request.body_html)):
         if body is not None and len(body.encode()) > MAX_BODY_BYTES:
             problems.append(
-                ServiceError(ErrorCode.BODY_TOO_LARGE, "The body is larger than 1 MB.", [name])
+                ServiceError(ErrorCode.BODY_TOO_LARGE, "The body is larger than 5 MB.", [name])
             )
     key = request.idempotency_key
     if key is not None and not 0 < len(key) <= MAX_KEY_CHARS:
