@@ -17,7 +17,8 @@ from google.oauth2.credentials import Credentials
 from googleapiclient.errors import HttpError
 from googleapiclient.http import MediaIoBaseUpload
 
-from backend.sandbox.google import unb64url
+from backend.sandbox.google import MAX_SEND_BYTES, unb64url
+from backend.sandbox.wire import SubRequest
 from tests.factories import raw_message, unique
 from tests.sandbox import SandboxServer, call, raw_b64
 
@@ -400,3 +401,79 @@ def fault(**kwargs: Any) -> Any:
     from backend.sandbox.faults import Fault
 
     return Fault(**kwargs)
+
+
+async def test_r15_send_keeps_the_mime_and_rfc822msgid_finds_it(
+    google_server: SandboxServer,
+) -> None:
+    me, friend = address("me"), address("friend")
+    google_server.google.ensure_account(friend)
+    box = google_server.gmail(me).users().messages()
+    raw = raw_message(me, [friend], "Plan", "as is", message_id="<keep-1@crm.test>")
+    raw = b"X-Crm: 7\r\nOrganization: Acme\r\n" + raw.replace(b"\n", b"\r\n")
+    media = MediaIoBaseUpload(io.BytesIO(raw), mimetype="message/rfc822", resumable=False)
+    sent = await call(box.send(userId="me", media_body=media))
+    stored = google_server.google.account(me).messages[sent["id"]]  # type: ignore[union-attr]
+    assert stored.raw == raw
+    for query in ("rfc822msgid:keep-1@crm.test", "rfc822msgid:<keep-1@crm.test>"):
+        found = await call(box.list(userId="me", q=query))
+        assert found["messages"] == [{"id": sent["id"], "threadId": sent["threadId"]}]
+    theirs = google_server.gmail(friend).users().messages()
+    assert (
+        len((await call(theirs.list(userId="me", q="rfc822msgid:keep-1@crm.test")))["messages"])
+        == 1
+    )
+    assert "messages" not in await call(box.list(userId="me", q="rfc822msgid:other@crm.test"))
+
+
+async def test_r15_sending_limits_answer_as_gmail_documents(google_server: SandboxServer) -> None:
+    me, friend = address("me"), address("friend")
+    sandbox = google_server.google
+    sandbox.ensure_account(friend)
+    box = google_server.gmail(me).users().messages()
+    many = raw_message(me, [f"r{n}@x.test" for n in range(101)], "Many", "x")
+    with pytest.raises(HttpError) as too_many:
+        await call(box.send(userId="me", body={"raw": raw_b64(many)}))
+    assert too_many.value.status_code == 400 and "Too many recipients" in str(too_many.value.reason)
+    huge = SubRequest(
+        "POST",
+        "/upload/gmail/v1/users/me/messages/send",
+        {"uploadType": ["media"]},
+        {"authorization": f"Bearer {sandbox.mint_token(me)}", "content-type": "message/rfc822"},
+        raw_message(me, [friend], "Big", "x" * (MAX_SEND_BYTES + 1)),
+    )
+    answer = await sandbox.handle(huge)
+    assert answer.status == 413 and json.loads(answer.body)["error"]["code"] == 413
+    async with httpx.AsyncClient(base_url=google_server.url, trust_env=False) as http:
+        set_limit = await http.post(f"/_sandbox/google/accounts/{me}/send-limit", json={"limit": 1})
+        assert set_limit.status_code == 200
+    await call(box.send(userId="me", body={"raw": raw_b64(raw_message(me, [friend]))}))
+    with pytest.raises(HttpError) as daily:
+        await call(box.send(userId="me", body={"raw": raw_b64(raw_message(me, [friend]))}))
+    assert daily.value.status_code == 429
+    assert "(Mail sending)" in str(daily.value.reason)
+    assert 86_000 < int(daily.value.resp["retry-after"]) <= 86_401
+
+
+async def test_r15_an_after_delay_fault_accepts_the_send_then_answers_late(
+    google_server: SandboxServer,
+) -> None:
+    me, friend = address("me"), address("friend")
+    google_server.google.ensure_account(friend)
+    box = google_server.gmail(me).users().messages()
+    async with httpx.AsyncClient(base_url=google_server.url, trust_env=False) as http:
+        made = await http.post(
+            "/_sandbox/faults",
+            json={"afterDelaySeconds": 0.5, "status": 500, "account": me, "path": "/send$"},
+        )
+        assert made.json()["afterDelaySeconds"] == 0.5
+        try:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(HttpError) as late:
+                await call(box.send(userId="me", body={"raw": raw_b64(raw_message(me, [friend]))}))
+            assert late.value.status_code == 500
+            assert asyncio.get_running_loop().time() - started >= 0.5
+        finally:
+            await http.delete("/_sandbox/faults")
+    theirs = google_server.google.account(friend)
+    assert theirs is not None and len(theirs.messages) == 1

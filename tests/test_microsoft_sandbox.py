@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -356,3 +357,99 @@ async def test_mail_crosses_between_gmail_and_outlook_sandboxes(sandbox: Sandbox
     assert [
         m.parsed()["Subject"] for m in outlook_box.messages.values() if m.folder_id == inbox
     ] == ["Back"]
+
+
+def mime(sender: str, to: list[str], subject: str, **kwargs: Any) -> bytes:
+    raw = raw_message(sender, to, subject, "body", **kwargs)
+    return b"X-Crm: 7\r\nOrganization: Acme\r\n" + raw.replace(b"\n", b"\r\n")
+
+
+async def test_r15_send_mail_and_drafts_take_base64_mime_and_keep_it(
+    sandbox: SandboxServer,
+) -> None:
+    alice, bob = address(), address()
+    sandbox.microsoft.ensure_account(bob)
+    token = sandbox.microsoft.mint_token(alice)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "text/plain"}
+    raw = mime(alice, [bob], "Quote", message_id="<q-1@crm.test>")
+    async with httpx.AsyncClient(base_url=f"{sandbox.url}/v1.0", trust_env=False) as http:
+        sent = await http.post("/me/sendMail", content=base64.b64encode(raw), headers=headers)
+        assert sent.status_code == 202, sent.text
+        bad = await http.post("/me/sendMail", content=b"not base64 at all!", headers=headers)
+        assert bad.status_code == 400
+        assert bad.json()["error"]["code"] == "ErrorMimeContentInvalidBase64String"
+        big = base64.b64encode(mime(alice, [bob], "Big", html="x" * 3_200_000))
+        assert len(big) > 4 * 1024 * 1024
+        too_big = await http.post("/me/sendMail", content=big, headers=headers)
+        assert too_big.status_code == 413
+        alice_box, bob_box = sandbox.microsoft.account(alice), sandbox.microsoft.account(bob)
+        assert alice_box is not None and bob_box is not None
+        (copy,) = alice_box.messages.values()
+        assert copy.raw == raw and copy.internet_message_id == "<q-1@crm.test>"
+        (received,) = bob_box.messages.values()
+        assert received.raw == raw and received.parsed()["Organization"] == "Acme"
+        value = await http.get(f"/me/messages/{copy.id}/$value", headers=headers)
+        assert value.content == raw
+
+        # Bob replies with MIME through createReply: with ImmutableId the draft's id is the
+        # Sent Items copy's; without it, the id changes on the way (as Graph's regular ids).
+        bob_headers = {
+            "Authorization": f"Bearer {sandbox.microsoft.mint_token(bob)}",
+            "Content-Type": "text/plain",
+        }
+        ids = []
+        for prefer in ('IdType="ImmutableId"', None):
+            reply = mime(bob, [alice], "Re: Quote", in_reply_to="<q-1@crm.test>")
+            extra = {"Prefer": prefer} if prefer else {}
+            made = await http.post(
+                f"/me/messages/{received.id}/createReply",
+                content=base64.b64encode(reply),
+                headers={**bob_headers, **extra},
+            )
+            assert made.status_code == 201, made.text
+            draft = made.json()
+            assert draft["isDraft"] and draft["conversationId"] == received.conversation_id
+            listed = await http.get(
+                "/me/messages",
+                params={"$filter": f"internetMessageId eq '{draft['internetMessageId']}'"},
+                headers=bob_headers,
+            )
+            assert [m["isDraft"] for m in listed.json()["value"]] == [True]
+            assert (
+                await http.post(f"/me/messages/{draft['id']}/send", headers=bob_headers)
+            ).status_code == 202
+            sent_copy = next(
+                m
+                for m in bob_box.messages.values()
+                if m.internet_message_id == draft["internetMessageId"]
+            )
+            assert sent_copy.raw == reply and sent_copy.conversation_id == received.conversation_id
+            ids.append(sent_copy.id == draft["id"])
+        assert ids == [True, False]
+
+
+async def test_r15_an_after_delay_fault_accepts_send_mail_then_answers_late(
+    sandbox: SandboxServer,
+) -> None:
+    alice, bob = address(), address()
+    sandbox.microsoft.ensure_account(bob)
+    headers = {
+        "Authorization": f"Bearer {sandbox.microsoft.mint_token(alice)}",
+        "Content-Type": "text/plain",
+    }
+    async with httpx.AsyncClient(base_url=sandbox.url, trust_env=False) as http:
+        await http.post(
+            "/_sandbox/faults",
+            json={"afterDelaySeconds": 0.5, "status": 503, "account": alice, "path": "sendMail"},
+        )
+        started = asyncio.get_running_loop().time()
+        answer = await http.post(
+            "/v1.0/me/sendMail",
+            content=base64.b64encode(mime(alice, [bob], "Late")),
+            headers=headers,
+        )
+        assert answer.status_code == 503
+        assert asyncio.get_running_loop().time() - started >= 0.5
+        await http.delete("/_sandbox/faults")
+    bob_box = sandbox.microsoft.account(bob)
+    assert bob_box is not None and len(bob_box.messages) == 1

@@ -894,7 +894,7 @@ class MicrosoftSandbox:
         folder: Folder,
         *,
         draft: bool = False,
-        message_id: str | None = None,
+        item_id: str | None = None,
     ) -> MsMessage:
         parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
         message_id = (
@@ -916,7 +916,7 @@ class MicrosoftSandbox:
             or "AAQk" + base64.urlsafe_b64encode(secrets.token_bytes(18)).decode()
         )
         message = MsMessage(
-            id=message_id or "AAkALg" + base64.urlsafe_b64encode(secrets.token_bytes(30)).decode(),
+            id=item_id or "AAkALg" + base64.urlsafe_b64encode(secrets.token_bytes(30)).decode(),
             folder_id=folder.id,
             conversation_id=conversation,
             raw=raw,
@@ -1114,7 +1114,7 @@ class MicrosoftSandbox:
             raise BadRequest("At least one recipient is required, but none were found.")
         notify: list[tuple[tuple[str, MsMessage], str]] = []
         if save:
-            sent = self._store(account, raw, account.folder("sentitems"), message_id=sent_id)
+            sent = self._store(account, raw, account.folder("sentitems"), item_id=sent_id)
             if conversation:
                 sent.conversation_id = conversation
             notify.append(((account.email, sent), "created"))
