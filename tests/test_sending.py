@@ -9,6 +9,7 @@ import email.policy
 import uuid
 from typing import Any
 
+import pytest
 from sqlmodel import select
 
 from backend.auth.tables import Role
@@ -16,6 +17,7 @@ from backend.graphql.relay import to_global_id
 from backend.mail.tables import DeliveryStatus, Email, MailboxMessage
 from backend.mailboxes.tables import MailboxStatus, SyncMode
 from backend.runtime import Runtime
+from backend.sandbox.faults import Fault
 from tests.client import GQL, subscribe
 from tests.conftest import LiveServer
 from tests.factories import Factory, Member, raw_message, unique
@@ -257,36 +259,62 @@ async def test_r15_email_delivery_changed_turns_sending_into_sent(
     }
 
 
-async def test_r12_modes_through_the_api(
-    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
-) -> None:
-    for mode, expected in (
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
         (SyncMode.TWO_WAY, {"Started here", "Re: Started here", "Unrelated"}),
         (SyncMode.CRM_THREADS_ONLY, {"Started here", "Re: Started here"}),
         (SyncMode.ONE_WAY, {"Started here"}),
-    ):
-        owner, mailbox_id, address = await connected(gql, factory, google, runtime)
-        ann = recipient(google)
-        await factory.contact(owner, ann, "Ann")
-        changed = await gql(
-            "mutation($input: UpdateMailboxInput!) { updateMailbox(input: $input) "
-            "{ userErrors { code } } }",
-            {"input": {"id": to_global_id("Mailbox", mailbox_id), "syncMode": mode.value}},
-            token=owner.token,
-        )
-        assert changed["updateMailbox"]["userErrors"] == []
-        sent = await send(gql, owner, mailbox_id, to=[ann], subject="Started here")
-        await drain(runtime)
-        row = await stored(runtime, sent["email"]["id"])
-        assert row.delivery_status == DeliveryStatus.SENT, mode  # every mode sends
-        reply = raw_message(ann, [address], "Re: Started here", in_reply_to=row.message_id)
-        await deliver(google, address, reply)
-        await deliver(google, address, raw_message(ann, [address], "Unrelated"))
-        await google.google.drain_pushes()
-        await drain(runtime)
-        subjects = {e.subject for e in await emails_of(runtime, owner.workspace.id)}
-        assert subjects == expected, mode
-        assert (await reload_mailbox(runtime, mailbox_id)).status != MailboxStatus.ERROR
+    ],
+)
+async def test_r12_every_mode_sends_and_files_what_it_should(
+    gql: GQL,
+    factory: Factory,
+    google: SandboxServer,
+    runtime: Runtime,
+    mode: SyncMode,
+    expected: set[str],
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, google, runtime)
+    ann = recipient(google)
+    await factory.contact(owner, ann, "Ann")
+    changed = await gql(
+        "mutation($input: UpdateMailboxInput!) { updateMailbox(input: $input) "
+        "{ userErrors { code } } }",
+        {"input": {"id": to_global_id("Mailbox", mailbox_id), "syncMode": mode.value}},
+        token=owner.token,
+    )
+    assert changed["updateMailbox"]["userErrors"] == []
+    sent = await send(gql, owner, mailbox_id, to=[ann], subject="Started here")
+    await drain(runtime)
+    row = await stored(runtime, sent["email"]["id"])
+    assert row.delivery_status == DeliveryStatus.SENT  # every mode sends
+    # The contact answers the CRM email, and writes about something else.
+    reply = raw_message(ann, [address], "Re: Started here", in_reply_to=row.message_id)
+    await deliver(google, address, reply)
+    await deliver(google, address, raw_message(ann, [address], "Unrelated"))
+    await google.google.drain_pushes()
+    await drain(runtime)
+    subjects = {e.subject for e in await emails_of(runtime, owner.workspace.id)}
+    assert subjects == expected
+    assert (await reload_mailbox(runtime, mailbox_id)).status != MailboxStatus.ERROR
+
+
+async def test_r15_a_transient_failure_is_retried_and_the_mail_sent_once(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, google, runtime)
+    ann = recipient(google)
+    await factory.contact(owner, ann, "Ann")
+    outage = google.google.faults.add(
+        Fault(status=503, account=address, path="/messages/send", times=1)
+    )
+    result = await send(gql, owner, mailbox_id, to=[ann], subject="Second time lucky")
+    await drain(runtime)  # the first attempt fails; the job comes back after its backoff
+    assert outage.hits == 1
+    row = await stored(runtime, result["email"]["id"])
+    assert row.delivery_status == DeliveryStatus.SENT
+    assert len(await inbox_of(google, ann)) == 1
 
 
 async def test_r15_send_through_outlook_keeps_the_mime_and_the_sent_copy_is_stored_once(

@@ -26,7 +26,6 @@ from backend.providers.base import (
 from backend.sending.service import record_failed, record_sent
 from backend.sending.tables import OutgoingMessage
 from backend.sync.service import provider_for_mailbox
-from backend.sync.status import backoff
 
 if TYPE_CHECKING:
     from backend.runtime import Runtime
@@ -35,6 +34,14 @@ log = logging.getLogger(__name__)
 
 # Transient failures (rate limits, 5xx) are retried with backoff this many times in all.
 MAX_SEND_ATTEMPTS = 5
+MAX_SEND_BACKOFF_SECONDS = 300
+
+
+def send_backoff(attempt: int, retry_after: float | None) -> float:
+    """2, 4, 8, 16 s...: a user waits for this mail; never sooner than the provider asks."""
+    return max(min(2.0**attempt, MAX_SEND_BACKOFF_SECONDS), retry_after or 0.0)
+
+
 CANNOT_SEND = {MailboxStatus.DISCONNECTED, MailboxStatus.SUSPENDED}
 
 
@@ -91,7 +98,7 @@ async def send_email(runtime: Runtime, email_id: str) -> str:
             await record_sent(work.session, work.effects, email, mailbox, outcome)
             return "sent"
         if isinstance(outcome, TransientProviderError) and send.attempt < MAX_SEND_ATTEMPTS:
-            delay = backoff(send.attempt, outcome.retry_after).total_seconds()
+            delay = send_backoff(send.attempt, outcome.retry_after)
             log.info(
                 "email %s: send attempt %d failed, retrying: %s", email_id, send.attempt, outcome
             )
