@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     sync_pass_timeout_seconds: int = 300
     # A send (one provider call, or a look-up and a call) running longer is cancelled.
     send_timeout_seconds: int = 120
+    # A send whose answer was lost is looked up in the mailbox no sooner than this after it
+    # started (providers file what they accepted with a delay); only then is it sent again.
+    send_confirm_seconds: float = 60
     capture_domain: str = "capture.mailsync.local"
     # Where the browser lands after an OAuth connect, with ?mailboxId= or ?error= appended.
     oauth_return_url: str | None = None

@@ -93,6 +93,8 @@ def settings(database_url: str) -> Iterator[Settings]:
         "MAILSYNC_LOG_LEVEL": "WARNING",
         # Burst workers in tests should not wait for spread-out passes (tested on its own).
         "MAILSYNC_SYNC_SPREAD_SECONDS": "0",
+        # The sandboxes file a sent message at once; a send retried in a test need not wait.
+        "MAILSYNC_SEND_CONFIRM_SECONDS": "1",
         "MAILSYNC_PUBLIC_URL": f"http://127.0.0.1:{API_PORT}",
         "MAILSYNC_GOOGLE_BASE_URL": f"http://127.0.0.1:{SANDBOX_PORT}",
         "MAILSYNC_MICROSOFT_BASE_URL": f"http://127.0.0.1:{SANDBOX_PORT}",

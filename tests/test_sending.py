@@ -413,3 +413,75 @@ async def test_r15_graph_request_size_limit_is_a_user_error_before_anything_is_q
         (["input", "bodyText"], "MESSAGE_TOO_LARGE")
     ]
     assert await emails_of(runtime, owner.workspace.id) == []
+
+
+async def test_r15_a_lost_answer_after_gmail_accepted_the_mail_is_found_not_sent_again(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, google, runtime)
+    ann = recipient(google)
+    await factory.contact(owner, ann, "Ann")
+    # Gmail files and delivers the message, then the worker gets a 503 instead of its answer.
+    lost = google.google.faults.add(
+        Fault(status=503, after_delay_seconds=0, account=address, path="/messages/send", times=1)
+    )
+    result = await send(gql, owner, mailbox_id, to=[ann], subject="Lost answer")
+    await drain(runtime)
+    assert lost.hits == 1
+    assert (await stored(runtime, result["email"]["id"])).delivery_status == DeliveryStatus.SENT
+    assert len(await inbox_of(google, ann)) == 1
+
+
+async def test_r15_a_lost_answer_after_graph_accepted_the_mail_is_found_not_sent_again(
+    gql: GQL,
+    factory: Factory,
+    microsoft: SandboxServer,
+    google: SandboxServer,
+    runtime: Runtime,
+) -> None:
+    from tests.test_microsoft import connected as outlook_connected
+
+    owner, mailbox_id, address = await outlook_connected(gql, factory, microsoft, runtime)
+    ann = recipient(google)
+    await factory.contact(owner, ann, "Ann")
+    lost = microsoft.microsoft.faults.add(
+        Fault(status=503, after_delay_seconds=0, account=address, path="/sendMail", times=1)
+    )
+    result = await send(gql, owner, mailbox_id, to=[ann], subject="Lost answer")
+    await drain(runtime)
+    assert lost.hits == 1
+    assert (await stored(runtime, result["email"]["id"])).delivery_status == DeliveryStatus.SENT
+    assert len(await inbox_of(google, ann)) == 1
+
+
+async def test_r15_r17_a_subject_on_two_lines_and_a_reply_to_unreadable_mail_are_refused(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, _ = await connected(gql, factory, google, runtime)
+    split = await send(gql, owner, mailbox_id, to=["a@client.test"], subject="One\r\nBcc: x@y.z")
+    assert [(e["field"], e["code"]) for e in split["userErrors"]] == [
+        (["input", "subject"], "INVALID_ARGUMENT")
+    ]
+    # A colleague's mailbox shares only metadata: its mail is not the viewer's to answer.
+    colleague = await factory.member(owner)
+    theirs = await factory.mailbox(colleague, f"{unique('c')}@crm.test")
+    await gql(
+        "mutation($input: UpdateMailboxInput!) { updateMailbox(input: $input) "
+        "{ userErrors { code } } }",
+        {"input": {"id": to_global_id("Mailbox", theirs.id), "visibility": "METADATA_ONLY"}},
+        token=colleague.token,
+    )
+    await factory.contact(owner, "kim@client.test", "Kim")
+    private = await factory.email(
+        colleague, theirs, raw_message("kim@client.test", [theirs.email_address], "Private")
+    )
+    reply = await send(
+        gql,
+        owner,
+        mailbox_id,
+        to=["kim@client.test"],
+        inReplyToEmailId=to_global_id("Email", private.id),
+    )
+    assert [(e["field"], e["code"]) for e in reply["userErrors"]] == [
+        (["input", "inReplyToEmailId"], "NOT_FOUND")
+    ]

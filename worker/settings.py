@@ -58,13 +58,14 @@ SEND_TIMEOUT = get_settings().send_timeout_seconds
 class WorkerSettings:
     functions = [
         func(sync_mailbox, name=SYNC_FUNCTION, keep_result=0, timeout=PASS_TIMEOUT, max_tries=5),
-        # The job counts its own attempts (R15); arq's count only bounds crash loops.
+        # The job counts its own attempts (R15) and waits between them with arq's Retry;
+        # arq's count only bounds a crash loop.
         func(
             send_email,
             name=SEND_FUNCTION,
             keep_result=0,
             timeout=SEND_TIMEOUT,
-            max_tries=MAX_SEND_ATTEMPTS + 3,
+            max_tries=4 * MAX_SEND_ATTEMPTS,
         ),
     ]
     job_timeout = PASS_TIMEOUT

@@ -59,7 +59,9 @@ def _address(value: str, name: str | None = None) -> Address:
 
 def compose(draft: Draft, *, message_id: str, date: datetime) -> bytes:
     message = EmailMessage(policy=SMTP)
-    message["From"] = _address(draft.sender_address, draft.sender_name)
+    # A display name is one line, whatever the user's profile holds.
+    name = " ".join((draft.sender_name or "").split())
+    message["From"] = _address(draft.sender_address, name)
     message["To"] = [_address(a) for a in draft.to] if draft.to else []
     if draft.cc:
         message["Cc"] = [_address(a) for a in draft.cc]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from arq import Retry
 from sqlmodel import col, select
 
-from backend.kit.clock import now
+from backend.kit.clock import as_utc, now
 from backend.mail.tables import DeliveryStatus, Email
 from backend.mailboxes.service import write_credentials
 from backend.mailboxes.tables import Mailbox, MailboxStatus
@@ -51,14 +51,15 @@ class _Send:
     message_id: str
     provider_thread_id: str | None
     attempt: int
+    # Earlier attempts may have reached the provider: look before sending (R15).
+    look_first: bool
+    # Attempts are used up: look, and fail the email if the mail is not there.
+    last_look: bool
 
 
-async def send_email(runtime: Runtime, email_id: str) -> str:
-    try:
-        row_id = uuid.UUID(email_id)
-    except ValueError:
-        log.warning("ignoring a send job for a malformed email id %r", email_id)
-        return "malformed"
+async def _claim(runtime: Runtime, row_id: uuid.UUID) -> tuple[_Send, Mailbox] | str:
+    """Count the attempt and commit it before the provider is called; or settle what cannot
+    be sent. A string is the job's result."""
     settings = runtime.settings
     async with runtime.unit_of_work() as work:
         email = await work.session.get(Email, row_id)
@@ -71,40 +72,78 @@ async def send_email(runtime: Runtime, email_id: str) -> str:
                 reason = PermanentProviderError(f"the mailbox is {mailbox.status.value.lower()}")
                 await record_failed(work.session, work.effects, email, mailbox, reason)
             return "failed"
+        if outgoing.last_attempt_at is not None:
+            # A provider may take a while to file what it accepted (Graph's sendMail answers
+            # before the Sent copy exists): never look for it, let alone resend, too early.
+            ready = as_utc(outgoing.last_attempt_at) + timedelta(
+                seconds=settings.send_confirm_seconds
+            )
+            wait = (ready - now()).total_seconds()
+            if wait > 0:
+                raise Retry(defer=wait)
         outgoing.attempts += 1
+        outgoing.last_attempt_at = now()
         work.session.add(outgoing)
-        send = _Send(outgoing.raw, email.message_id, outgoing.provider_thread_id, outgoing.attempts)
-        provider = provider_for_mailbox(settings, mailbox)
-    outcome: SentMessage | ProviderError
+        return _Send(
+            raw=outgoing.raw,
+            message_id=email.message_id,
+            provider_thread_id=outgoing.provider_thread_id,
+            attempt=outgoing.attempts,
+            look_first=outgoing.attempts > 1,
+            last_look=outgoing.attempts > MAX_SEND_ATTEMPTS,
+        ), mailbox
+
+
+async def send_email(runtime: Runtime, email_id: str) -> str:
     try:
-        found = await provider.find_sent(send.message_id) if send.attempt > 1 else None
-        if found is not None:
-            log.info("email %s: found in the mailbox after a lost answer, not sent again", email_id)
-        outcome = found or await provider.send(send.raw, send.provider_thread_id)
+        row_id = uuid.UUID(email_id)
+    except ValueError:
+        log.warning("ignoring a send job for a malformed email id %r", email_id)
+        return "malformed"
+    settings = runtime.settings
+    claimed = await _claim(runtime, row_id)
+    if isinstance(claimed, str):
+        return claimed
+    send, mailbox = claimed
+    outcome: SentMessage | ProviderError | None = None
+    provider = provider_for_mailbox(settings, mailbox)
+    try:
+        if send.look_first:
+            outcome = await provider.find_sent(send.message_id)
+            if outcome is not None:
+                log.info("email %s: the provider had it already; not sent again", email_id)
+        if outcome is None and not send.last_look:
+            outcome = await provider.send(send.raw, send.provider_thread_id)
     except ProviderError as exc:
         outcome = exc
+    except Exception as exc:
+        # A bug or an unreadable answer: the provider may or may not have the mail, so it
+        # counts as an attempt and the next one looks first.
+        log.exception("email %s: send attempt %d failed unexpectedly", email_id, send.attempt)
+        outcome = TransientProviderError(f"unexpected: {exc!r}")
     finally:
         refreshed = provider.updated_credentials()
         await provider.close()
     async with runtime.unit_of_work() as work:
         email = await work.session.get(Email, row_id)
-        mailbox = await work.session.get(Mailbox, mailbox.id)
-        if email is None or mailbox is None:
+        mailbox_row = await work.session.get(Mailbox, mailbox.id)
+        if email is None or mailbox_row is None:
             return "deleted"
         if refreshed is not None:
-            write_credentials(settings.secret, mailbox, refreshed)
-            work.session.add(mailbox)
+            write_credentials(settings.secret, mailbox_row, refreshed)
+            work.session.add(mailbox_row)
         if isinstance(outcome, SentMessage):
-            await record_sent(work.session, work.effects, email, mailbox, outcome)
+            await record_sent(work.session, work.effects, email, mailbox_row, outcome)
             return "sent"
-        if isinstance(outcome, TransientProviderError) and send.attempt < MAX_SEND_ATTEMPTS:
-            delay = send_backoff(send.attempt, outcome.retry_after)
-            log.info(
-                "email %s: send attempt %d failed, retrying: %s", email_id, send.attempt, outcome
+        if outcome is None:
+            outcome = PermanentProviderError(
+                f"not sent after {MAX_SEND_ATTEMPTS} attempts, and not in the mailbox"
             )
-        else:
-            await record_failed(work.session, work.effects, email, mailbox, outcome)
+        if not isinstance(outcome, TransientProviderError) or send.last_look:
+            await record_failed(work.session, work.effects, email, mailbox_row, outcome)
             return "failed"
+        delay = send_backoff(send.attempt, outcome.retry_after)
+        log.info("email %s: send attempt %d failed, retrying: %s", email_id, send.attempt, outcome)
     # The refreshed credentials are committed; arq runs the job again after the backoff.
     raise Retry(defer=delay)
 

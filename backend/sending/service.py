@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
@@ -35,6 +36,7 @@ from backend.mailboxes import queries as mailbox_queries
 from backend.mailboxes.tables import Mailbox, MailboxStatus, SyncErrorEntry, SyncMode
 from backend.providers.base import (
     Provider,
+    ProviderError,
     SendLimits,
     SendRejected,
     SendRejection,
@@ -47,6 +49,7 @@ from backend.sending.tables import OutgoingMessage
 from backend.sync.filing import FilingContext, decide
 from backend.sync.parsing import ParsedMessage, parse_message
 from backend.sync.service import record_error
+from backend.timeline.access import Access, access_for
 from backend.timeline.service import store_email
 
 if TYPE_CHECKING:
@@ -100,7 +103,11 @@ async def _earlier_send(session: AsyncSession, viewer: Viewer, key: str | None) 
     if key is None:
         return None
     found = await session.scalars(
-        select(Email).where(Email.sent_by_id == viewer.user.id, Email.idempotency_key == key)
+        select(Email).where(
+            Email.workspace_id == viewer.workspace_id,
+            Email.sent_by_id == viewer.user.id,
+            Email.idempotency_key == key,
+        )
     )
     return found.first()
 
@@ -163,7 +170,13 @@ def _checked(request: SendRequest, limits: SendLimits) -> tuple[list[str], list[
                 ["to"],
             )
         )
-    if len(request.subject) > MAX_SUBJECT_CHARS:
+    if "\r" in request.subject or "\n" in request.subject:
+        problems.append(
+            ServiceError(
+                ErrorCode.INVALID_ARGUMENT, "The subject must be a single line.", ["subject"]
+            )
+        )
+    elif len(request.subject) > MAX_SUBJECT_CHARS:
         problems.append(
             ServiceError(
                 ErrorCode.SUBJECT_TOO_LONG,
@@ -199,6 +212,10 @@ async def _replied(
         return None, None
     original = await session.get(Email, email_id)
     if original is None or original.workspace_id != viewer.workspace_id:
+        raise NotFound("Email", ["inReplyToEmailId"])
+    source = await session.get(Mailbox, original.mailbox_id) if original.mailbox_id else None
+    if source is not None and access_for(viewer, source.visibility, source.owner_id) != Access.ALL:
+        # R17: a reply quotes its thread; mail the viewer may not read is not theirs to answer.
         raise NotFound("Email", ["inReplyToEmailId"])
     sighting = (
         await session.scalars(
@@ -245,6 +262,63 @@ async def _contacts_for(
     return unique, parsed
 
 
+async def _file(
+    session: AsyncSession,
+    workspace: Workspace,
+    mailbox: Mailbox,
+    sender: User,
+    request: SendRequest,
+    raw: bytes,
+    message_id: str,
+    moment: datetime,
+    original: Email | None,
+) -> tuple[Email, list[Contact]]:
+    """File the CRM email as sync would file its Sent copy: parsed from the very MIME."""
+    contacts, parsed = await _contacts_for(session, workspace, mailbox, raw)
+    thread = await session.get(Thread, original.thread_id) if original else None
+    if thread is None:
+        thread = Thread(workspace_id=workspace.id, subject=parsed.subject, last_email_at=moment)
+        session.add(thread)
+        await session.flush()
+    participants = [
+        ParticipantData(role=role, address=p.address, name=p.name)
+        for role, group in (
+            (ParticipantRole.FROM, [parsed.sender] if parsed.sender else []),
+            (ParticipantRole.TO, parsed.to),
+            (ParticipantRole.CC, parsed.cc),
+            (ParticipantRole.BCC, parsed.bcc),
+        )
+        for p in group
+    ]
+    data = NewEmail(
+        message_id=message_id,
+        direction=EmailDirection.OUTGOING,
+        sent_at=moment,
+        participants=participants,
+        source=EmailSource.CRM,
+        subject=parsed.subject,
+        snippet=parsed.snippet,
+        body_text=parsed.body_text,
+        body_html=parsed.body_html,
+        in_reply_to=parsed.in_reply_to,
+        references=parsed.references,
+        headers=parsed.headers,
+        attachments=parsed.attachments,
+        sent_by_id=sender.id,
+        delivery_status=DeliveryStatus.QUEUED,
+        idempotency_key=request.idempotency_key,
+    )
+    email = await store_email(
+        session,
+        workspace_id=workspace.id,
+        thread=thread,
+        mailbox_id=mailbox.id,
+        data=data,
+        contacts=contacts,
+    )
+    return email, contacts
+
+
 async def queue_email(
     session: AsyncSession, effects: AfterCommit, viewer: Viewer, request: SendRequest
 ) -> Email:
@@ -283,49 +357,12 @@ async def queue_email(
             f"This mailbox's provider accepts messages up to {limits.max_bytes // 1024} KB.",
             ["bodyHtml" if request.body_html is not None else "bodyText"],
         )
-    contacts, parsed = await _contacts_for(session, workspace, mailbox, raw)
-    thread = await session.get(Thread, original.thread_id) if original else None
-    if thread is None:
-        thread = Thread(workspace_id=workspace.id, subject=parsed.subject, last_email_at=moment)
-        session.add(thread)
-        await session.flush()
-    participants = [
-        ParticipantData(role=role, address=p.address, name=p.name)
-        for role, group in (
-            (ParticipantRole.FROM, [parsed.sender] if parsed.sender else []),
-            (ParticipantRole.TO, parsed.to),
-            (ParticipantRole.CC, parsed.cc),
-            (ParticipantRole.BCC, parsed.bcc),
-        )
-        for p in group
-    ]
-    data = NewEmail(
-        message_id=message_id,
-        direction=EmailDirection.OUTGOING,
-        sent_at=moment,
-        participants=participants,
-        source=EmailSource.CRM,
-        subject=parsed.subject,
-        snippet=parsed.snippet,
-        body_text=parsed.body_text,
-        body_html=parsed.body_html,
-        in_reply_to=parsed.in_reply_to,
-        references=parsed.references,
-        headers=parsed.headers,
-        attachments=parsed.attachments,
-        sent_by_id=sender.id,
-        delivery_status=DeliveryStatus.QUEUED,
-        idempotency_key=request.idempotency_key,
-    )
     try:
+        # Contacts, thread, email and its MIME: all or nothing, so a request that loses an
+        # idempotency race leaves nothing behind and answers with the winner's email.
         async with session.begin_nested():
-            email = await store_email(
-                session,
-                workspace_id=workspace.id,
-                thread=thread,
-                mailbox_id=mailbox.id,
-                data=data,
-                contacts=contacts,
+            email, contacts = await _file(
+                session, workspace, mailbox, sender, request, raw, message_id, moment, original
             )
             session.add(
                 OutgoingMessage(
@@ -337,7 +374,6 @@ async def queue_email(
             )
             await session.flush()
     except IntegrityError:
-        # The same key sent concurrently: the other request's email is the one.
         earlier = await _earlier_send(session, viewer, request.idempotency_key)
         if earlier is None:
             raise
@@ -388,14 +424,19 @@ async def record_failed(
     session: AsyncSession, effects: AfterCommit, email: Email, mailbox: Mailbox, error: Exception
 ) -> None:
     """FAILED with a reason the user can act on; the mailbox's error log shows SEND_FAILED."""
-    code = (
-        REJECTION_CODES[error.reason] if isinstance(error, SendRejected) else ErrorCode.SEND_FAILED
-    )
+    mailbox_code = SyncErrorCode.SEND_FAILED
+    if isinstance(error, SendRejected):
+        code = REJECTION_CODES[error.reason]
+    elif isinstance(error, ProviderError) and error.code in REVOKED:
+        # Not the message's fault: the mailbox lost its access, and the user must reconnect.
+        code, mailbox_code = ErrorCode[error.code.value], error.code
+    else:
+        code = ErrorCode.SEND_FAILED
     detail = getattr(error, "detail", None) or str(error)
     email.delivery_status = DeliveryStatus.FAILED
     email.delivery_error = f"{code.value}: {code.meaning} ({detail[:500]})"
     session.add(email)
-    record_error(session, mailbox.id, SyncErrorCode.SEND_FAILED, detail[:2000])
+    record_error(session, mailbox.id, mailbox_code, detail[:2000])
     await _settle(session, effects, email)
 
 

@@ -24,4 +24,5 @@ class OutgoingMessage(SQLModel, table=True):
     # Started sends: after the first, the provider may already have the message (R15), so
     # the job looks for it before sending again.
     attempts: int = 0
+    last_attempt_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     created_at: datetime = Field(default_factory=now, sa_type=UtcDateTime)
