@@ -24,12 +24,18 @@ from tests.test_gmail import connected, deliver, emails_of
 
 pytestmark = pytest.mark.e2e  # starts worker processes
 
-PASS_TIMEOUT = 3  # arq retries a dead worker's job this + 10 seconds after it started
+# arq retries a dead worker's job the longest job timeout (passes and sends) + 10 seconds
+# after it started.
+PASS_TIMEOUT = 3
 
 
 @contextmanager
 def worker_process() -> Iterator[subprocess.Popen[bytes]]:
-    env = dict(os.environ, MAILSYNC_SYNC_PASS_TIMEOUT_SECONDS=str(PASS_TIMEOUT))
+    env = dict(
+        os.environ,
+        MAILSYNC_SYNC_PASS_TIMEOUT_SECONDS=str(PASS_TIMEOUT),
+        MAILSYNC_SEND_TIMEOUT_SECONDS=str(PASS_TIMEOUT),
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "backend.cli", "worker"],
         env=env,

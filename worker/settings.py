@@ -49,8 +49,8 @@ async def after_job_end(ctx: dict[str, Any]) -> None:
         await jobs.after_sync(ctx["runtime"], job_id.removeprefix(SYNC_PREFIX))
 
 
-# arq keeps a running job's in-progress key for the longest timeout + 10 s; when a worker is
-# killed mid-pass the key expires and another worker retries the pass (R14).
+# arq keeps a running job's in-progress key for the longest job timeout (pass or send) + 10 s;
+# when a worker is killed mid-job the key expires and another worker retries it (R14, R15).
 PASS_TIMEOUT = get_settings().sync_pass_timeout_seconds
 SEND_TIMEOUT = get_settings().send_timeout_seconds
 
