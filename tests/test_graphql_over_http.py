@@ -18,9 +18,10 @@ import websockets
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin, Subprotocol
 
+from backend.graphql.relay import to_global_id
 from backend.runtime import Runtime
 from backend.settings import Settings
-from tests.client import TRANSPORT_WS, WORK_TIMEOUT, SubscriberCount
+from tests.client import GQL, TRANSPORT_WS, WORK_TIMEOUT, SubscriberCount
 from tests.conftest import LiveServer
 from tests.factories import Factory, raw_message
 from tests.sync_helpers import wait_until
@@ -201,10 +202,10 @@ async def test_a_multipart_subscription_receives_an_event(
     """Apollo's multipart subscriptions: one HTTP response, a part per event."""
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
-    await factory.contact(owner, "ann@multipart.test", "Ann")
+    ann = await factory.contact(owner, "ann@multipart.test", "Ann")
     subscribers = api.subscribers(owner.workspace.id)
     before = await subscribers()
-    query = "subscription { emailReceived { email { subject } contacts { name } } }"
+    query = "subscription { emailReceived { email { subject } contacts { name } cursor } }"
     async with (
         httpx.AsyncClient(base_url=api.url, timeout=WORK_TIMEOUT) as client,
         client.stream(
@@ -225,6 +226,12 @@ async def test_a_multipart_subscription_receives_an_event(
     event = payload["data"]["emailReceived"]
     assert event["email"] == {"subject": "Over HTTP"}
     assert event["contacts"] == [{"name": "Ann"}]
+    timeline = await GQL(api.url)(
+        "query($id: ID!) { contact(id: $id) { timeline { edges { cursor } } } }",
+        {"id": to_global_id("Contact", ann.id)},
+        token=owner.token,
+    )
+    assert event["cursor"] == timeline["contact"]["timeline"]["edges"][0]["cursor"]
 
 
 async def test_a_multipart_subscription_needs_a_token(api: LiveServer) -> None:
