@@ -10,6 +10,8 @@ from typing import Any
 
 from sqlalchemy import text
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import (
     FileResponse,
@@ -20,12 +22,17 @@ from starlette.responses import (
 )
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
-from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
+from strawberry.subscriptions import (
+    GRAPHQL_TRANSPORT_WS_PROTOCOL,
+    GRAPHQL_WS_PROTOCOL,
+    MULTIPART_SUBSCRIPTION_PROTOCOL,
+)
 from strawberry.types.unset import UnsetType
 
 from backend import graphiql
 from backend.api import http as routes
+from backend.api.over_http import GraphQLOverHTTP
 from backend.api.schema import build_schema
 from backend.auth.service import authenticate
 from backend.auth.tokens import bearer_value
@@ -38,9 +45,21 @@ from backend.settings import Settings, configure_logging, get_settings
 log = logging.getLogger(__name__)
 
 
-class MailsyncGraphQL(GraphQL[Context, None]):
+class MailsyncGraphQL(GraphQLOverHTTP):
     def __init__(self, settings: Settings) -> None:
-        super().__init__(build_schema(settings), graphql_ide="graphiql", keep_alive=True)
+        super().__init__(
+            build_schema(settings),
+            graphql_ide="graphiql",
+            keep_alive=True,
+            subscription_protocols=(
+                GRAPHQL_TRANSPORT_WS_PROTOCOL,
+                GRAPHQL_WS_PROTOCOL,
+                # Apollo's multipart subscriptions: `Accept: multipart/mixed;subscriptionSpec=1.0`
+                MULTIPART_SUBSCRIPTION_PROTOCOL,
+            ),
+            # Pages on these origins may open the websocket (same-origin ones always may).
+            allowed_origins=settings.allowed_origins,
+        )
         self.runtime: Runtime | None = None
 
     def _runtime(self) -> Runtime:
@@ -128,7 +147,23 @@ def create_app(settings: Settings | None = None) -> Starlette:
             return PlainTextResponse("not found", status_code=404)
         return FileResponse(path, headers={"Cache-Control": "public, max-age=86400"})
 
+    # SPAs on other origins (MAILSYNC_CORS_ORIGINS): CORS headers and preflights. Requests carry
+    # a bearer token, never cookies, so no credentials mode.
+    middleware = (
+        [
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.allowed_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["*"],
+                max_age=600,
+            )
+        ]
+        if settings.allowed_origins
+        else []
+    )
     return Starlette(
+        middleware=middleware,
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),

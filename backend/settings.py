@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     max_query_depth: int = 12
     max_aliases: int = 30
     max_page_size: int = 100
+    # Origins of single-page apps served elsewhere that may call the API: CORS on HTTP and the
+    # Origin check of websocket handshakes. Comma-separated, e.g.
+    # `https://app.example.com,http://localhost:5173`; `*` allows any. Empty: same origin only.
+    cors_origins: str = ""
     sync_interval_seconds: int = 300
     # Scheduled passes start spread over this many seconds rather than all at once.
     sync_spread_seconds: int = 60
@@ -132,6 +136,28 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("unsafe for production:\n- " + "\n- ".join(problems))
         return self
+
+    @model_validator(mode="after")
+    def _check_cors_origins(self) -> Settings:
+        for origin in self.allowed_origins:
+            parts = urlsplit(origin)
+            if origin != "*" and (
+                parts.scheme not in {"http", "https"}
+                or not parts.hostname
+                or parts.path not in {"", "/"}
+                or parts.query
+                or parts.fragment
+            ):
+                raise ValueError(
+                    f"MAILSYNC_CORS_ORIGINS: {origin!r} is not an origin "
+                    "(scheme://host[:port], no path) or `*`"
+                )
+        return self
+
+    @property
+    def allowed_origins(self) -> list[str]:
+        """MAILSYNC_CORS_ORIGINS as a list, each without a trailing slash."""
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
 
     @property
     def secret(self) -> bytes:

@@ -32,6 +32,16 @@ ensure_graphiql_assets() {
   fi
 }
 
+ensure_test_js() {
+  # The SPA example and graphql-http's audit suite (tests/spa): pinned in its package-lock.
+  # npm's own node_modules/.package-lock.json never equals package-lock.json, so a copy of
+  # the lockfile installed last says whether it changed.
+  if ! cmp -s tests/spa/package-lock.json tests/spa/node_modules/.installed-lock.json 2>/dev/null; then
+    (cd tests/spa && npm ci --no-audit --no-fund --loglevel=error >/dev/null \
+      && cp package-lock.json node_modules/.installed-lock.json)
+  fi
+}
+
 redis_answers() {
   uv run --quiet python -c "import redis,sys; sys.exit(0 if redis.Redis.from_url('$1', socket_connect_timeout=1).ping() else 1)" 2>/dev/null
 }

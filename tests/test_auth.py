@@ -9,6 +9,7 @@ import pytest
 from backend.auth.service import revoke_token
 from backend.auth.tables import Role
 from backend.auth.tokens import decode_token
+from backend.graphql.relay import to_global_id
 from backend.kit import clock
 from backend.runtime import Runtime
 from tests.client import GQL, GraphQLFailed, error_codes, ws_connect
@@ -68,10 +69,16 @@ async def test_role_failures_are_forbidden(gql: GQL, factory: Factory) -> None:
     assert error_codes(body) == ["FORBIDDEN"]
     admin = await factory.member(owner, Role.ADMIN)
     data = await gql(
-        "mutation { updateWorkspaceSettings(input: {mailboxLimit: 3}) { settings { mailboxLimit } } }",
+        "mutation { updateWorkspaceSettings(input: {mailboxLimit: 3}) { settings { mailboxLimit } "
+        "workspace { id settings { mailboxLimit } } } }",
         token=admin.token,
     )
     assert data["updateWorkspaceSettings"]["settings"] == {"mailboxLimit": 3}
+    # The Workspace with its id, so a normalized cache (Apollo, Relay) updates its copy.
+    assert data["updateWorkspaceSettings"]["workspace"] == {
+        "id": to_global_id("Workspace", owner.workspace.id),
+        "settings": {"mailboxLimit": 3},
+    }
 
 
 async def test_websocket_without_a_valid_token_is_refused(api: LiveServer) -> None:

@@ -37,7 +37,7 @@ mutation($input: SendEmailInput!) {
 EMAIL = "query($id: ID!) { email(id: $id) { deliveryStatus deliveryError thread { id } } }"
 DELIVERY = """
 subscription($m: ID) { emailDeliveryChanged(mailboxId: $m) {
-  email { subject deliveryStatus } contacts { name } } }"""
+  email { subject deliveryStatus } contacts { name } cursor } }"""
 
 
 async def send(gql: GQL, member: Member, mailbox_id: uuid.UUID, **fields: Any) -> dict[str, Any]:
@@ -242,7 +242,7 @@ async def test_r15_email_delivery_changed_turns_sending_into_sent(
 ) -> None:
     owner, mailbox_id, _ = await connected(gql, factory, google, runtime)
     ann = recipient(google)
-    await factory.contact(owner, ann, "Ann")
+    contact = await factory.contact(owner, ann, "Ann")
     async with subscribe(
         api.ws_url,
         owner.token,
@@ -253,9 +253,16 @@ async def test_r15_email_delivery_changed_turns_sending_into_sent(
         await send(gql, owner, mailbox_id, to=[ann], subject="Live")
         async with live_worker(runtime):
             event = (await sub.next())["data"]["emailDeliveryChanged"]
+    timeline = await gql(
+        "query($id: ID!) { contact(id: $id) { timeline { edges { cursor } } } }",
+        {"id": to_global_id("Contact", contact.id)},
+        token=owner.token,
+    )
     assert event == {
         "email": {"subject": "Live", "deliveryStatus": "SENT"},
         "contacts": [{"name": "Ann"}],
+        # where a timeline page puts it: an app inserts the email into its cached connection
+        "cursor": timeline["contact"]["timeline"]["edges"][0]["cursor"],
     }
 
 

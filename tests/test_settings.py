@@ -137,3 +137,13 @@ def test_a_process_in_production_with_development_secrets_exits_and_says_why(
     assert "MAILSYNC_PUBLIC_URL must be an https:// URL" in out.stderr
     assert "MAILSYNC_GOOGLE_PUSH_TOKEN must be set" in out.stderr
     assert SECRET not in out.stderr
+
+
+def test_cors_origins_are_a_comma_separated_list_of_origins() -> None:
+    settings = Settings(cors_origins=" https://app.example.com, http://localhost:5173/ ")
+    assert settings.allowed_origins == ["https://app.example.com", "http://localhost:5173"]
+    assert Settings().allowed_origins == []
+    assert Settings(cors_origins="*").allowed_origins == ["*"]
+    for wrong in ("app.example.com", "https://app.example.com/spa", "ftp://x.test"):
+        with pytest.raises(ValueError, match="MAILSYNC_CORS_ORIGINS"):
+            Settings(cors_origins=wrong)

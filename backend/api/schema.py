@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import strawberry
-from graphql import GraphQLError
+from graphql import ASTValidationRule, GraphQLError, ValidationContext
 from strawberry.extensions import (
+    AddValidationRules,
     MaskErrors,
     MaxAliasesLimiter,
     ParserCache,
@@ -14,7 +15,7 @@ from strawberry.extensions import (
     ValidationCache,
 )
 from strawberry.tools import merge_types
-from strawberry.types import ExecutionContext
+from strawberry.types import ExecutionContext, ExecutionResult
 from strawberry.types.graphql import OperationType
 
 from backend.api.subscriptions import Subscription
@@ -27,8 +28,9 @@ from backend.exclusions.service import visible_exclusion
 from backend.exclusions.types import Exclusion
 from backend.graphql.context import Info
 from backend.graphql.errors import require_viewer
-from backend.graphql.extensions import ExpectedErrors, UnitOfWork, is_unexpected
+from backend.graphql.extensions import ExpectedErrors, UnitOfWork, is_unexpected, masked
 from backend.graphql.relay import Node, parse_global_id
+from backend.kit.errors import ErrorCode
 from backend.mailboxes import loaders as mailbox_loaders
 from backend.mailboxes.access import can_manage
 from backend.mailboxes.resolvers import MailboxMutation, MailboxQuery
@@ -99,6 +101,31 @@ class MailsyncSchema(strawberry.Schema):
         if unexpected:
             super().process_errors(unexpected, execution_context)
 
+    async def execute(
+        self,
+        query: str | None,
+        variable_values: dict[str, Any] | None = None,
+        context_value: Any | None = None,
+        root_value: Any | None = None,
+        operation_name: str | None = None,
+        allowed_operation_types: Any = None,
+        operation_extensions: dict[str, Any] | None = None,
+    ) -> ExecutionResult:
+        """Mask what the MaskErrors extension could not: an error raised after it ran, such as
+        one from the unit of work's rollback, whatever order the extensions run in."""
+        result = await super().execute(
+            query,
+            variable_values=variable_values,
+            context_value=context_value,
+            root_value=root_value,
+            operation_name=operation_name,
+            allowed_operation_types=allowed_operation_types,
+            operation_extensions=operation_extensions,
+        )
+        if result.errors:
+            result.errors = [masked(e) if is_unexpected(e) else e for e in result.errors]
+        return result
+
     async def subscribe(
         self,
         query: str | None,
@@ -125,6 +152,35 @@ class MailsyncSchema(strawberry.Schema):
         )
 
 
+class _CodedValidationContext:
+    """A validation context whose reported errors carry `extensions.code`."""
+
+    def __init__(self, context: ValidationContext, code: ErrorCode) -> None:
+        self._context = context
+        self._code = code
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def report_error(self, error: GraphQLError) -> None:
+        error.extensions = {**(error.extensions or {}), "code": self._code.value}
+        self._context.report_error(error)
+
+
+def with_code(extension: AddValidationRules, code: ErrorCode) -> AddValidationRules:
+    """The extension's validation rules, reporting their errors with `code`."""
+
+    def coded(rule: type[ASTValidationRule]) -> type[ASTValidationRule]:
+        class Coded(rule):  # type: ignore[valid-type,misc]
+            def __init__(self, context: ValidationContext) -> None:
+                super().__init__(_CodedValidationContext(context, code))
+
+        return Coded
+
+    extension.validation_rules = [coded(rule) for rule in extension.validation_rules]
+    return extension
+
+
 def build_schema(settings: Settings | None = None) -> strawberry.Schema:
     settings = settings or get_settings()
     return MailsyncSchema(
@@ -134,8 +190,12 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         types=[User, Workspace, Contact, Email, Thread, Mailbox, Exclusion],
         extensions=[
             UnitOfWork,
-            lambda: QueryDepthLimiter(max_depth=settings.max_query_depth),
-            lambda: MaxAliasesLimiter(max_alias_count=settings.max_aliases),
+            lambda: with_code(
+                QueryDepthLimiter(max_depth=settings.max_query_depth), ErrorCode.QUERY_TOO_DEEP
+            ),
+            lambda: with_code(
+                MaxAliasesLimiter(max_alias_count=settings.max_aliases), ErrorCode.TOO_MANY_ALIASES
+            ),
             # Both caches live at module level keyed by maxsize: shared by every request.
             lambda: ParserCache(maxsize=512),
             lambda: ValidationCache(maxsize=512),

@@ -19,6 +19,7 @@ from backend.mailboxes import loaders as mailbox_loaders
 from backend.mailboxes.access import can_manage
 from backend.mailboxes.types import Mailbox, MailboxStatus
 from backend.timeline import loaders as timeline_loaders
+from backend.timeline import queries as timeline_queries
 from backend.timeline.types import Email
 
 # A subscription ends after this long; clients reconnect (and re-authenticate).
@@ -29,6 +30,10 @@ MAX_LIFETIME_SECONDS = 24 * 3600
 class EmailEvent:
     email: Email
     contacts: list[Contact]
+    cursor: str = strawberry.field(
+        description="The email's cursor in timeline order (as the edges of `emails` and "
+        "`Contact.timeline` carry it), to insert it into a cached connection."
+    )
 
 
 @strawberry.type
@@ -106,7 +111,11 @@ async def _email_events(
         if email is None:
             continue  # deleted again before we got to it
         contacts = await contact_loaders.contacts(info, contact_ids)
-        yield EmailEvent(email=Email(row=email), contacts=[Contact(row=c) for c in contacts])
+        yield EmailEvent(
+            email=Email(row=email),
+            contacts=[Contact(row=c) for c in contacts],
+            cursor=timeline_queries.timeline_cursor(email),
+        )
 
 
 @strawberry.type

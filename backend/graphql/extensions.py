@@ -22,6 +22,21 @@ def is_unexpected(error: GraphQLError) -> bool:
     return original is not None and not isinstance(original, GraphQLError | ServiceError)
 
 
+UNEXPECTED_MESSAGE = "Unexpected error."
+
+
+def masked(error: GraphQLError) -> GraphQLError:
+    """What a client sees of an unexpected error (the MaskErrors extension's message)."""
+    return GraphQLError(
+        UNEXPECTED_MESSAGE,
+        nodes=error.nodes,
+        source=error.source,
+        positions=error.positions,
+        path=error.path,
+        original_error=None,
+    )
+
+
 class ExpectedErrors(SchemaExtension):
     """Bad query arguments (a malformed cursor, say) are the client's to fix: give them a code."""
 

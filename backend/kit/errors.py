@@ -26,6 +26,10 @@ class ErrorCode(enum.StrEnum):
     INVALID_DOMAIN = "INVALID_DOMAIN", "Not a valid domain name."
     INVALID_NAME = "INVALID_NAME", "A name is empty or too long."
     INVALID_LIMIT = "INVALID_LIMIT", "A workspace limit must be a positive number (or none)."
+    # Requests (GraphQL errors' `extensions.code`, not userErrors)
+    BAD_REQUEST = "BAD_REQUEST", "The HTTP request is not a GraphQL request this API can run."
+    QUERY_TOO_DEEP = "QUERY_TOO_DEEP", "The query nests deeper than the server allows."
+    TOO_MANY_ALIASES = "TOO_MANY_ALIASES", "The query uses more aliases than the server allows."
     # Objects
     NOT_FOUND = "NOT_FOUND", "No such object in your workspace (or not one you may manage)."
     FORBIDDEN = "FORBIDDEN", "Your role does not allow this."
@@ -84,6 +88,15 @@ class ServiceErrors(ServiceError):
     def __init__(self, errors: Sequence[ServiceError]) -> None:
         super().__init__(errors[0].code, errors[0].message, errors[0].field)
         self.errors = list(errors)
+
+
+def in_range(name: str, value: int, low: int, high: int) -> int:
+    """`value` when `low <= value <= high`; otherwise an INVALID_ARGUMENT error naming `name`."""
+    if not low <= value <= high:
+        raise ServiceError(
+            ErrorCode.INVALID_ARGUMENT, f"`{name}` must be between {low} and {high}.", [name]
+        )
+    return value
 
 
 class NotFound(ServiceError):

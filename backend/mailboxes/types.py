@@ -7,6 +7,7 @@ from sqlmodel import select
 from backend.auth import loaders as auth_loaders
 from backend.graphql.context import Info
 from backend.graphql.relay import Connection, Node, connection, page_request, to_global_id
+from backend.kit.errors import in_range
 from backend.kit.pagination import count
 from backend.mailboxes import loaders as mailbox_loaders
 from backend.mailboxes import queries, tables
@@ -24,6 +25,8 @@ strawberry.enum(MailboxStatus)
 SyncErrorCode = providers.SyncErrorCode
 strawberry.enum(SyncErrorCode)
 
+# activity(days:) looks back at most this far (ten years).
+MAX_ACTIVITY_DAYS = 3650
 FAILING = {tables.MailboxStatus.ERROR, tables.MailboxStatus.SUSPENDED}
 
 
@@ -140,10 +143,11 @@ class Mailbox(Node):
 
         return connection(SyncErrorConnection, [SyncError(row=e) for e in page.items], page, total)
 
-    @strawberry.field
+    @strawberry.field(description=f"Totals of the last `days` days (1 to {MAX_ACTIVITY_DAYS}).")
     async def activity(self, info: Info, days: int | None = 30) -> SyncActivity:
+        days = in_range("days", 30 if days is None else days, 1, MAX_ACTIVITY_DAYS)
         queued, synced, failed = await queries.activity_totals(
-            info.context.session, self.row.id, 30 if days is None else days
+            info.context.session, self.row.id, days
         )
         return SyncActivity(queued=queued, synced=synced, failed=failed)
 

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
-from backend.kit.pagination import Page, PageRequest, keyset_page
+from backend.kit.pagination import Page, PageRequest, encode_cursor, keyset_page
 from backend.mail.tables import Email as EmailRow
 from backend.mail.tables import (
     EmailDirection,
@@ -157,6 +157,16 @@ def _filtered(workspace_id: uuid.UUID, query: EmailQuery) -> SelectOfScalar[Emai
     return stmt
 
 
+def timeline_key(email: EmailRow) -> tuple[datetime, uuid.UUID]:
+    """An email's place in timeline order (newest first): the keyset of the email connections."""
+    return (email.sent_at, email.id)
+
+
+def timeline_cursor(email: EmailRow) -> str:
+    """The email's cursor, as an edge of `emails` or a contact's `timeline` would carry it."""
+    return encode_cursor(timeline_key(email))
+
+
 async def emails_page(
     session: AsyncSession, workspace_id: uuid.UUID, query: EmailQuery, request: PageRequest
 ) -> tuple[Page[EmailRow], SelectOfScalar[EmailRow]]:
@@ -166,7 +176,7 @@ async def emails_page(
         session,
         stmt,
         [col(EmailRow.sent_at), col(EmailRow.id)],
-        lambda e: (e.sent_at, e.id),
+        timeline_key,
         request,
         descending=True,
     )
@@ -186,7 +196,7 @@ async def timeline_page(
         session,
         stmt,
         [col(TimelineEntry.sent_at), col(TimelineEntry.email_id)],
-        lambda e: (e.sent_at, e.id),
+        timeline_key,
         request,
         descending=True,
     )

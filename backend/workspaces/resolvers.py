@@ -30,7 +30,12 @@ class UpdateWorkspaceSettingsInput:
 
 @strawberry.type
 class WorkspaceSettingsPayload:
-    settings: WorkspaceSettings | None
+    settings: WorkspaceSettings | None = strawberry.field(
+        description="The same as `workspace.settings`, kept for older clients."
+    )
+    workspace: Workspace | None = strawberry.field(
+        description="The workspace with its id, so normalized caches see the new settings."
+    )
     user_errors: list[UserError]
 
 
@@ -86,6 +91,8 @@ class WorkspaceMutation:
         result = await attempt(info, update)
         if isinstance(result, ServiceError):
             return WorkspaceSettingsPayload(
-                settings=None, user_errors=user_errors(result, ["input"])
+                settings=None, workspace=None, user_errors=user_errors(result, ["input"])
             )
-        return WorkspaceSettingsPayload(settings=WorkspaceSettings(row=result), user_errors=[])
+        return WorkspaceSettingsPayload(
+            settings=WorkspaceSettings(row=result), workspace=Workspace(row=result), user_errors=[]
+        )
