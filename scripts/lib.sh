@@ -26,9 +26,11 @@ ensure_graphiql_assets() {
   if ! command -v npm >/dev/null 2>&1; then
     apt_install nodejs npm
   fi
-  if [ ! -f backend/graphiql/node_modules/.package-lock.json ] \
-     || ! cmp -s backend/graphiql/package-lock.json backend/graphiql/node_modules/.package-lock.json 2>/dev/null; then
-    (cd backend/graphiql && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  # A copy of the lockfile installed last says whether it changed (npm's own
+  # node_modules/.package-lock.json never equals package-lock.json).
+  if ! cmp -s backend/graphiql/package-lock.json backend/graphiql/node_modules/.installed-lock.json 2>/dev/null; then
+    (cd backend/graphiql && npm ci --no-audit --no-fund --loglevel=error >/dev/null \
+      && cp package-lock.json node_modules/.installed-lock.json)
   fi
 }
 
