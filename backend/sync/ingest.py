@@ -43,7 +43,7 @@ from backend.mailboxes import queries as mailbox_queries
 from backend.mailboxes.tables import Mailbox, SyncMode
 from backend.providers.base import FetchedMessage
 from backend.sync.filing import FilingContext, FilingDecision, decide
-from backend.sync.parsing import ParsedMessage, parse_message
+from backend.sync.parsing import ParsedAddress, ParsedMessage, parse_message
 
 
 class Outcome(enum.Enum):
@@ -332,12 +332,11 @@ def _participants(parsed: ParsedMessage) -> list[tuple[ParticipantRole, str, str
 
 
 async def _create_contacts(
-    session: AsyncSession, workspace: Workspace, item: _Item
+    session: AsyncSession, workspace: Workspace, addresses: Sequence[ParsedAddress]
 ) -> list[Contact]:
     """R5 auto-creation: rare enough to go through the ORM."""
-    assert item.decision is not None
     created = []
-    for p in item.decision.creatable:
+    for p in addresses:
         contact = Contact(workspace_id=workspace.id, name=p.name)
         session.add(contact)
         await session.flush()
@@ -429,6 +428,12 @@ async def _ingest_batch(
         sorted({a for i in pending for a in i.decision.candidates}),  # type: ignore[union-attr]
         primary_only=workspace.contact_matching == ContactMatching.PRIMARY_EMAIL_ONLY,
     )
+    # R5 decides per address: an address is created only when no contact has it at all.
+    taken = await contact_queries.known_addresses(
+        session,
+        workspace.id,
+        sorted({p.address for i in pending for p in i.decision.creatable}),  # type: ignore[union-attr]
+    )
     await batch.load_threads(
         sorted({i.thread_ref for i in pending if i.thread_ref}),
         sorted({m for i in pending for m in [*i.parsed.references, i.parsed.in_reply_to] if m}),
@@ -450,11 +455,15 @@ async def _ingest_batch(
             contact = matched.get(address)
             if contact is not None and contact not in item.contacts:
                 item.contacts.append(contact)
-        if not item.contacts and item.decision.creatable:
-            item.contacts = await _create_contacts(session, workspace, item)
-            matched.update(
-                {p.address: c for p, c in zip(item.decision.creatable, item.contacts, strict=True)}
-            )
+        creatable = [
+            p
+            for p in item.decision.creatable
+            if p.address not in matched and p.address not in taken
+        ]
+        if creatable:
+            created = await _create_contacts(session, workspace, creatable)
+            matched.update({p.address: c for p, c in zip(creatable, created, strict=True)})
+            item.contacts.extend(created)
         if not item.contacts:
             item.result = IngestResult(
                 Outcome.SKIPPED, reason="no contact"
