@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import pytest
 from sqlmodel import select
 
 from backend.graphql.relay import to_global_id
@@ -323,6 +324,57 @@ async def test_a_long_retry_after_defers_the_pass_as_rate_limited(
     assert mailbox.next_attempt_at is not None
     wait = (mailbox.next_attempt_at - clock.now()).total_seconds()
     assert 100 < wait <= 121
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "code"),
+    [
+        # Gmail's error guide: quota answers are 403 with these reasons, or 429.
+        (403, "rateLimitExceeded", "RATE_LIMITED"),
+        (403, "userRateLimitExceeded", "RATE_LIMITED"),
+        (403, "dailyLimitExceeded", "RATE_LIMITED"),
+        (429, "rateLimitExceeded", "RATE_LIMITED"),
+        # Other 403s are the user's (or their administrator's) to fix.
+        (403, "domainPolicy", "ACCESS_DENIED"),
+        (403, "insufficientPermissions", "ACCESS_REVOKED"),
+        (403, "forbidden", "ACCESS_DENIED"),
+    ],
+)
+async def test_gmail_errors_follow_the_published_catalogue(
+    gql: GQL,
+    factory: Factory,
+    google: SandboxServer,
+    runtime: Runtime,
+    status: int,
+    reason: str,
+    code: str,
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, google, runtime)
+    rate_limit = code == "RATE_LIMITED"
+    google.google.faults.add(
+        Fault(
+            status=status,
+            reason=reason,
+            # Long enough to defer the pass rather than wait inside it (no sleeping test).
+            retry_after=600 if rate_limit and reason != "dailyLimitExceeded" else None,
+            account=address,
+            path="/history",
+        )
+    )
+    await runtime.jobs.enqueue_sync(str(mailbox_id))
+    await drain(runtime)
+    google.google.faults.clear()
+    shown = await gql(
+        "query($id: ID!) { mailbox(id: $id) { status lastError { code } } }",
+        {"id": to_global_id("Mailbox", mailbox_id)},
+        token=owner.token,
+    )
+    assert shown["mailbox"] == {"status": "ERROR", "lastError": {"code": code}}
+    mailbox = await reload_mailbox(runtime, mailbox_id)
+    assert mailbox.next_attempt_at is not None
+    wait = (mailbox.next_attempt_at - clock.now()).total_seconds()
+    if rate_limit:  # transient: retried when Gmail says, not after the user reconnects
+        assert wait >= 590
 
 
 async def test_r13_revoked_grant_is_access_revoked_then_suspended_after_48_hours(

@@ -108,6 +108,15 @@ def message_ids(value: str | None) -> list[str]:
     return re.findall(r"<[^<>\s]+>", value or "")
 
 
+ERROR_INFO = {
+    "rateLimitExceeded": "RATE_LIMIT_EXCEEDED",
+    "userRateLimitExceeded": "RATE_LIMIT_EXCEEDED",
+    "dailyLimitExceeded": "RATE_LIMIT_EXCEEDED",
+    "quotaExceeded": "RATE_LIMIT_EXCEEDED",
+    "insufficientPermissions": "ACCESS_TOKEN_SCOPE_INSUFFICIENT",
+}
+
+
 def error(
     status: int, message: str, reason: str, *, domain: str = "global", **headers: str
 ) -> SubResponse:
@@ -121,7 +130,7 @@ def error(
         500: "INTERNAL",
         503: "UNAVAILABLE",
     }
-    body = {
+    body: dict[str, Any] = {
         "error": {
             "code": status,
             "message": message,
@@ -129,6 +138,18 @@ def error(
             "status": statuses.get(status, "UNKNOWN"),
         }
     }
+    info = ERROR_INFO.get(reason)
+    if info is not None:
+        # Google's quota answers also carry a google.rpc.ErrorInfo under `details`, whose
+        # reason is the upper-case one; google-api-python-client reads `details` first.
+        body["error"]["details"] = [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": info,
+                "domain": "googleapis.com",
+                "metadata": {"service": "gmail.googleapis.com"},
+            }
+        ]
     return SubResponse(status, json.dumps(body).encode(), dict(headers))
 
 
@@ -493,10 +514,15 @@ class GoogleSandbox:
         reason = fault.reason or {401: "authError", 403: "forbidden", 429: "rateLimitExceeded"}.get(
             fault.status, "backendError"
         )
+        # The bodies of Gmail's error guide (developers.google.com/workspace/gmail/api/guides/
+        # handle-errors).
         message = fault.message or {
             "rateLimitExceeded": "Rate Limit Exceeded",
             "userRateLimitExceeded": "User Rate Limit Exceeded",
             "dailyLimitExceeded": "Daily Limit Exceeded",
+            "domainPolicy": "The domain administrators have disabled Gmail apps.",
+            "insufficientPermissions": "Request had insufficient authentication scopes.",
+            "forbidden": "Forbidden",
         }.get(reason, "Backend Error")
         domain = "usageLimits" if "Limit" in reason else "global"
         return error(fault.status, message, reason, domain=domain, **headers)
