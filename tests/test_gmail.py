@@ -272,6 +272,52 @@ async def test_synced_mail_gets_the_crm_label_when_the_workspace_asks_for_it(
     }
 
 
+async def test_history_records_without_label_ids_are_looked_up_not_dropped(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
+) -> None:
+    owner, _, address = await connected(gql, factory, google, runtime)
+    await factory.contact(owner, "liv@client.test", "Liv")
+    account = google.google.account(address)
+    assert account is not None
+    account.history_labels = False
+    await deliver(google, address, raw_message("liv@client.test", [address], "Inbox mail"))
+    google.google.deliver(
+        address, raw_message(address, ["liv@client.test"], "A draft"), labels=["DRAFT"]
+    )
+    lookups = google.google.faults.add(Fault(account=address, path=r"/messages/[^/]+$"))
+    await settle(google)
+    await drain(runtime)
+    assert lookups.hits >= 2  # each unlabelled message looked up (and the filed one read)
+    assert [e.subject for e in await emails_of(runtime, owner.workspace.id)] == ["Inbox mail"]
+
+
+async def test_the_crm_label_is_applied_once_per_message(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, google, runtime)
+    await factory.contact(owner, "mo@client.test", "Mo")
+    await gql(SETTINGS, {"on": True}, token=owner.token)
+    first = await deliver(google, address, raw_message("mo@client.test", [address], "First"))
+    await settle(google)
+    await drain(runtime)
+    account = google.google.account(address)
+    assert account is not None
+    crm = next(label["id"] for label in account.labels.values() if label["name"] == "CRM")
+    assert crm in account.messages[first["id"]].label_ids
+
+    reads = google.google.faults.add(Fault(account=address, path=f"/messages/{first['id']}$"))
+    modifies = google.google.faults.add(Fault(account=address, path="/messages/batchModify"))
+    second = await deliver(google, address, raw_message("mo@client.test", [address], "Second"))
+    await settle(google)
+    await drain(runtime)
+    await runtime.jobs.enqueue_sync(str(mailbox_id))  # and a pass with nothing new
+    await drain(runtime)
+    assert crm in account.messages[second["id"]].label_ids
+    assert reads.hits == 0  # labelling the first message is no new mail
+    assert modifies.hits == 1  # the second message, once
+    assert [e.subject for e in await emails_of(runtime, owner.workspace.id)] == ["First", "Second"]
+
+
 async def test_history_404_relists_since_the_connection_without_duplicates(
     gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
 ) -> None:

@@ -185,7 +185,7 @@ class HistoryRecord:
     message: dict[str, Any]
     label_ids: list[str] = field(default_factory=list)
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self, with_labels: bool = True) -> dict[str, Any]:
         record: dict[str, Any] = {
             "id": str(self.id),
             "messages": [{"id": self.message["id"], "threadId": self.message["threadId"]}],
@@ -196,7 +196,10 @@ class HistoryRecord:
             "labelAdded": "labelsAdded",
             "labelRemoved": "labelsRemoved",
         }[self.kind]
-        entry: dict[str, Any] = {"message": self.message}
+        message = self.message
+        if not with_labels:
+            message = {k: v for k, v in message.items() if k != "labelIds"}
+        entry: dict[str, Any] = {"message": message}
         if self.kind.startswith("label"):
             entry["labelIds"] = self.label_ids
         record[key] = [entry]
@@ -234,6 +237,9 @@ class Account:
     quota_window: tuple[int, int] = (0, 0)  # (minute, units used)
     last_push: float = 0.0
     push_pending: bool = False
+    # False: history records name their messages without `labelIds`, as Gmail sometimes
+    # answers (clients are to look the message up).
+    history_labels: bool = True
 
     def __post_init__(self) -> None:
         self.history_floor = self.history_id
@@ -704,7 +710,7 @@ class GoogleSandbox:
         page = matching[:limit]
         body: dict[str, Any] = {"historyId": str(account.history_id)}
         if page:
-            body["history"] = [r.as_json() for r in page]
+            body["history"] = [r.as_json(account.history_labels) for r in page]
         if len(matching) > limit:
             body["nextPageToken"] = str(page[-1].id)
         return ok(body)
