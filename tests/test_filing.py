@@ -7,6 +7,7 @@ import uuid
 from email.utils import format_datetime, make_msgid
 from typing import Any
 
+from backend.graphql.relay import to_global_id
 from backend.kit.clock import now
 from backend.runtime import Runtime
 from tests.client import GQL
@@ -156,3 +157,46 @@ async def test_r10_images_shown_by_cid_are_inline_whatever_their_disposition(
     found = {e["subject"]: e["attachments"] for e in await emails(gql, owner)}
     pdf = [{"filename": "offer.pdf", "contentType": "application/pdf"}]
     assert found == {name: pdf for name in INLINE_SHAPES}
+
+
+# ---------------------------------------------------------------- R17
+VISIBILITY = """
+mutation($id: ID!, $visibility: EmailVisibility) {
+  updateMailbox(input: {id: $id, visibility: $visibility}) { userErrors { code } }
+}"""
+
+
+async def test_r17_search_matches_only_what_the_viewer_may_read(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, google, runtime)
+    teammate = await factory.member(owner)
+    await factory.contact(owner, "eli@client.test", "Eli")
+    await deliver(
+        google,
+        address,
+        raw_message("eli@client.test", [address], "Merger plans", "Codename bluebird"),
+    )
+    await synced(google, runtime)
+
+    async def found(member: Member, search: str) -> int:
+        return len(await emails(gql, member, {"search": search}))
+
+    for visibility, subject, body in [
+        ("SHARE_EVERYTHING", 1, 1),
+        ("SUBJECT_ONLY", 1, 0),
+        ("METADATA_ONLY", 0, 0),
+    ]:
+        changed = await gql(
+            VISIBILITY,
+            {"id": to_global_id("Mailbox", mailbox_id), "visibility": visibility},
+            token=owner.token,
+        )
+        assert changed["updateMailbox"]["userErrors"] == []
+        assert (await found(teammate, "MERGER"), await found(teammate, "bluebird")) == (
+            subject,
+            body,
+        ), visibility
+        # Participants are metadata, and the owner reads everything.
+        assert await found(teammate, "eli@client") == 1
+        assert (await found(owner, "merger"), await found(owner, "bluebird")) == (1, 1)
