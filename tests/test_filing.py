@@ -200,3 +200,32 @@ async def test_r17_search_matches_only_what_the_viewer_may_read(
         # Participants are metadata, and the owner reads everything.
         assert await found(teammate, "eli@client") == 1
         assert (await found(owner, "merger"), await found(owner, "bluebird")) == (1, 1)
+
+
+# ---------------------------------------------------------------- privacy of bodies
+BODY = """
+query($id: ID!) {
+  email(id: $id) { inert: bodyHtml remote: bodyHtml(remoteImages: true) }
+}"""
+
+
+async def test_r10_remote_images_in_body_html_are_inert_unless_asked_for(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
+) -> None:
+    owner, _, address = await connected(gql, factory, google, runtime)
+    await factory.contact(owner, "fay@client.test", "Fay")
+    html = (
+        '<p>Hello</p><img src="https://track.sender.test/open.gif?u=1" width="1" height="1">'
+        '<img src="cid:logo@client.test" alt="logo">'
+        '<img src="data:image/png;base64,iVBORw0KGgo=" alt="dot">'
+    )
+    await deliver(
+        google, address, raw_message("fay@client.test", [address], "Tracked", "Hello", html=html)
+    )
+    await synced(google, runtime)
+    (email,) = await emails(gql, owner)
+    body = (await gql(BODY, {"id": email["id"]}, token=owner.token))["email"]
+    assert "track.sender.test" not in body["inert"]
+    assert 'src="cid:logo@client.test"' in body["inert"]
+    assert 'src="data:image/png;base64,iVBORw0KGgo="' in body["inert"]
+    assert 'src="https://track.sender.test/open.gif?u=1"' in body["remote"]

@@ -18,6 +18,7 @@ from urllib.parse import unquote
 import nh3
 
 from backend.kit.addresses import normalize_address
+from backend.kit.html import sanitize_html
 
 SNIPPET_LENGTH = 200
 MAX_NAME = 320  # the participants.name column
@@ -269,11 +270,6 @@ def _walk(msg: Message) -> tuple[str | None, str | None, list[dict[str, Any]]]:
         if filename:
             attachments.append({"filename": filename, "content_type": ctype, "size": _size(part)})
     return text, html_body, attachments
-
-
-def sanitize_html(value: str) -> str:
-    """Safe to render as-is in a browser: no scripts, handlers, or remote-loading tricks."""
-    return nh3.clean(value, link_rel="noopener noreferrer nofollow")
 
 
 def html_to_text(value: str) -> str:
