@@ -11,9 +11,9 @@ from backend.graphql.relay import to_global_id
 from backend.kit.clock import now
 from backend.runtime import Runtime
 from tests.client import GQL
-from tests.factories import Factory, Member, raw_message
+from tests.factories import Factory, Member, raw_message, unique
 from tests.sandbox import SandboxServer, call, raw_b64
-from tests.test_gmail import connected, deliver, settle
+from tests.test_gmail import connect, connected, deliver, settle
 from tests.worker import drain
 
 SETTINGS = """
@@ -229,3 +229,35 @@ async def test_r10_remote_images_in_body_html_are_inert_unless_asked_for(
     assert 'src="cid:logo@client.test"' in body["inert"]
     assert 'src="data:image/png;base64,iVBORw0KGgo="' in body["inert"]
     assert 'src="https://track.sender.test/open.gif?u=1"' in body["remote"]
+
+
+# ---------------------------------------------------------------- R11
+DELETE = "mutation($id: ID!) { deleteEmail(id: $id) { deletedId userErrors { code } } }"
+
+
+async def test_r11_a_deleted_email_never_returns_from_any_mailbox(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, google, runtime)
+    teammate = await factory.member(owner)
+    other = f"{unique('gm')}@gmail.sandbox.test"
+    google.google.ensure_account(other)
+    await connect(gql, teammate, other)
+    await factory.contact(owner, "gus@client.test", "Gus")
+    unwanted = raw_message(
+        "gus@client.test", [address, other], "Unwanted", message_id="<unwanted@client.test>"
+    )
+    await deliver(google, address, unwanted)
+    await synced(google, runtime)
+    (email,) = await emails(gql, owner)
+    deleted = await gql(DELETE, {"id": email["id"]}, token=owner.token)
+    assert deleted["deleteEmail"]["userErrors"] == []
+
+    # Gmail's history expires: the mailbox re-lists everything since the connection.
+    google.google.expire_history(address)
+    await deliver(google, address, raw_message("gus@client.test", [address], "Wanted"))
+    await runtime.jobs.enqueue_sync(str(mailbox_id))
+    # Another mailbox of the workspace has its own copy.
+    await deliver(google, other, unwanted)
+    await synced(google, runtime)
+    assert [e["subject"] for e in await emails(gql, owner)] == ["Wanted"]

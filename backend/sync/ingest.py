@@ -28,6 +28,7 @@ from backend.db import table_of
 from backend.exclusions.queries import excluded_values
 from backend.kit.clock import now
 from backend.kit.effects import AfterCommit
+from backend.mail import service as mail_service
 from backend.mail.service import email_received_event
 from backend.mail.tables import (
     Email,
@@ -399,6 +400,7 @@ async def _ingest_batch(
     ]
     batch = _Batch(session, workspace, mailbox)
     known = await batch.existing([i.message_id for i in items])
+    deleted = await mail_service.deleted_among(session, workspace.id, [i.message_id for i in items])
     already_seen = await batch.seen(
         [i.fetched.ref.provider_id for i in items if i.message_id in known]
     )
@@ -413,6 +415,9 @@ async def _ingest_batch(
                 if sender and ctx.own_addresses.get(sender.address) == mailbox.owner_id:
                     batch.claim(known[item.message_id])  # R8
             item.result = IngestResult(Outcome.DUPLICATE, known[item.message_id])
+        elif item.message_id in deleted:
+            # R11: deleted from the CRM; no mailbox brings it back (a re-list, another copy).
+            item.result = IngestResult(Outcome.SKIPPED, reason="deleted from the CRM")
         # Date headers carry whole seconds: mail of the connection's own second counts as after.
         elif item.sent_at < mailbox.connected_at.replace(microsecond=0):
             item.result = IngestResult(Outcome.SKIPPED, reason="dated before the connection")  # R6
