@@ -261,3 +261,27 @@ async def test_r11_a_deleted_email_never_returns_from_any_mailbox(
     await deliver(google, other, unwanted)
     await synced(google, runtime)
     assert [e["subject"] for e in await emails(gql, owner)] == ["Wanted"]
+
+
+# ---------------------------------------------------------------- R6
+DISCONNECT = """
+mutation($id: ID!) { disconnectMailbox(input: {id: $id}) { mailbox { status } userErrors { code } } }"""
+
+
+async def test_r6_connect_mailbox_resumes_a_disconnected_account_and_files_the_gap(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, google, runtime)
+    await factory.contact(owner, "hal@client.test", "Hal")
+    await deliver(google, address, raw_message("hal@client.test", [address], "Before"))
+    await synced(google, runtime)
+    gone = await gql(DISCONNECT, {"id": to_global_id("Mailbox", mailbox_id)}, token=owner.token)
+    assert gone["disconnectMailbox"] == {"mailbox": {"status": "DISCONNECTED"}, "userErrors": []}
+    await drain(runtime)
+    await deliver(google, address, raw_message("hal@client.test", [address], "In the gap"))
+
+    assert await connect(gql, owner, address) == mailbox_id  # the same mailbox, resumed
+    await synced(google, runtime)
+    listed = await gql("query { mailboxes { id status } }", token=owner.token)
+    assert listed["mailboxes"] == [{"id": to_global_id("Mailbox", mailbox_id), "status": "ACTIVE"}]
+    assert sorted(e["subject"] for e in await emails(gql, owner)) == ["Before", "In the gap"]
