@@ -3,7 +3,14 @@
 from backend.auth.tables import ApiToken, User, Workspace
 from backend.contacts.tables import Contact, ContactAddress
 from backend.exclusions.tables import Exclusion
-from backend.mail.tables import Email, MailboxMessage, Participant, Thread, TimelineEntry
+from backend.mail.tables import (
+    DeletedMessage,
+    Email,
+    MailboxMessage,
+    Participant,
+    Thread,
+    TimelineEntry,
+)
 from backend.mailboxes.tables import Mailbox, SyncActivityDay, SyncErrorEntry
 from backend.sending.tables import OutgoingMessage
 
@@ -11,6 +18,7 @@ __all__ = [
     "ApiToken",
     "Contact",
     "ContactAddress",
+    "DeletedMessage",
     "Email",
     "Exclusion",
     "Mailbox",

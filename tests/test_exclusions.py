@@ -43,6 +43,22 @@ async def test_addresses_and_domains_are_validated_and_normalized(
         }, bad
 
 
+async def test_r4_a_public_suffix_is_refused_as_an_exclusion(gql: GQL, factory: Factory) -> None:
+    owner = await factory.workspace()
+    for suffix in ["com", "COM", "@co.uk", "github.io", "香港"]:
+        result = (await gql(ADD, {"value": suffix}, token=owner.token))["addExclusion"]
+        assert result == {
+            "exclusion": None,
+            "userErrors": [{"field": ["input", "value"], "code": "PUBLIC_SUFFIX"}],
+        }, suffix
+    # A registrable domain under a suffix stays excludable, and nothing was stored.
+    for domain in ["example.co.uk", "someone.github.io"]:
+        added = (await gql(ADD, {"value": domain}, token=owner.token))["addExclusion"]
+        assert added["userErrors"] == [] and added["exclusion"]["value"] == domain
+    listed = (await gql(LIST, token=owner.token))["exclusions"]
+    assert listed["totalCount"] == 2
+
+
 async def test_r4_users_see_and_remove_only_their_own_exclusions(
     gql: GQL, factory: Factory
 ) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import pytest
 from sqlmodel import select
 
 from backend.graphql.relay import to_global_id
@@ -271,6 +272,55 @@ async def test_synced_mail_gets_the_crm_label_when_the_workspace_asks_for_it(
     }
 
 
+async def test_history_records_without_label_ids_are_looked_up_not_dropped(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
+) -> None:
+    owner, _, address = await connected(gql, factory, google, runtime)
+    await factory.contact(owner, "liv@client.test", "Liv")
+    account = google.google.account(address)
+    assert account is not None
+    account.history_labels = False
+    await deliver(google, address, raw_message("liv@client.test", [address], "Inbox mail"))
+    google.google.deliver(
+        address, raw_message(address, ["liv@client.test"], "A draft"), labels=["DRAFT"]
+    )
+    lookups = google.google.faults.add(Fault(account=address, path=r"/messages/[^/]+$"))
+    await settle(google)
+    await drain(runtime)
+    assert lookups.hits >= 2  # each unlabelled message looked up (and the filed one read)
+    assert [e.subject for e in await emails_of(runtime, owner.workspace.id)] == ["Inbox mail"]
+
+
+async def test_the_crm_label_is_applied_once_per_message(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, google, runtime)
+    await factory.contact(owner, "mo@client.test", "Mo")
+    await gql(SETTINGS, {"on": True}, token=owner.token)
+    first = await deliver(google, address, raw_message("mo@client.test", [address], "First"))
+    await settle(google)
+    await drain(runtime)
+    account = google.google.account(address)
+    assert account is not None
+    crm = next(label["id"] for label in account.labels.values() if label["name"] == "CRM")
+    assert crm in account.messages[first["id"]].label_ids
+
+    reads = google.google.faults.add(Fault(account=address, path=f"/messages/{first['id']}$"))
+    modifies = google.google.faults.add(Fault(account=address, path="/messages/batchModify"))
+    second = await deliver(google, address, raw_message("mo@client.test", [address], "Second"))
+    await settle(google)
+    await drain(runtime)
+    await runtime.jobs.enqueue_sync(str(mailbox_id))  # and a pass with nothing new
+    await drain(runtime)
+    assert crm in account.messages[second["id"]].label_ids
+    assert reads.hits == 0  # labelling the first message is no new mail
+    assert modifies.hits == 1  # the second message, once
+    assert sorted(e.subject or "" for e in await emails_of(runtime, owner.workspace.id)) == [
+        "First",
+        "Second",
+    ]
+
+
 async def test_history_404_relists_since_the_connection_without_duplicates(
     gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
 ) -> None:
@@ -323,6 +373,57 @@ async def test_a_long_retry_after_defers_the_pass_as_rate_limited(
     assert mailbox.next_attempt_at is not None
     wait = (mailbox.next_attempt_at - clock.now()).total_seconds()
     assert 100 < wait <= 121
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "code"),
+    [
+        # Gmail's error guide: quota answers are 403 with these reasons, or 429.
+        (403, "rateLimitExceeded", "RATE_LIMITED"),
+        (403, "userRateLimitExceeded", "RATE_LIMITED"),
+        (403, "dailyLimitExceeded", "RATE_LIMITED"),
+        (429, "rateLimitExceeded", "RATE_LIMITED"),
+        # Other 403s are the user's (or their administrator's) to fix.
+        (403, "domainPolicy", "ACCESS_DENIED"),
+        (403, "insufficientPermissions", "ACCESS_REVOKED"),
+        (403, "forbidden", "ACCESS_DENIED"),
+    ],
+)
+async def test_gmail_errors_follow_the_published_catalogue(
+    gql: GQL,
+    factory: Factory,
+    google: SandboxServer,
+    runtime: Runtime,
+    status: int,
+    reason: str,
+    code: str,
+) -> None:
+    owner, mailbox_id, address = await connected(gql, factory, google, runtime)
+    rate_limit = code == "RATE_LIMITED"
+    google.google.faults.add(
+        Fault(
+            status=status,
+            reason=reason,
+            # Long enough to defer the pass rather than wait inside it (no sleeping test).
+            retry_after=600 if rate_limit and reason != "dailyLimitExceeded" else None,
+            account=address,
+            path="/history",
+        )
+    )
+    await runtime.jobs.enqueue_sync(str(mailbox_id))
+    await drain(runtime)
+    google.google.faults.clear()
+    shown = await gql(
+        "query($id: ID!) { mailbox(id: $id) { status lastError { code } } }",
+        {"id": to_global_id("Mailbox", mailbox_id)},
+        token=owner.token,
+    )
+    assert shown["mailbox"] == {"status": "ERROR", "lastError": {"code": code}}
+    mailbox = await reload_mailbox(runtime, mailbox_id)
+    assert mailbox.next_attempt_at is not None
+    wait = (mailbox.next_attempt_at - clock.now()).total_seconds()
+    if rate_limit:  # transient: retried when Gmail says, not after the user reconnects
+        assert wait >= 590
 
 
 async def test_r13_revoked_grant_is_access_revoked_then_suspended_after_48_hours(

@@ -319,7 +319,15 @@ async def test_faults_quota_scopes_and_expired_tokens(google_server: SandboxServ
     sandbox.faults.add(fault(account=me, status=403, reason="userRateLimitExceeded", times=1))
     with pytest.raises(HttpError) as per_user:
         await call(box.users().getProfile(userId="me"))
-    assert per_user.value.error_details[0]["reason"] == "userRateLimitExceeded"
+    # Google's body: the catalogue reason under `errors`, a google.rpc.ErrorInfo under
+    # `details` (which the client library keeps as `error_details`).
+    body = json.loads(per_user.value.content)["error"]
+    assert body["errors"][0] == {
+        "message": "User Rate Limit Exceeded",
+        "domain": "usageLimits",
+        "reason": "userRateLimitExceeded",
+    }
+    assert per_user.value.error_details[0]["reason"] == "RATE_LIMIT_EXCEEDED"
     sandbox.faults.add(fault(account=me, status=503, times=1))
     with pytest.raises(HttpError) as down:
         await call(box.users().getProfile(userId="me"))
@@ -332,7 +340,10 @@ async def test_faults_quota_scopes_and_expired_tokens(google_server: SandboxServ
             .messages()
             .send(userId="me", body={"raw": raw_b64(raw_message(me, ["x@y.test"]))})
         )
-    assert scope.value.error_details[0]["reason"] == "insufficientPermissions"
+    assert json.loads(scope.value.content)["error"]["errors"][0]["reason"] == (
+        "insufficientPermissions"
+    )
+    assert scope.value.error_details[0]["reason"] == "ACCESS_TOKEN_SCOPE_INSUFFICIENT"
     sandbox.ensure_account(me).daily_send_limit = 0
     with pytest.raises(HttpError) as sending:
         await call(

@@ -1,7 +1,9 @@
 """The filing rules of docs/rules.md, one test (at least) per rule, named after it.
 
 Each drives the real ingest service with real MIME bytes; the pass-level rules (R6, R7 under
-replays, R13) go through the sync pass with the provider double.
+replays, R13) go through the sync pass with the provider double. Workspace settings, sync
+modes and CRM-sent mail go through the GraphQL API, as users change them. The rules that the
+issue 14 probing found gaps in are also pinned end to end in tests/test_filing.py.
 """
 
 from __future__ import annotations
@@ -10,18 +12,18 @@ from datetime import timedelta
 
 from sqlmodel import select
 
-from backend.auth.tables import ContactAutoCreation, ContactMatching, Workspace
+from backend.auth.tables import Workspace
 from backend.exclusions import service as exclusions_service
+from backend.graphql.relay import to_global_id
 from backend.kit import clock
-from backend.mail.service import NewEmail, ParticipantData
-from backend.mail.tables import EmailDirection, EmailSource, ParticipantRole, Thread
-from backend.mailboxes.tables import Mailbox, MailboxStatus, SyncMode
+from backend.mail.tables import EmailDirection, EmailSource, Thread
+from backend.mailboxes.tables import Mailbox, MailboxStatus
 from backend.providers.base import AccessDenied, MailboxNotFound, TransientProviderError
 from backend.runtime import Runtime
 from backend.sync import jobs
 from backend.sync.ingest import Outcome
 from backend.sync.jobs import run_pass
-from backend.timeline.service import store_email
+from tests.client import GQL
 from tests.factories import Factory, Member, in_minutes, raw_message
 from tests.providers import fake_provider
 from tests.sync_helpers import (
@@ -34,13 +36,27 @@ from tests.sync_helpers import (
     timeline_subjects,
 )
 
+SETTINGS = """
+mutation($input: UpdateWorkspaceSettingsInput!) {
+  updateWorkspaceSettings(input: $input) { userErrors { code } }
+}"""
+SYNC_MODE = """
+mutation($id: ID!, $mode: SyncMode) {
+  updateMailbox(input: {id: $id, syncMode: $mode}) { mailbox { syncMode } userErrors { code } }
+}"""
 
-async def _settings(factory: Factory, member: Member, **values: object) -> None:
-    async with factory.db.transaction() as session:
-        workspace = await session.get(Workspace, member.workspace.id)
-        assert workspace is not None
-        for key, value in values.items():
-            setattr(workspace, key, value)
+
+async def _settings(gql: GQL, member: Member, **values: str) -> None:
+    """Workspace settings as a user changes them: through the API."""
+    body = await gql(SETTINGS, {"input": values}, token=member.token)
+    assert body["updateWorkspaceSettings"]["userErrors"] == []
+
+
+async def _sync_mode(gql: GQL, member: Member, mailbox: Mailbox, mode: str) -> None:
+    body = await gql(
+        SYNC_MODE, {"id": to_global_id("Mailbox", mailbox.id), "mode": mode}, token=member.token
+    )
+    assert body["updateMailbox"] == {"mailbox": {"syncMode": mode}, "userErrors": []}
 
 
 # ---------------------------------------------------------------- R1
@@ -103,13 +119,13 @@ async def test_r2_matching_is_case_insensitive_with_idna_domains(
 
 
 async def test_r2_primary_email_only_ignores_additional_addresses(
-    factory: Factory, runtime: Runtime
+    gql: GQL, factory: Factory, runtime: Runtime
 ) -> None:
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
     contact = await factory.contact(owner, "xia@main.test", "Xia", additional=["xia@side.test"])
     await factory.email(owner, mailbox, raw_message("xia@side.test", [owner.email], "All emails"))
-    await _settings(factory, owner, contact_matching=ContactMatching.PRIMARY_EMAIL_ONLY)
+    await _settings(gql, owner, contactMatching="PRIMARY_EMAIL_ONLY")
     skipped = await factory.ingest(
         mailbox, raw_message("xia@side.test", [owner.email], "Primary only")
     )
@@ -284,11 +300,11 @@ async def test_r5_mail_without_a_contact_is_not_stored(factory: Factory, runtime
 
 
 async def test_r5_auto_creation_sent_creates_recipients_of_sent_mail_only(
-    factory: Factory, runtime: Runtime
+    gql: GQL, factory: Factory, runtime: Runtime
 ) -> None:
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
-    await _settings(factory, owner, contact_auto_creation=ContactAutoCreation.SENT)
+    await _settings(gql, owner, contactAutoCreation="SENT")
     received = await factory.ingest(
         mailbox, raw_message("Lea <lea@new.test>", [owner.email], "Received")
     )
@@ -303,10 +319,12 @@ async def test_r5_auto_creation_sent_creates_recipients_of_sent_mail_only(
     assert await contacts_named(runtime, owner.workspace.id) == {"max@new.test": "Max Mustermann"}
 
 
-async def test_r5_auto_creation_sent_and_received(factory: Factory, runtime: Runtime) -> None:
+async def test_r5_auto_creation_sent_and_received(
+    gql: GQL, factory: Factory, runtime: Runtime
+) -> None:
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
-    await _settings(factory, owner, contact_auto_creation=ContactAutoCreation.SENT_AND_RECEIVED)
+    await _settings(gql, owner, contactAutoCreation="SENT_AND_RECEIVED")
     await factory.email(
         owner, mailbox, raw_message("Ned <ned@new.test>", [owner.email], "Received")
     )
@@ -314,11 +332,11 @@ async def test_r5_auto_creation_sent_and_received(factory: Factory, runtime: Run
 
 
 async def test_r5_never_auto_creates_from_bulk_or_no_reply_mail(
-    factory: Factory, runtime: Runtime
+    gql: GQL, factory: Factory, runtime: Runtime
 ) -> None:
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
-    await _settings(factory, owner, contact_auto_creation=ContactAutoCreation.SENT_AND_RECEIVED)
+    await _settings(gql, owner, contactAutoCreation="SENT_AND_RECEIVED")
     bulk = raw_message("news@letters.test", [owner.email], "Newsletter").replace(
         b"Subject:", b"List-Unsubscribe: <mailto:unsub@letters.test>\r\nSubject:", 1
     )
@@ -585,50 +603,40 @@ async def test_r11_mail_gone_from_the_mailbox_stays_in_the_crm(
 
 # ---------------------------------------------------------------- R12
 async def test_r12_one_way_files_nothing_from_the_mailbox(
-    factory: Factory, runtime: Runtime
+    gql: GQL, factory: Factory, runtime: Runtime
 ) -> None:
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
     await factory.contact(owner, "xan@client.test")
-    async with runtime.db.transaction() as session:
-        row = await session.get(Mailbox, mailbox.id)
-        assert row is not None
-        row.sync_mode = SyncMode.ONE_WAY
+    await _sync_mode(gql, owner, mailbox, "ONE_WAY")
     result = await factory.ingest(mailbox, raw_message("xan@client.test", [owner.email], "Ignored"))
     assert result.outcome == Outcome.SKIPPED and result.reason == "mailbox syncs one way"
 
 
 async def test_r12_crm_threads_only_files_replies_in_crm_threads(
-    factory: Factory, runtime: Runtime
+    gql: GQL, factory: Factory, runtime: Runtime
 ) -> None:
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
     contact = await factory.contact(owner, "yul@client.test", "Yul")
-    async with runtime.db.transaction() as session:
-        row = await session.get(Mailbox, mailbox.id)
-        assert row is not None
-        row.sync_mode = SyncMode.CRM_THREADS_ONLY
-        thread = Thread(workspace_id=owner.workspace.id, subject="Offer", last_email_at=clock.now())
-        session.add(thread)
-        await session.flush()
-        await store_email(
-            session,
-            workspace_id=owner.workspace.id,
-            thread=thread,
-            mailbox_id=mailbox.id,
-            data=NewEmail(
-                message_id="<offer@crm.test>",
-                direction=EmailDirection.OUTGOING,
-                sent_at=clock.now(),
-                source=EmailSource.CRM,
-                subject="Offer",
-                participants=[
-                    ParticipantData(ParticipantRole.FROM, owner.email),
-                    ParticipantData(ParticipantRole.TO, "yul@client.test"),
-                ],
-            ),
-            contacts=[],
-        )
+    await _sync_mode(gql, owner, mailbox, "CRM_THREADS_ONLY")
+    # A thread started from the CRM: filed at once (QUEUED), whatever the send does later.
+    sent = await gql(
+        """mutation($input: SendEmailInput!) {
+          sendEmail(input: $input) { email { messageId } userErrors { code } }
+        }""",
+        {
+            "input": {
+                "mailboxId": to_global_id("Mailbox", mailbox.id),
+                "to": ["yul@client.test"],
+                "subject": "Offer",
+                "bodyText": "Our offer",
+            }
+        },
+        token=owner.token,
+    )
+    assert sent["sendEmail"]["userErrors"] == []
+    offer_id = sent["sendEmail"]["email"]["messageId"]
     unrelated = await factory.ingest(
         mailbox, raw_message("yul@client.test", [owner.email], "Unrelated")
     )
@@ -639,12 +647,12 @@ async def test_r12_crm_threads_only_files_replies_in_crm_threads(
             "yul@client.test",
             [owner.email],
             "Re: Offer",
-            in_reply_to="<offer@crm.test>",
+            in_reply_to=offer_id,
             date=in_minutes(1),
         ),
     )
     assert reply.outcome == Outcome.FILED
-    assert await timeline_subjects(runtime, contact.id) == ["Re: Offer"]
+    assert sorted(await timeline_subjects(runtime, contact.id)) == ["Offer", "Re: Offer"]
 
 
 # ---------------------------------------------------------------- R13

@@ -91,3 +91,17 @@ async def contacts_for_addresses(
     for address, contact in await session.execute(stmt):
         found.setdefault(address, contact)
     return found
+
+
+async def known_addresses(
+    session: AsyncSession, workspace_id: uuid.UUID, addresses: Sequence[str]
+) -> set[str]:
+    """The addresses that some contact of the workspace has, main or additional."""
+    if not addresses:
+        return set()
+    rows = await session.scalars(
+        select(ContactAddress.address).where(
+            ContactAddress.workspace_id == workspace_id, col(ContactAddress.address).in_(addresses)
+        )
+    )
+    return set(rows)

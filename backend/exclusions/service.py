@@ -3,6 +3,7 @@ from __future__ import annotations
 import uuid
 
 import sqlalchemy as sa
+from publicsuffixlist import PublicSuffixList
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
@@ -17,11 +18,21 @@ from backend.kit.errors import ErrorCode, NotFound, ServiceError
 from backend.mail import service as mail_service
 from backend.mail.tables import Email, EmailSource, Participant, ParticipantRole, TimelineEntry
 
+_PUBLIC_SUFFIXES = PublicSuffixList()  # the list bundled with the package, IDNA aware
+
 
 def parse_value(value: str) -> tuple[str, ExclusionKind]:
     if "@" in value.strip().lstrip("@"):
         return validate_address(value, ["value"]), ExclusionKind.ADDRESS
-    return validate_domain(value, ["value"]), ExclusionKind.DOMAIN
+    domain = validate_domain(value, ["value"])
+    # R4: a public suffix would exclude every registrant under it (every .com sender).
+    if _PUBLIC_SUFFIXES.is_public(domain):
+        raise ServiceError(
+            ErrorCode.PUBLIC_SUFFIX,
+            f"{domain} is a public suffix: exclude a domain under it instead.",
+            ["value"],
+        )
+    return domain, ExclusionKind.DOMAIN
 
 
 async def add_exclusion(

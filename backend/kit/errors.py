@@ -37,6 +37,10 @@ class ErrorCode(enum.StrEnum):
     DUPLICATE_EMAIL = "DUPLICATE_EMAIL", "Another contact already has this address."
     TOO_MANY_ADDRESSES = "TOO_MANY_ADDRESSES", "A contact has at most 50 email addresses."
     ALREADY_EXCLUDED = "ALREADY_EXCLUDED", "This address or domain is already excluded."
+    PUBLIC_SUFFIX = (
+        "PUBLIC_SUFFIX",
+        "A public suffix (com, co.uk) cannot be excluded; name a domain under it.",
+    )
     # Filing
     ALREADY_FILED = "ALREADY_FILED", "The email is already on that contact's timeline."
     NOT_FILED = "NOT_FILED", "The email is not on that contact's timeline."

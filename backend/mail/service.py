@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
 from backend.mail.tables import (
+    DeletedMessage,
     DeliveryStatus,
     Email,
     EmailDirection,
@@ -142,3 +143,28 @@ async def erase_mailbox_history(session: AsyncSession, mailbox_id: uuid.UUID) ->
         await session.execute(delete(Email).where(col(Email.id).in_([d[0] for d in doomed])))
         await refresh_threads(session, [d[1] for d in doomed])
     return len(doomed)
+
+
+async def remember_deleted(
+    session: AsyncSession, workspace_id: uuid.UUID, message_ids: Sequence[str]
+) -> None:
+    """R11: these Message-IDs were deleted from the CRM and are never filed again."""
+    known = await deleted_among(session, workspace_id, message_ids)
+    for message_id in dict.fromkeys(message_ids):
+        if message_id not in known:
+            session.add(DeletedMessage(workspace_id=workspace_id, message_id=message_id))
+    await session.flush()
+
+
+async def deleted_among(
+    session: AsyncSession, workspace_id: uuid.UUID, message_ids: Sequence[str]
+) -> set[str]:
+    if not message_ids:
+        return set()
+    rows = await session.scalars(
+        select(DeletedMessage.message_id).where(
+            DeletedMessage.workspace_id == workspace_id,
+            col(DeletedMessage.message_id).in_(message_ids),
+        )
+    )
+    return set(rows)

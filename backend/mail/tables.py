@@ -146,3 +146,16 @@ class MailboxMessage(SQLModel, table=True):
     provider_message_id: str = Field(max_length=400)
     provider_thread_id: str | None = Field(default=None, max_length=400)
     seen_at: datetime = Field(default_factory=now, sa_type=UtcDateTime)
+
+
+class DeletedMessage(SQLModel, table=True):
+    """R11: a Message-ID deleted from the CRM, per workspace, so that no mailbox brings it
+    back (another mailbox's copy, a re-list after Gmail history or Graph delta expiry)."""
+
+    __tablename__ = "deleted_messages"
+
+    workspace_id: uuid.UUID = Field(
+        foreign_key="workspaces.id", ondelete="CASCADE", primary_key=True
+    )
+    message_id: str = Field(max_length=998, primary_key=True)
+    deleted_at: datetime = Field(default_factory=now, sa_type=UtcDateTime)

@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import select
+from sqlmodel import col, select
 
 from backend.auth.service import Viewer
 from backend.auth.tables import User, Workspace
@@ -114,7 +114,9 @@ async def finish(
     if target_id:
         target = await service.get_managed(session, viewer, uuid.UUID(str(target_id)))
     else:
-        target = await _same_account(session, viewer, provider, account.email_address)
+        target = await _same_account(
+            session, viewer, provider, account.email_address
+        ) or await _disconnected_account(session, user, provider, account.email_address)
     if target is not None:
         return await _reconnect(session, effects, settings, viewer, target, account)
     mailbox = await service.connect_mailbox(
@@ -155,6 +157,26 @@ async def _same_account(
             ["emailAddress"],
         )
     return existing
+
+
+async def _disconnected_account(
+    session: AsyncSession, user: User, provider: Provider, address: str
+) -> Mailbox | None:
+    """R6: the user's own mailbox of this account that was disconnected, resumed with its
+    id, cursor and history rather than replaced by a second mailbox starting from now."""
+    return (
+        await session.scalars(
+            select(Mailbox)
+            .where(
+                Mailbox.workspace_id == user.workspace_id,
+                Mailbox.owner_id == user.id,
+                Mailbox.provider == provider,
+                Mailbox.email_address == address,
+                Mailbox.status == MailboxStatus.DISCONNECTED,
+            )
+            .order_by(col(Mailbox.connected_at).desc())
+        )
+    ).first()
 
 
 async def _reconnect(

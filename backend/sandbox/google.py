@@ -108,6 +108,15 @@ def message_ids(value: str | None) -> list[str]:
     return re.findall(r"<[^<>\s]+>", value or "")
 
 
+ERROR_INFO = {
+    "rateLimitExceeded": "RATE_LIMIT_EXCEEDED",
+    "userRateLimitExceeded": "RATE_LIMIT_EXCEEDED",
+    "dailyLimitExceeded": "RATE_LIMIT_EXCEEDED",
+    "quotaExceeded": "RATE_LIMIT_EXCEEDED",
+    "insufficientPermissions": "ACCESS_TOKEN_SCOPE_INSUFFICIENT",
+}
+
+
 def error(
     status: int, message: str, reason: str, *, domain: str = "global", **headers: str
 ) -> SubResponse:
@@ -121,7 +130,7 @@ def error(
         500: "INTERNAL",
         503: "UNAVAILABLE",
     }
-    body = {
+    body: dict[str, Any] = {
         "error": {
             "code": status,
             "message": message,
@@ -129,6 +138,18 @@ def error(
             "status": statuses.get(status, "UNKNOWN"),
         }
     }
+    info = ERROR_INFO.get(reason)
+    if info is not None:
+        # Google's quota answers also carry a google.rpc.ErrorInfo under `details`, whose
+        # reason is the upper-case one; google-api-python-client reads `details` first.
+        body["error"]["details"] = [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": info,
+                "domain": "googleapis.com",
+                "metadata": {"service": "gmail.googleapis.com"},
+            }
+        ]
     return SubResponse(status, json.dumps(body).encode(), dict(headers))
 
 
@@ -164,7 +185,7 @@ class HistoryRecord:
     message: dict[str, Any]
     label_ids: list[str] = field(default_factory=list)
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self, with_labels: bool = True) -> dict[str, Any]:
         record: dict[str, Any] = {
             "id": str(self.id),
             "messages": [{"id": self.message["id"], "threadId": self.message["threadId"]}],
@@ -175,7 +196,10 @@ class HistoryRecord:
             "labelAdded": "labelsAdded",
             "labelRemoved": "labelsRemoved",
         }[self.kind]
-        entry: dict[str, Any] = {"message": self.message}
+        message = self.message
+        if not with_labels:
+            message = {k: v for k, v in message.items() if k != "labelIds"}
+        entry: dict[str, Any] = {"message": message}
         if self.kind.startswith("label"):
             entry["labelIds"] = self.label_ids
         record[key] = [entry]
@@ -213,6 +237,9 @@ class Account:
     quota_window: tuple[int, int] = (0, 0)  # (minute, units used)
     last_push: float = 0.0
     push_pending: bool = False
+    # False: history records name their messages without `labelIds`, as Gmail sometimes
+    # answers (clients are to look the message up).
+    history_labels: bool = True
 
     def __post_init__(self) -> None:
         self.history_floor = self.history_id
@@ -493,10 +520,15 @@ class GoogleSandbox:
         reason = fault.reason or {401: "authError", 403: "forbidden", 429: "rateLimitExceeded"}.get(
             fault.status, "backendError"
         )
+        # The bodies of Gmail's error guide (developers.google.com/workspace/gmail/api/guides/
+        # handle-errors).
         message = fault.message or {
             "rateLimitExceeded": "Rate Limit Exceeded",
             "userRateLimitExceeded": "User Rate Limit Exceeded",
             "dailyLimitExceeded": "Daily Limit Exceeded",
+            "domainPolicy": "The domain administrators have disabled Gmail apps.",
+            "insufficientPermissions": "Request had insufficient authentication scopes.",
+            "forbidden": "Forbidden",
         }.get(reason, "Backend Error")
         domain = "usageLimits" if "Limit" in reason else "global"
         return error(fault.status, message, reason, domain=domain, **headers)
@@ -678,7 +710,7 @@ class GoogleSandbox:
         page = matching[:limit]
         body: dict[str, Any] = {"historyId": str(account.history_id)}
         if page:
-            body["history"] = [r.as_json() for r in page]
+            body["history"] = [r.as_json(account.history_labels) for r in page]
         if len(matching) > limit:
             body["nextPageToken"] = str(page[-1].id)
         return ok(body)

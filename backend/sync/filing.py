@@ -27,7 +27,7 @@ class FilingDecision:
     direction: EmailDirection
     # Addresses whose contacts get the email (R2 resolves them), in participant order.
     candidates: list[str] = field(default_factory=list)
-    # Addresses that may become new contacts if no candidate matches (R5).
+    # Addresses that may become new contacts, each one that no contact has yet (R5).
     creatable: list[ParsedAddress] = field(default_factory=list)
     skip_reason: str | None = None
 

@@ -28,6 +28,7 @@ from backend.db import table_of
 from backend.exclusions.queries import excluded_values
 from backend.kit.clock import now
 from backend.kit.effects import AfterCommit
+from backend.mail import service as mail_service
 from backend.mail.service import email_received_event
 from backend.mail.tables import (
     Email,
@@ -43,7 +44,7 @@ from backend.mailboxes import queries as mailbox_queries
 from backend.mailboxes.tables import Mailbox, SyncMode
 from backend.providers.base import FetchedMessage
 from backend.sync.filing import FilingContext, FilingDecision, decide
-from backend.sync.parsing import ParsedMessage, parse_message
+from backend.sync.parsing import ParsedAddress, ParsedMessage, parse_message
 
 
 class Outcome(enum.Enum):
@@ -332,12 +333,11 @@ def _participants(parsed: ParsedMessage) -> list[tuple[ParticipantRole, str, str
 
 
 async def _create_contacts(
-    session: AsyncSession, workspace: Workspace, item: _Item
+    session: AsyncSession, workspace: Workspace, addresses: Sequence[ParsedAddress]
 ) -> list[Contact]:
     """R5 auto-creation: rare enough to go through the ORM."""
-    assert item.decision is not None
     created = []
-    for p in item.decision.creatable:
+    for p in addresses:
         contact = Contact(workspace_id=workspace.id, name=p.name)
         session.add(contact)
         await session.flush()
@@ -400,6 +400,7 @@ async def _ingest_batch(
     ]
     batch = _Batch(session, workspace, mailbox)
     known = await batch.existing([i.message_id for i in items])
+    deleted = await mail_service.deleted_among(session, workspace.id, [i.message_id for i in items])
     already_seen = await batch.seen(
         [i.fetched.ref.provider_id for i in items if i.message_id in known]
     )
@@ -414,6 +415,9 @@ async def _ingest_batch(
                 if sender and ctx.own_addresses.get(sender.address) == mailbox.owner_id:
                     batch.claim(known[item.message_id])  # R8
             item.result = IngestResult(Outcome.DUPLICATE, known[item.message_id])
+        elif item.message_id in deleted:
+            # R11: deleted from the CRM; no mailbox brings it back (a re-list, another copy).
+            item.result = IngestResult(Outcome.SKIPPED, reason="deleted from the CRM")
         # Date headers carry whole seconds: mail of the connection's own second counts as after.
         elif item.sent_at < mailbox.connected_at.replace(microsecond=0):
             item.result = IngestResult(Outcome.SKIPPED, reason="dated before the connection")  # R6
@@ -428,6 +432,12 @@ async def _ingest_batch(
         workspace.id,
         sorted({a for i in pending for a in i.decision.candidates}),  # type: ignore[union-attr]
         primary_only=workspace.contact_matching == ContactMatching.PRIMARY_EMAIL_ONLY,
+    )
+    # R5 decides per address: an address is created only when no contact has it at all.
+    taken = await contact_queries.known_addresses(
+        session,
+        workspace.id,
+        sorted({p.address for i in pending for p in i.decision.creatable}),  # type: ignore[union-attr]
     )
     await batch.load_threads(
         sorted({i.thread_ref for i in pending if i.thread_ref}),
@@ -450,11 +460,15 @@ async def _ingest_batch(
             contact = matched.get(address)
             if contact is not None and contact not in item.contacts:
                 item.contacts.append(contact)
-        if not item.contacts and item.decision.creatable:
-            item.contacts = await _create_contacts(session, workspace, item)
-            matched.update(
-                {p.address: c for p, c in zip(item.decision.creatable, item.contacts, strict=True)}
-            )
+        creatable = [
+            p
+            for p in item.decision.creatable
+            if p.address not in matched and p.address not in taken
+        ]
+        if creatable:
+            created = await _create_contacts(session, workspace, creatable)
+            matched.update({p.address: c for p, c in zip(creatable, created, strict=True)})
+            item.contacts.extend(created)
         if not item.contacts:
             item.result = IngestResult(
                 Outcome.SKIPPED, reason="no contact"

@@ -13,10 +13,12 @@ from email.parser import BytesParser
 from email.policy import compat32
 from email.utils import getaddresses, parsedate_to_datetime
 from typing import Any
+from urllib.parse import unquote
 
 import nh3
 
 from backend.kit.addresses import normalize_address
+from backend.kit.html import sanitize_html
 
 SNIPPET_LENGTH = 200
 MAX_NAME = 320  # the participants.name column
@@ -214,14 +216,46 @@ def _filename(part: Message) -> str | None:
     return _to_text(name) if name else None
 
 
+_CID_REF = re.compile(r"""cid:([^"'\s)>]+)""", re.IGNORECASE)
+
+
+def _content_id(part: Message) -> str | None:
+    value = part.get("content-id")
+    if value is None:
+        return None
+    bare = _undo_surrogates(str(value)).strip().strip("<>").strip()
+    return bare.lower() or None
+
+
+def _cid_refs(html_body: str | None) -> set[str]:
+    """The Content-IDs the HTML shows (RFC 2392 `cid:` URLs are URL-encoded)."""
+    if not html_body or "cid:" not in html_body.lower():
+        return set()
+    return {unquote(html.unescape(m)).strip("<>").lower() for m in _CID_REF.findall(html_body)}
+
+
 def _walk(msg: Message) -> tuple[str | None, str | None, list[dict[str, Any]]]:
+    leaves = [part for part in msg.walk() if not part.is_multipart()]
     text: str | None = None
     html_body: str | None = None
-    attachments: list[dict[str, Any]] = []
-    for part in msg.walk():
-        if part.is_multipart():
+    for part in leaves:
+        disposition = (part.get_content_disposition() or "").lower()
+        if disposition == "attachment" or (_filename(part) and disposition != "inline"):
             continue
         ctype = part.get_content_type()
+        if ctype == "text/plain" and text is None:
+            text = _decode(part)
+        elif ctype == "text/html" and html_body is None:
+            html_body = _decode(part)
+    shown = _cid_refs(html_body)
+    attachments: list[dict[str, Any]] = []
+    for part in leaves:
+        ctype = part.get_content_type()
+        cid = _content_id(part)
+        # R10: a part the HTML shows through `cid:` is inline whatever its disposition says
+        # (Outlook marks such images `attachment`, others give them a filename only).
+        if cid is not None and cid in shown:
+            continue
         disposition = (part.get_content_disposition() or "").lower()
         filename = _filename(part)
         if disposition == "attachment" or (filename and disposition != "inline"):
@@ -229,20 +263,13 @@ def _walk(msg: Message) -> tuple[str | None, str | None, list[dict[str, Any]]]:
                 {"filename": filename or "attachment", "content_type": ctype, "size": _size(part)}
             )
             continue
-        if part.get("content-id") and ctype.startswith("image/"):
-            continue  # R10: inline (cid) images are part of the body, not attachments.
-        if ctype == "text/plain" and text is None:
-            text = _decode(part)
-        elif ctype == "text/html" and html_body is None:
-            html_body = _decode(part)
-        elif filename:
+        if cid is not None and ctype.startswith("image/"):
+            continue  # an inline image with a Content-ID is part of the body.
+        if ctype in ("text/plain", "text/html"):
+            continue  # the bodies (only the first of each kind is kept)
+        if filename:
             attachments.append({"filename": filename, "content_type": ctype, "size": _size(part)})
     return text, html_body, attachments
-
-
-def sanitize_html(value: str) -> str:
-    """Safe to render as-is in a browser: no scripts, handlers, or remote-loading tricks."""
-    return nh3.clean(value, link_rel="noopener noreferrer nofollow")
 
 
 def html_to_text(value: str) -> str:

@@ -21,6 +21,7 @@ from backend.mail.tables import (
     TimelineEntry,
 )
 from backend.mailboxes.tables import Mailbox
+from backend.timeline.access import Access, readable_by
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class EmailQuery:
     until: datetime | None = None
     unassigned: bool = False
     match_nothing: bool = False
+    # Who searches: subject and body match only where they may read them (R17).
+    viewer_id: uuid.UUID | None = None
 
 
 async def emails_by_ids(
@@ -147,10 +150,17 @@ def _filtered(workspace_id: uuid.UUID, query: EmailQuery) -> SelectOfScalar[Emai
                 sa.func.lower(Participant.name).like(pattern),
             )
         )
+        # R17: the subject and body match only where the viewer may read them.
         stmt = stmt.where(
             sa.or_(
-                sa.func.lower(EmailRow.subject).like(pattern),
-                sa.func.lower(EmailRow.body_text).like(pattern),
+                sa.and_(
+                    sa.func.lower(EmailRow.subject).like(pattern),
+                    readable_by(query.viewer_id, Access.SUBJECT),
+                ),
+                sa.and_(
+                    sa.func.lower(EmailRow.body_text).like(pattern),
+                    readable_by(query.viewer_id, Access.ALL),
+                ),
                 col(EmailRow.id).in_(by_participant),
             )
         )

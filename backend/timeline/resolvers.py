@@ -1,3 +1,5 @@
+import dataclasses
+
 import strawberry
 
 from backend.contacts import loaders as contact_loaders
@@ -61,6 +63,7 @@ async def _emails(
     viewer = require_viewer(info)
     session = info.context.session
     request = page_request(first, after, 20, info.context.runtime.settings.max_page_size)
+    query = dataclasses.replace(query, viewer_id=viewer.user.id)
     page, stmt = await queries.emails_page(session, viewer.workspace_id, query, request)
     return connection(
         EmailConnection, [Email(row=e) for e in page.items], page, lambda: count(session, stmt)

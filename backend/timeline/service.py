@@ -14,6 +14,7 @@ from backend.auth.service import Viewer
 from backend.contacts.tables import Contact
 from backend.kit.effects import AfterCommit
 from backend.kit.errors import ErrorCode, NotFound, ServiceError
+from backend.mail import service as mail_service
 from backend.mail.service import NewEmail, email_received_event, refresh_threads
 from backend.mail.tables import (
     Email,
@@ -122,6 +123,8 @@ async def delete_email(
     """R11: removes the email from the CRM only; the mailbox is never touched."""
     email = await _get_email(session, viewer, email_id)
     thread_id = email.thread_id
+    # Remembered per workspace, so that no mailbox files it again (R11).
+    await mail_service.remember_deleted(session, email.workspace_id, [email.message_id])
     await session.delete(email)
     await session.flush()
     await refresh_threads(session, [thread_id])

@@ -10,6 +10,7 @@ from backend.contacts.tables import Contact as ContactRow
 from backend.contacts.types import Contact
 from backend.graphql.context import Info
 from backend.graphql.relay import Connection, Node, connection, page_request, to_global_id
+from backend.kit.html import without_remote_images
 from backend.kit.pagination import count
 from backend.mail import tables
 from backend.mailboxes import access as mailbox_access
@@ -141,9 +142,25 @@ class Email(Node):
     async def body_text(self, info: Info) -> str | None:
         return self.row.body_text if await self._access(info) == Access.ALL else None
 
-    @strawberry.field(description="sanitized: safe to render in a browser")
-    async def body_html(self, info: Info) -> str | None:
-        return self.row.body_html if await self._access(info) == Access.ALL else None
+    @strawberry.field(
+        description="Sanitized: safe to render in a browser. Remote images are inert (their "
+        "`src` removed, as mail clients do, so the sender's server never sees the view) "
+        "unless `remoteImages` is true; cid: and data: images stay."
+    )
+    async def body_html(
+        self,
+        info: Info,
+        remote_images: Annotated[
+            bool,
+            strawberry.argument(
+                description="true: keep the `src` of images on remote servers (they load, "
+                "and their sender learns the email was opened)"
+            ),
+        ] = False,
+    ) -> str | None:
+        if await self._access(info) != Access.ALL or self.row.body_html is None:
+            return None
+        return self.row.body_html if remote_images else without_remote_images(self.row.body_html)
 
     @strawberry.field
     def sent_at(self) -> datetime.datetime:

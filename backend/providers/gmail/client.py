@@ -47,7 +47,17 @@ SCOPES = [
     "https://www.googleapis.com/auth/gmail.modify",  # read, label
     "https://www.googleapis.com/auth/gmail.send",
 ]
-RATE_REASONS = {"rateLimitExceeded", "userRateLimitExceeded", "dailyLimitExceeded", "quotaExceeded"}
+# Gmail's error guide: these 403s (and every 429) are quota, not permission; retry later.
+RATE_REASONS = {
+    "rateLimitExceeded",
+    "userRateLimitExceeded",
+    "dailyLimitExceeded",
+    "quotaExceeded",
+    "RATE_LIMIT_EXCEEDED",  # google.rpc.ErrorInfo
+    "RESOURCE_EXHAUSTED",
+}
+# A token without the scopes mailsync asked for: the user must grant them again.
+SCOPE_REASONS = {"insufficientPermissions", "ACCESS_TOKEN_SCOPE_INSUFFICIENT"}
 INLINE_RETRIES = 2
 
 
@@ -73,12 +83,40 @@ def unb64url(data: str) -> bytes:
     return base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
 
 
-def error_reason(exc: HttpError) -> str | None:
+def error_reasons(exc: HttpError) -> set[str]:
+    """Every reason Google's error body names: `error.errors[].reason` (the catalogue of
+    Gmail's error guide) and the `google.rpc.ErrorInfo` reasons under `error.details`.
+    Read from the body itself: the client keeps only one of the two lists."""
+    reasons: set[str] = set()
+    try:
+        data = json.loads(exc.content.decode("utf-8", errors="replace"))
+    except (ValueError, AttributeError):
+        data = None
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        for key in ("errors", "details"):
+            entries = error.get(key)
+            if isinstance(entries, list):
+                reasons.update(
+                    str(e["reason"]) for e in entries if isinstance(e, dict) and e.get("reason")
+                )
     details = exc.error_details
-    if isinstance(details, list) and details and isinstance(details[0], dict):
-        reason = details[0].get("reason")
-        return str(reason) if reason else None
-    return None
+    if isinstance(details, list):
+        reasons.update(str(e["reason"]) for e in details if isinstance(e, dict) and e.get("reason"))
+    return reasons
+
+
+def error_reason(exc: HttpError) -> str | None:
+    """The catalogue reason (`errors[0].reason`), else any reason the body names."""
+    try:
+        data = json.loads(exc.content.decode("utf-8", errors="replace"))
+        first = data["error"]["errors"][0]["reason"]
+        if first:
+            return str(first)
+    except (ValueError, AttributeError, KeyError, IndexError, TypeError):
+        pass
+    reasons = error_reasons(exc)
+    return min(reasons) if reasons else None
 
 
 def retry_after(exc: HttpError) -> float | None:
@@ -93,15 +131,18 @@ def translate(exc: HttpError, *, what: str) -> ProviderError:
     """Gmail's answer in terms of the R13 codes."""
     status = exc.status_code
     reason = error_reason(exc)
+    reasons = error_reasons(exc)
     detail = f"{what}: HTTP {status} {reason or ''} {exc.reason}".strip()
-    if status == 429 or (status == 403 and reason in RATE_REASONS):
+    if status == 429 or (status == 403 and reasons & RATE_REASONS):
         wait = retry_after(exc)
-        if reason == "dailyLimitExceeded" and wait is None:
-            wait = 3600.0
+        if "dailyLimitExceeded" in reasons and wait is None:
+            wait = 3600.0  # the project's daily quota: no point retrying within the hour
         return RateLimited(detail, retry_after=wait)
     if status == 401:
         return AccessDenied(detail)
-    if status == 403:
+    if status == 403 and reasons & SCOPE_REASONS:
+        return AccessRevoked(detail)
+    if status == 403:  # domainPolicy (an administrator disabled Gmail apps), forbidden
         return AccessDenied(detail)
     if status == 400 and reason == "failedPrecondition":
         return MailboxNotFound(detail)

@@ -35,6 +35,7 @@ from backend.settings import Settings
 SYNCED_LABELS = ("INBOX", "SENT")
 SKIPPED_LABELS = {"DRAFT", "SPAM", "TRASH"}
 PAGE = 500
+FETCH_BATCH = 50
 FETCH_ROUNDS = 3
 BATCH_MODIFY_LIMIT = 1000
 # Gmail API `messages.send`: uploads up to 35 MB (the discovery document's `maxSize`,
@@ -51,6 +52,11 @@ def _message_order(message_id: str) -> tuple[int, str]:
         return 0, message_id
 
 
+def _syncable(labels: Sequence[str]) -> bool:
+    found = set(labels)
+    return bool(found & set(SYNCED_LABELS)) and not found & SKIPPED_LABELS
+
+
 class GmailProvider(MailProvider):
     send_limits = GMAIL_SEND_LIMITS
 
@@ -61,6 +67,8 @@ class GmailProvider(MailProvider):
         self.settings = settings
         self.address = mailbox.email_address
         self._label_ids: dict[str, str] = {}
+        # The labels each message had when this pass fetched it.
+        self._labels_of: dict[str, list[str]] = {}
 
     def _messages_list(self, params: dict[str, Any]) -> Any:
         return self.client.users.messages().list(**params)
@@ -111,6 +119,7 @@ class GmailProvider(MailProvider):
 
     async def _history_since(self, start: str) -> ChangeSet:
         refs: dict[str, MessageRef] = {}
+        unlabelled: dict[str, MessageRef] = {}
         page_token: str | None = None
         latest = start
         while True:
@@ -132,18 +141,50 @@ class GmailProvider(MailProvider):
                     raise CursorInvalid(exc.detail, SyncErrorCode.READ_FAILED) from exc
                 raise
             for record in result.get("history", []):
-                for added in record.get("messagesAdded", []) + record.get("labelsAdded", []):
+                entries = [
+                    *record.get("messagesAdded", []),
+                    # A label added is new mail only when it puts the message in INBOX or
+                    # SENT: our own CRM label (or any other) is no reason to read it again.
+                    *(
+                        entry
+                        for entry in record.get("labelsAdded", [])
+                        if entry.get("labelIds") is None
+                        or set(entry["labelIds"]) & set(SYNCED_LABELS)
+                    ),
+                ]
+                for added in entries:
                     message = added["message"]
-                    labels = set(message.get("labelIds", []))
-                    if labels & set(SYNCED_LABELS) and not labels & SKIPPED_LABELS:
-                        refs.setdefault(
-                            message["id"], MessageRef(message["id"], message.get("threadId"))
-                        )
+                    ref = MessageRef(message["id"], message.get("threadId"))
+                    if "labelIds" not in message:
+                        # Gmail may leave the labels out: look the message up, never drop it.
+                        unlabelled.setdefault(ref.provider_id, ref)
+                        refs.setdefault(ref.provider_id, ref)
+                    elif _syncable(message["labelIds"]):
+                        refs.setdefault(ref.provider_id, ref)
             latest = str(result.get("historyId", latest))
             page_token = result.get("nextPageToken")
             if not page_token:
                 break
+        for message_id in await self._unsyncable(list(unlabelled)):
+            refs.pop(message_id, None)
         return ChangeSet(refs=list(refs.values()), cursor={"historyId": latest})
+
+    async def _unsyncable(self, ids: list[str]) -> set[str]:
+        """Of messages named without labels, those not in INBOX/SENT (or gone): one
+        `messages.get` (format=metadata) each, batched."""
+        skip: set[str] = set()
+        for start in range(0, len(ids), FETCH_BATCH):
+            chunk = ids[start : start + FETCH_BATCH]
+            results = await self.client.batch_get(chunk, format="metadata", fields="id,labelIds")
+            for message_id in chunk:
+                result = results.get(message_id)
+                if isinstance(result, dict):
+                    if not _syncable(result.get("labelIds", [])):
+                        skip.add(message_id)
+                elif isinstance(result, HttpError) and result.status_code == 404:
+                    skip.add(message_id)  # deleted since: nothing to file
+                # Any other failure: keep it; fetching it will tell.
+        return skip
 
     async def fetch(self, refs: Sequence[MessageRef]) -> list[FetchedMessage | ProviderError]:
         found: dict[str, FetchedMessage | ProviderError] = {}
@@ -184,6 +225,7 @@ class GmailProvider(MailProvider):
 
     def _fetched(self, result: dict[str, Any]) -> FetchedMessage:
         internal = result.get("internalDate")
+        self._labels_of[str(result["id"])] = list(result.get("labelIds", []))
         return FetchedMessage(
             ref=MessageRef(str(result["id"]), result.get("threadId")),
             raw=unb64url(str(result.get("raw", ""))),
@@ -236,6 +278,8 @@ class GmailProvider(MailProvider):
         if not provider_ids:
             return
         label_id = await self._label_id(label)
+        # Once per message: those fetched with the label already keep it untouched.
+        provider_ids = [i for i in provider_ids if label_id not in self._labels_of.get(i, [])]
         for start in range(0, len(provider_ids), BATCH_MODIFY_LIMIT):
             body = {
                 "ids": list(provider_ids[start : start + BATCH_MODIFY_LIMIT]),
