@@ -66,7 +66,10 @@ async def live_worker(runtime: Runtime) -> AsyncIterator[Worker]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await worker.close()
+        # A job still finishing (its after_job_end, a cron run) is cancelled with the worker,
+        # and close() gathers it: that cancellation is the one we asked for.
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker.close()
 
 
 async def idle(runtime: Runtime, worker: Worker) -> bool:
