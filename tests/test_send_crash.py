@@ -3,12 +3,7 @@ recorded it, is taken over by another worker that finds the mail and does not se
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
@@ -21,36 +16,12 @@ from tests.sandbox import SandboxServer
 from tests.sync_helpers import wait_until
 from tests.test_gmail import connected
 from tests.test_sending import inbox_of, recipient, send, stored
+from tests.worker import worker_process
 
 pytestmark = pytest.mark.e2e  # starts worker processes
 
 # arq retries a dead worker's job the longest job timeout + 10 seconds after it started.
 JOB_TIMEOUT = 3
-
-
-@contextmanager
-def worker_process() -> Iterator[subprocess.Popen[bytes]]:
-    env = dict(
-        os.environ,
-        MAILSYNC_SYNC_PASS_TIMEOUT_SECONDS=str(JOB_TIMEOUT),
-        MAILSYNC_SEND_TIMEOUT_SECONDS=str(JOB_TIMEOUT),
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "backend.cli", "worker"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
 
 
 async def test_r15_a_worker_killed_after_the_provider_accepted_the_mail_sends_it_once(
@@ -63,7 +34,7 @@ async def test_r15_a_worker_killed_after_the_provider_accepted_the_mail_sends_it
     lost_answer = google.google.faults.add(
         Fault(after_delay_seconds=600, account=address, path="/messages/send", times=1)
     )
-    with worker_process() as doomed:
+    with worker_process(JOB_TIMEOUT) as doomed:
         result = await send(gql, owner, mailbox_id, to=[ann], subject="Exactly once")
         assert result["userErrors"] == []
 
@@ -76,7 +47,7 @@ async def test_r15_a_worker_killed_after_the_provider_accepted_the_mail_sends_it
     email = await stored(runtime, result["email"]["id"])
     assert email.delivery_status == DeliveryStatus.QUEUED  # the worker never heard back
 
-    with worker_process():
+    with worker_process(JOB_TIMEOUT):
 
         async def settled() -> bool:
             row = await stored(runtime, result["email"]["id"])

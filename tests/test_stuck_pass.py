@@ -4,12 +4,7 @@ it was syncing is filed exactly once."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
@@ -21,37 +16,13 @@ from tests.factories import Factory, raw_message
 from tests.sandbox import SandboxServer
 from tests.sync_helpers import reload_mailbox, wait_until
 from tests.test_gmail import connected, deliver, emails_of
+from tests.worker import worker_process
 
 pytestmark = pytest.mark.e2e  # starts worker processes
 
 # arq retries a dead worker's job the longest job timeout (passes and sends) + 10 seconds
 # after it started.
 PASS_TIMEOUT = 3
-
-
-@contextmanager
-def worker_process() -> Iterator[subprocess.Popen[bytes]]:
-    env = dict(
-        os.environ,
-        MAILSYNC_SYNC_PASS_TIMEOUT_SECONDS=str(PASS_TIMEOUT),
-        MAILSYNC_SEND_TIMEOUT_SECONDS=str(PASS_TIMEOUT),
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "backend.cli", "worker"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
 
 
 async def test_r14_a_pass_killed_mid_way_is_resumed_by_another_worker_and_files_once(
@@ -65,7 +36,7 @@ async def test_r14_a_pass_killed_mid_way_is_resumed_by_another_worker_and_files_
     hang = google.google.faults.add(
         Fault(delay_seconds=120, account=address, path="/history", times=1)
     )
-    with worker_process() as doomed:
+    with worker_process(PASS_TIMEOUT) as doomed:
         await runtime.jobs.enqueue_sync(str(mailbox_id))
 
         async def hanging() -> bool:
@@ -76,7 +47,7 @@ async def test_r14_a_pass_killed_mid_way_is_resumed_by_another_worker_and_files_
         doomed.wait(5)
     assert await emails_of(runtime, owner.workspace.id) == []
 
-    with worker_process():
+    with worker_process(PASS_TIMEOUT):
 
         async def filed() -> bool:
             return bool(await emails_of(runtime, owner.workspace.id))

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
@@ -80,3 +83,30 @@ async def idle(runtime: Runtime, worker: Worker) -> bool:
     if [key async for key in runtime.redis.scan_iter(in_progress_key_prefix + "*")]:
         return False
     return all(task.done() for task in worker.tasks.values())
+
+
+@contextmanager
+def worker_process(job_timeout: int) -> Iterator[subprocess.Popen[bytes]]:
+    """`mailsync worker` as its own process, to be killed. arq retries a dead worker's job the
+    longest job timeout (passes and sends) + 10 seconds after it started."""
+    env = dict(
+        os.environ,
+        MAILSYNC_SYNC_PASS_TIMEOUT_SECONDS=str(job_timeout),
+        MAILSYNC_SEND_TIMEOUT_SECONDS=str(job_timeout),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
