@@ -396,6 +396,25 @@ async def test_r16_a_receiver_that_cannot_reach_the_database_answers_4xx(
         await runtime.close()
 
 
+async def test_r16_the_http_endpoint_answers_503_when_it_cannot_store(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory, factory: Factory
+) -> None:
+    owner = await factory.workspace()
+    missing = tmp_path_factory.mktemp("gone") / "no-such-dir" / "mailsync.db"
+    broken = settings.model_copy(update={"database_url": f"sqlite+aiosqlite:///{missing}"})
+    server = LiveServer(broken)
+    await server.start()
+    try:
+        address = f"{owner.workspace.capture_key}@{settings.capture_domain}"
+        response = await _post(
+            server, broken, raw_message(owner.email, ["a@client.test"]), recipient=address
+        )
+    finally:
+        await server.stop()
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "60"
+
+
 async def test_r16_the_size_limit_is_enforced(settings: Settings, factory: Factory) -> None:
     owner = await factory.workspace()
     small = settings.model_copy(update={"capture_max_bytes": 2048})

@@ -57,10 +57,6 @@ _DATE_FORMATS = (
 _HEADER_LIMIT = 40  # lines of a header block at most (long To/Cc lists wrap)
 
 
-def is_forward(raw: bytes, parsed: ParsedMessage) -> bool:
-    return attached_original(raw) is not None or inline_original(parsed, None) is not None
-
-
 def attached_original(raw: bytes) -> bytes | None:
     """The first `message/rfc822` part's bytes, when the message has one."""
     msg = _PARSER.parsebytes(raw)
@@ -104,11 +100,11 @@ def _block_start(lines: list[str], forward_subject: bool) -> int | None:
             return j
         if forward_subject and _OUTLOOK_MARK.match(line):
             return i + 1
-        if forward_subject and _FIELD.match(line) and _FIELD.match(line)[1].lower() == "from":  # type: ignore[index]
+        field = _FIELD.match(line) if forward_subject else None
+        if field is not None and field[1].lower() == "from":
             # Outlook on the web writes the block without a rule above it.
-            following = lines[i + 1] if i + 1 < len(lines) else ""
-            field = _FIELD.match(following)
-            if field and field[1].lower() in {"sent", "date"}:
+            following = _FIELD.match(lines[i + 1]) if i + 1 < len(lines) else None
+            if following is not None and following[1].lower() in {"sent", "date"}:
                 return i
     return None
 
