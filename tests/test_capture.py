@@ -4,7 +4,11 @@ Python's smtplib as the sending MTA) and through POST /inbound/mime."""
 from __future__ import annotations
 
 import asyncio
+import os
 import smtplib
+import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -29,7 +33,7 @@ from backend.settings import Settings
 from backend.sync.ingest import Outcome
 from backend.workspaces.service import capture_address
 from tests.client import GQL, error_codes, subscribe
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, free_port
 from tests.factories import Factory, Member, raw_message, unique
 from tests.sync_helpers import emails_with_message_id, timeline_subjects
 
@@ -456,3 +460,40 @@ def test_r16_forward_dates_of_gmail_and_outlook_parse() -> None:
         2026, 12, 1, 10, 15, tzinfo=UTC
     ).replace(hour=8)
     assert parse_forward_date("not a date", None) is None
+
+
+@pytest.mark.e2e  # starts `mailsync capture` as a process
+async def test_r16_the_capture_command_files_a_bcc(factory: Factory, runtime: Runtime) -> None:
+    owner = await factory.workspace()
+    ann_email = f"{unique('ann')}@client.test"
+    ann = await factory.contact(owner, ann_email, "Ann")
+    capture = await _address(runtime, owner)
+    port = free_port()
+    proc = subprocess.Popen(  # the test session's MAILSYNC_* settings are in the environment
+        [sys.executable, "-m", "backend.cli", "capture", "--port", str(port)],
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = asyncio.get_running_loop().time() + 60  # start-up imports take seconds
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert asyncio.get_running_loop().time() < deadline, "capture did not start"
+                await asyncio.sleep(0.1)
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.sendmail(
+                    owner.email, [capture], raw_message(owner.email, [ann_email], "By process")
+                )
+
+        await asyncio.to_thread(send)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert await timeline_subjects(runtime, ann.id) == ["By process"]
