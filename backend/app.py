@@ -174,6 +174,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/oauth/{provider}/callback", routes.oauth_callback),
             Route("/webhooks/google", routes.google_push, methods=["POST"]),
             Route("/webhooks/microsoft", routes.microsoft_notifications, methods=["POST"]),
+            Route("/inbound/mime", routes.inbound_mime, methods=["POST"]),
         ],
         lifespan=lifespan,
     )

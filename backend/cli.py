@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
@@ -87,6 +88,36 @@ def worker(
     from worker.settings import WorkerSettings
 
     run_worker(WorkerSettings, burst=burst)  # type: ignore[arg-type]
+
+
+@app.command()
+def capture(
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 behind an MX record).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port to listen on (25 for an MX record).")] = 2525,
+) -> None:
+    """Run the SMTP receiver of capture addresses (R16): mail Bcc'd or forwarded to a
+    workspace's capture address is filed on its contacts' timelines."""
+
+    async def work(settings: Settings) -> None:
+        from backend.capture.smtp import start_receiver
+        from backend.runtime import Runtime
+        from backend.sending.queue import JobQueue
+        from backend.settings import configure_logging
+
+        configure_logging(settings)
+        runtime = await Runtime.create(settings, jobs=JobQueue)
+        try:
+            server = await start_receiver(runtime, host, port)
+            typer.echo(f"capture: SMTP for *@{settings.capture_domain} on {host}:{port}")
+            async with server:
+                await server.serve_forever()
+        finally:
+            await runtime.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(work)
 
 
 @app.command()

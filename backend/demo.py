@@ -1,8 +1,8 @@
 """`mailsync demo`: one command from a fresh checkout to a live API with a seeded workspace.
 
 It runs on a fresh SQLite database, uses the Redis at MAILSYNC_REDIS_URL when one answers
-and otherwise starts a private `redis-server`, starts the Google sandbox, the API and a
-worker, seeds a workspace, connects each user's Gmail through the real OAuth flow against
+and otherwise starts a private `redis-server`, starts the Google sandbox, the API, a
+worker and the capture address's SMTP receiver, seeds a workspace, connects each user's Gmail through the real OAuth flow against
 the sandbox (Max's mailbox is Outlook, through the Microsoft identity platform), prints the
 GraphiQL link and then generates mail traffic, some of it crossing between Gmail and Outlook,
 until interrupted.
@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -120,8 +121,8 @@ def ensure_redis(url: str, workdir: Path) -> tuple[str, subprocess.Popen[bytes] 
     raise SystemExit("redis-server did not start")
 
 
-async def seed(settings: Settings) -> dict[str, str]:
-    """Create the demo workspace; return an API token per user."""
+async def seed(settings: Settings) -> tuple[dict[str, str], str]:
+    """Create the demo workspace; return an API token per user and its capture address."""
     db = Database(settings.database_url)
     try:
         async with db.transaction() as session:
@@ -137,10 +138,11 @@ async def seed(settings: Settings) -> dict[str, str]:
             for name, address in CONTACTS:
                 await contacts_service.create_contact(session, viewer, email=address, name=name)
             await exclusions_service.add_exclusion(session, viewer, EXCLUDED_DOMAIN)
-            return {
+            tokens = {
                 user.email: await issue_token(session, settings.secret, user, timedelta(days=7))
                 for user in users
             }
+            return tokens, workspace_service.capture_address(workspace, settings.capture_domain)
     finally:
         await db.dispose()
 
@@ -157,6 +159,18 @@ def _wait_for(url: str, children: list[subprocess.Popen[bytes]], seconds: float 
             pass
         time.sleep(0.1)
     raise SystemExit(f"{url} did not come up")
+
+
+def _wait_for_port(port: int, children: list[subprocess.Popen[bytes]], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if any(child.poll() is not None for child in children):
+            raise SystemExit("a demo process exited during start-up")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"nothing listens on port {port}")
 
 
 def connect_mailbox(api: str, token: str, address: str) -> str:
@@ -190,6 +204,8 @@ class Stack:
     redis_url: str
     tokens: dict[str, str]  # API token per user address
     children: list[subprocess.Popen[bytes]]
+    capture_port: int = 0  # the SMTP receiver of capture addresses (R16)
+    capture_address: str = ""
 
     def alive(self) -> bool:
         return all(child.poll() is None for child in self.children)
@@ -208,6 +224,7 @@ def running_stack(
         "MAILSYNC_DATABASE_URL", f"sqlite+aiosqlite:///{workdir / 'demo.db'}"
     )
     sandbox_port = _free_port()
+    capture_port = _free_port()
     api = f"http://{host}:{port}"
     sandbox = f"http://127.0.0.1:{sandbox_port}"
     env = {
@@ -225,22 +242,26 @@ def running_stack(
     output = subprocess.DEVNULL if quiet else None
     try:
         migrations.upgrade(database_url)
-        tokens = asyncio.run(seed(settings))
+        tokens, capture_address = asyncio.run(seed(settings))
         push = f"{api}/webhooks/google?token={settings.push_token}"
         cli = [sys.executable, "-m", "backend.cli"]
         for command in (
             ["sandbox", "--port", str(sandbox_port), "--push-endpoint", push],
             ["worker"],
             ["serve", "--host", host, "--port", str(port)],
+            ["capture", "--port", str(capture_port)],
         ):
             children.append(
                 subprocess.Popen([*cli, *command], env=env, stdout=output, stderr=output)  # noqa: S603
             )
         _wait_for(f"{sandbox}/_sandbox/health", children)
         _wait_for(f"{api}/healthz", children)
+        _wait_for_port(capture_port, children)
         for address, token in tokens.items():
             connect_mailbox(api, token, address)
-        yield Stack(api, sandbox, database_url, redis_url, tokens, children)
+        yield Stack(
+            api, sandbox, database_url, redis_url, tokens, children, capture_port, capture_address
+        )
     finally:
         for child in children:
             child.terminate()
@@ -272,13 +293,20 @@ def run(settings: Settings, host: str, port: int) -> None:
             f"  mail arrive every few seconds:\n    {stack.api}/graphql?token={owner_token}\n"
             f"  Bearer token:\n    {owner_token}\n"
             f"  Mailboxes: {', '.join(f'{a} ({provider_of(a).title()})' for a in stack.tokens)}\n"
+            f"  Capture address (Bcc it; SMTP on 127.0.0.1:{stack.capture_port}): "
+            f"{stack.capture_address}\n"
             f"  Gmail and Outlook sandbox: {stack.sandbox}   Database: {stack.database_url}"
             f"   Redis: {stack.redis_url}\n"
             "Press Ctrl+C to stop.\n",
             flush=True,
         )
         traffic = Traffic(
-            stack.sandbox, list(stack.tokens), settings_interval(), stack.api, stack.tokens
+            stack.sandbox,
+            list(stack.tokens),
+            settings_interval(),
+            stack.api,
+            stack.tokens,
+            capture=(stack.capture_port, stack.capture_address),
         )
         while not stopping and stack.alive():
             traffic.tick()
@@ -293,12 +321,21 @@ class Traffic:
     """Mail the way it flows for a sales team: contacts write (now and then to a Gmail and an
     Outlook user at once), users write from the CRM and the contact answers, users reply from
     Gmail or Outlook (now and then copying a colleague
-    on the other one), a newsletter the workspace excluded, a stranger (never filed), and now
-    and then a mailbox failing."""
+    on the other one), a newsletter the workspace excluded, a stranger (never filed), now
+    and then a mailbox failing, and now and then a user Bccing the capture address from some
+    other mail client (R16), once to a prospect who is no contact yet (the unassigned list)."""
 
     def __init__(
-        self, sandbox: str, users: list[str], interval: float, api: str, tokens: dict[str, str]
+        self,
+        sandbox: str,
+        users: list[str],
+        interval: float,
+        api: str,
+        tokens: dict[str, str],
+        capture: tuple[int, str] | None = None,
     ) -> None:
+        self.capture = capture
+        self.prospect_written = False
         self.sandbox = sandbox
         self.api = api
         self.tokens = tokens
@@ -320,7 +357,7 @@ class Traffic:
         self.count += 1
         try:
             self._one()
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, smtplib.SMTPException, OSError) as exc:
             print(f"  traffic: {exc!r}", flush=True)
 
     def _one(self) -> None:
@@ -328,6 +365,20 @@ class Traffic:
         user = self.random.choice(self.users)
         if self.count % 15 == 0:
             self.fail(self.users[(self.count // 15) % len(self.users)])
+        elif self.capture is not None and self.count % 7 == 3:
+            if not self.prospect_written:
+                self.prospect_written = True
+                self.bcc_capture(user, "pat@prospect.example", "Nice to meet you")
+                print(
+                    f"  => {user} Bcc'd the capture address writing to pat@prospect.example "
+                    "(no contact: the unassigned list)",
+                    flush=True,
+                )
+            else:
+                name, contact = self.random.choice(CONTACTS)
+                subject = self.random.choice(SUBJECTS)
+                self.bcc_capture(user, contact, subject)
+                print(f"  => {user} Bcc'd the capture address writing to {contact}", flush=True)
         elif roll < 0.5 or not self.received[user]:
             name, contact = self.random.choice(CONTACTS)
             subject = self.random.choice(SUBJECTS)
@@ -361,6 +412,23 @@ class Traffic:
         else:
             self._deliver([user], "someone@unknown.example", "Quick question", make_msgid())
             print(f"  x  a stranger wrote to {user} (no contact, not filed)", flush=True)
+
+    def bcc_capture(self, user: str, to: str, subject: str) -> str:
+        """A user writes from a mail client that mailsync does not sync and Bccs the workspace's
+        capture address: the SMTP receiver files it (R16)."""
+        assert self.capture is not None
+        port, address = self.capture
+        message = EmailMessage()
+        message["From"] = user
+        message["To"] = to
+        message["Subject"] = subject
+        message["Date"] = formatdate(localtime=True)
+        message_id = make_msgid(domain=user.partition("@")[2])
+        message["Message-ID"] = message_id
+        message.set_content("Written on my phone; the CRM gets a copy through the capture address.")
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail(user, [address], message.as_bytes())
+        return message_id
 
     def _other_side(self, user: str) -> str | None:
         """A colleague whose mailbox is at the other provider."""

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     # started (providers file what they accepted with a delay); only then is it sent again.
     send_confirm_seconds: float = 60
     capture_domain: str = "capture.mailsync.local"
+    # R16: the largest message the capture receiver (SMTP and POST /inbound/mime) accepts.
+    capture_max_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
+    # Shared secret of POST /inbound/mime (`Authorization: Bearer ...`). Derived from
+    # SECRET_KEY when unset, except in production, where the endpoint stays off without it.
+    inbound_token: SecretStr | None = None
     # Where the browser lands after an OAuth connect, with ?mailboxId= or ?error= appended.
     oauth_return_url: str | None = None
 
@@ -133,6 +138,14 @@ class Settings(BaseSettings):
                 "MAILSYNC_GOOGLE_PUSH_TOKEN must be set in production (a random value; the "
                 "Pub/Sub push subscription's URL carries it as ?token=)"
             )
+        inbound = self.inbound_token.get_secret_value() if self.inbound_token else None
+        if inbound is not None and (
+            inbound.strip().lower() in PLACEHOLDER_SECRETS or len(inbound.strip()) < 32
+        ):
+            problems.append(
+                "MAILSYNC_INBOUND_TOKEN must be a random value of 32+ characters in production "
+                "(or unset, which turns POST /inbound/mime off)"
+            )
         if problems:
             raise ValueError("unsafe for production:\n- " + "\n- ".join(problems))
         return self
@@ -189,6 +202,15 @@ class Settings(BaseSettings):
         if self.google_push_token is not None:
             return self.google_push_token.get_secret_value()
         return hmac.new(self.secret, b"google-push", hashlib.sha256).hexdigest()[:40]
+
+    @property
+    def inbound_secret(self) -> str | None:
+        """The shared secret of POST /inbound/mime; None: the endpoint is off."""
+        if self.inbound_token is not None:
+            return self.inbound_token.get_secret_value()
+        if self.env == "production":
+            return None
+        return hmac.new(self.secret, b"capture-inbound", hashlib.sha256).hexdigest()[:40]
 
     @property
     def return_url(self) -> str:

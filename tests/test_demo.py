@@ -161,6 +161,21 @@ def test_the_demo_connects_outlook_and_mail_crossing_gmail_and_outlook_is_filed_
 
         _until(lambda: len(grace_timeline()) == 2)
 
+        # R16: Olivia Bccs the capture address from another mail client, to Katherine (a
+        # contact) and to a prospect (no contact: the unassigned list); both through SMTP.
+        traffic.capture = (stack.capture_port, stack.capture_address)
+        traffic.bcc_capture(OWNER_EMAIL, "katherine@orbit.example", "Captured")
+        traffic.bcc_capture(OWNER_EMAIL, "pat@prospect.example", "Nice to meet you")
+        katherine = gql(ADA_TIMELINE, search="katherine@orbit.example")["contacts"]["edges"]
+        captured = [e["node"] for e in katherine[0]["node"]["timeline"]["edges"]]
+        assert [(e["subject"], e["sentBy"]["email"]) for e in captured] == [
+            ("Captured", OWNER_EMAIL)
+        ]
+        unassigned = gql("{ unassignedEmails { edges { node { subject source } } } }")
+        assert [e["node"] for e in unassigned["unassignedEmails"]["edges"]] == [
+            {"subject": "Nice to meet you", "source": "CAPTURE"}
+        ]
+
         # Every mailbox finishes a pass that began after all of this was delivered.
         asked_at = datetime.now(UTC)
         for mailbox in mailboxes.values():

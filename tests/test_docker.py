@@ -54,8 +54,11 @@ def test_compose_file_validates() -> None:
     )
     assert out.returncode == 0, out.stderr
     config = yaml.safe_load(out.stdout)
-    assert set(config["services"]) == {"api", "worker", "postgres", "redis"}
+    assert set(config["services"]) == {"api", "worker", "capture", "postgres", "redis"}
     assert "mailsync migrate" in " ".join(config["services"]["api"]["command"])
+    capture = config["services"]["capture"]
+    assert "mailsync capture" in " ".join(capture["command"])
+    assert capture["environment"]["MAILSYNC_ENV"] == "production"
 
 
 @pytest.mark.parametrize("missing", sorted(PRODUCTION))

@@ -104,6 +104,20 @@ def test_the_push_secret_must_be_set_explicitly(token: str | None) -> None:
         production(google_push_token=token)
 
 
+@pytest.mark.parametrize("token", ["changeme", "short-inbound-token"])
+def test_r16_a_weak_inbound_token_is_refused_in_production(token: str) -> None:
+    with pytest.raises(ValueError, match="MAILSYNC_INBOUND_TOKEN"):
+        production(inbound_token=token)
+
+
+def test_r16_the_inbound_endpoint_is_off_in_production_without_its_token() -> None:
+    assert production().inbound_secret is None
+    strong = "inbound-token-that-is-random-enough-0123"
+    assert production(inbound_token=strong).inbound_secret == strong
+    test = Settings(_env_file=None, env="test", secret_key=SECRET)  # type: ignore[call-arg]
+    assert test.inbound_secret  # derived from the secret key outside production
+
+
 def test_development_and_test_keep_their_defaults() -> None:
     development = Settings(_env_file=None)  # type: ignore[call-arg]
     assert development.public_url.startswith("http://127.0.0.1")

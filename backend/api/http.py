@@ -1,15 +1,27 @@
-"""Plain HTTP endpoints beside GraphQL: the OAuth callback and the providers' push webhooks."""
+"""Plain HTTP endpoints beside GraphQL: the OAuth callback, the providers' push webhooks and
+the capture address's inbound-mail endpoint."""
 
 from __future__ import annotations
 
 import hmac
 import html
 import logging
+from email.parser import BytesParser
+from email.policy import compat32
+from email.utils import getaddresses
 from urllib.parse import urlencode
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
 
+from backend.capture import inbound
+from backend.capture.service import CaptureRefused, capture_key_of
 from backend.graphql.relay import to_global_id
 from backend.kit.errors import ErrorCode, ServiceError
 from backend.mailboxes import connect
@@ -116,3 +128,85 @@ async def microsoft_notifications(request: Request) -> Response:
         for mailbox_id in await webhooks.graph_mailboxes_to_sync(work.session, notices):
             work.effects.request_sync(mailbox_id)
     return Response(status_code=202)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _body_within(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _capture_recipients(request: Request, raw: bytes, capture_domain: str) -> list[str]:
+    """The envelope recipients the service names (`?recipient=`, repeatable), else the capture
+    addresses among the message's own recipient headers."""
+    given = request.query_params.getlist("recipient")
+    if given:
+        return given
+    headers = BytesParser(policy=compat32).parsebytes(raw, headersonly=True)
+    values = [
+        str(v)
+        for name in ("x-original-to", "delivered-to", "to", "cc", "bcc")
+        for v in headers.get_all(name, failobj=[])
+    ]
+    found = [a for _, a in getaddresses(values) if capture_key_of(a, capture_domain)]
+    return list(dict.fromkeys(a.strip().lower() for a in found))
+
+
+async def inbound_mime(request: Request) -> Response:
+    """R16: an inbound-mail service posts the raw MIME of a message sent to a capture address.
+    2xx only once it is stored; 503 when storing failed for now (the service retries)."""
+    runtime: Runtime = request.app.state.runtime
+    settings = runtime.settings
+    secret = settings.inbound_secret
+    if secret is None:
+        return PlainTextResponse("inbound mail is not configured", status_code=404)
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), secret.encode()):
+        return PlainTextResponse("a valid bearer token is required", status_code=401)
+    try:
+        raw = await _body_within(request, settings.capture_max_bytes)
+    except _TooLarge:
+        return PlainTextResponse("message too large", status_code=413)
+    if not raw.strip():
+        return PlainTextResponse("empty message", status_code=400)
+    results: list[dict[str, str | None]] = []
+    try:
+        for address in _capture_recipients(request, raw, settings.capture_domain):
+            if await inbound.known_recipient(runtime, address) is None:
+                results.append({"recipient": address, "status": "unknown recipient"})
+                continue
+            try:
+                result = await inbound.deliver(runtime, address, raw)
+            except CaptureRefused as exc:
+                results.append({"recipient": address, "status": "refused", "reason": exc.reason})
+                continue
+            results.append(
+                {
+                    "recipient": address,
+                    "status": result.status.value,
+                    "emailId": to_global_id("Email", result.email_id) if result.email_id else None,
+                }
+            )
+    except Exception:
+        log.exception("inbound mail: storing a message failed")
+        return PlainTextResponse(
+            "temporary failure, retry later", status_code=503, headers={"Retry-After": "60"}
+        )
+    if not any(r["status"] != "unknown recipient" for r in results):
+        return JSONResponse({"results": results, "error": "no capture address"}, status_code=404)
+    if all(r["status"] in {"refused", "unknown recipient"} for r in results):
+        return JSONResponse({"results": results, "error": "refused"}, status_code=403)
+    return JSONResponse({"results": results}, status_code=200)

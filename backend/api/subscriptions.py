@@ -149,6 +149,13 @@ class Subscription:
             yield event
 
     @strawberry.subscription(
+        description="Captured mail matched no contact and waits in the unassigned list (R16)."
+    )
+    async def unassigned_email_received(self, info: Info) -> AsyncGenerator[EmailEvent, None]:
+        async for event in _email_events(info, "unassignedEmailReceived", None, None, None):
+            yield event
+
+    @strawberry.subscription(
         description="A mailbox changed status (PENDING -> ACTIVE, ACTIVE -> ERROR, ...)."
     )
     async def mailbox_status_changed(

@@ -63,6 +63,13 @@ class IngestResult:
 async def filing_context(
     session: AsyncSession, workspace: Workspace, mailbox: Mailbox
 ) -> FilingContext:
+    return await workspace_filing_context(session, workspace, mailbox.sync_mode)
+
+
+async def workspace_filing_context(
+    session: AsyncSession, workspace: Workspace, sync_mode: SyncMode = SyncMode.TWO_WAY
+) -> FilingContext:
+    """The rules' view of the workspace: users' addresses (R1), exclusions (R4), R5's setting."""
     excluded = set(await excluded_values(session, workspace.id))
     disabled = await session.scalars(
         select(ContactAddress.address)
@@ -74,7 +81,7 @@ async def filing_context(
         own_addresses=await mailbox_queries.own_addresses(session, workspace.id),
         excluded=frozenset(excluded),
         auto_creation=workspace.contact_auto_creation,
-        sync_mode=mailbox.sync_mode,
+        sync_mode=sync_mode,
     )
 
 

@@ -40,6 +40,12 @@ class WorkspaceSettingsPayload:
 
 
 @strawberry.type
+class WorkspacePayload:
+    workspace: Workspace | None
+    user_errors: list[UserError]
+
+
+@strawberry.type
 class WorkspaceQuery:
     @strawberry.field
     def viewer(self, info: Info) -> Viewer:
@@ -96,3 +102,18 @@ class WorkspaceMutation:
         return WorkspaceSettingsPayload(
             settings=WorkspaceSettings(row=result), workspace=Workspace(row=result), user_errors=[]
         )
+
+    @strawberry.mutation(
+        description="OWNER/ADMIN: a new capture address; the old one stops working (R16)."
+    )
+    async def rotate_capture_address(self, info: Info) -> WorkspacePayload:
+        viewer = require_viewer(info)
+        scope = info.context.scope
+
+        async def rotate() -> tables.Workspace:
+            return await service.rotate_capture_address(scope.session, viewer)
+
+        result = await attempt(info, rotate)
+        if isinstance(result, ServiceError):
+            return WorkspacePayload(workspace=None, user_errors=user_errors(result))
+        return WorkspacePayload(workspace=Workspace(row=result), user_errors=[])

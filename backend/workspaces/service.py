@@ -17,12 +17,30 @@ def capture_address(workspace: Workspace, capture_domain: str) -> str:
     return f"{workspace.capture_key}@{capture_domain}"
 
 
+def new_capture_key() -> str:
+    """R16: an unguessable local part (80 random bits)."""
+    return f"capture-{secrets.token_hex(10)}"
+
+
+async def rotate_capture_address(session: AsyncSession, viewer: Viewer) -> Workspace:
+    """R16: a new capture address; the old one stops working at once."""
+    if not viewer.is_admin:
+        raise Forbidden("Only workspace owners and admins can rotate the capture address.")
+    workspace = await session.get(Workspace, viewer.workspace_id)
+    if workspace is None:
+        raise ServiceError(ErrorCode.NOT_FOUND, "Workspace not found.")
+    workspace.capture_key = new_capture_key()
+    session.add(workspace)
+    await session.flush()
+    return workspace
+
+
 async def create_workspace(
     session: AsyncSession, name: str, owner_email: str, owner_name: str | None = None
 ) -> tuple[Workspace, User]:
     if not name.strip():
         raise ServiceError(ErrorCode.INVALID_NAME, "A workspace needs a name.", ["name"])
-    workspace = Workspace(name=name.strip(), capture_key=f"capture-{secrets.token_hex(8)}")
+    workspace = Workspace(name=name.strip(), capture_key=new_capture_key())
     session.add(workspace)
     await session.flush()
     owner = await add_user(session, workspace, owner_email, Role.OWNER, owner_name)
