@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     token_ttl_seconds: int = 30 * 24 * 3600
     max_query_depth: int = 12
     max_aliases: int = 30
+    # A GraphQL document longer (characters) or with more tokens is refused before it is parsed.
+    max_query_length: int = Field(default=50_000, ge=1000)
+    max_query_tokens: int = Field(default=5_000, ge=100)
+    # Request bodies larger than this (bytes) are answered 413; webhooks take less.
+    max_request_bytes: int = Field(default=12 * 1024 * 1024, ge=64 * 1024)
+    max_webhook_bytes: int = Field(default=1024 * 1024, ge=16 * 1024)
     max_page_size: int = 100
     # Origins of single-page apps served elsewhere that may call the API: CORS on HTTP and the
     # Origin check of websocket handshakes. Comma-separated, e.g.
