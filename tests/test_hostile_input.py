@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import httpx
 from graphql import OperationDefinitionNode, parse
 
 from backend.graphql.limits import DocumentCost
-from tests.client import error_codes
+from tests.client import GQL, error_codes
 from tests.conftest import LiveServer
+from tests.factories import Factory
 
 
 def fragment_bomb(levels: int, head: str = "") -> str:
@@ -116,3 +119,111 @@ async def test_request_bodies_are_limited_on_every_route(api: LiveServer) -> Non
         assert response.status_code == 413, response.text
         assert error_codes(response.json()) == ["REQUEST_TOO_LARGE"]
     assert small.status_code == 202
+
+
+CREATE = """
+mutation($input: CreateContactInput!) {
+  createContact(input: $input) { contact { id name } userErrors { field code message } }
+}
+"""
+
+
+async def post_json(api: LiveServer, body: object, token: str | None = None) -> httpx.Response:
+    """JSON as a client escaping non-ASCII would send it (a lone surrogate as `\\ud800`)."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    async with httpx.AsyncClient(base_url=api.url, timeout=60) as client:
+        return await client.post("/graphql", content=json.dumps(body).encode(), headers=headers)
+
+
+async def test_bad_text_never_reaches_the_database(api: LiveServer, factory: Factory) -> None:
+    """PostgreSQL refused these inside the driver ("Unexpected error.")."""
+    owner = await factory.workspace()
+    cases = [
+        ("x" * 201, "INVALID_NAME"),
+        ("Ann\x00", "INVALID_TEXT"),
+        ("Ann \ud800", "INVALID_TEXT"),
+    ]
+    for name, code in cases:
+        payload = {"email": f"{uuid.uuid4().hex}@example.com", "name": name}
+        response = await post_json(
+            api, {"query": CREATE, "variables": {"input": payload}}, owner.token
+        )
+        result = response.json()["data"]["createContact"]
+        assert result["contact"] is None
+        assert [(e["field"], e["code"]) for e in result["userErrors"]] == [
+            (["input", "name"], code)
+        ], name
+    fits = await post_json(
+        api,
+        {"query": CREATE, "variables": {"input": {"email": "ann@example.com", "name": "x" * 200}}},
+        owner.token,
+    )
+    assert fits.json()["data"]["createContact"]["userErrors"] == []
+
+    for search in ("\x00", "a\udfff"):
+        for query in (
+            "query($s: String) { contacts(search: $s) { totalCount } }",
+            "query($s: String) { emails(filter: {search: $s}) { totalCount } }",
+        ):
+            body = (
+                await post_json(api, {"query": query, "variables": {"s": search}}, owner.token)
+            ).json()
+            assert error_codes(body) == ["INVALID_TEXT"], (query, body)
+
+
+async def test_like_wildcards_in_a_search_match_literally(gql: GQL, factory: Factory) -> None:
+    owner = await factory.workspace()
+    for name, email in (
+        ("100% real", "real@example.com"),
+        ("plain", "plain@example.com"),
+        ("snake_case", "snake@example.com"),
+        ("snakeXcase", "other@example.com"),
+    ):
+        await gql(CREATE, {"input": {"email": email, "name": name}}, token=owner.token)
+    search = "query($s: String) { contacts(search: $s) { edges { node { name } } } }"
+
+    async def names(term: str) -> list[str]:
+        data = await gql(search, {"s": term}, token=owner.token)
+        return sorted(e["node"]["name"] for e in data["contacts"]["edges"])
+
+    assert await names("%") == ["100% real"]
+    assert await names("e_c") == ["snake_case"]
+    assert await names("0% R") == ["100% real"]
+    data = await gql(
+        "query($s: String) { emails(filter: {search: $s}) { totalCount } }",
+        {"s": "%"},
+        token=owner.token,
+    )
+    assert data["emails"]["totalCount"] == 0
+
+
+async def test_invalid_utf8_is_a_bad_request(api: LiveServer) -> None:
+    async with httpx.AsyncClient(base_url=api.url, timeout=60) as client:
+        for content_type in ("application/json", "application/graphql", "text/plain"):
+            response = await client.post(
+                "/graphql",
+                content=b'{"query": "{ __typename \xff\xfe }"}',
+                headers={"Content-Type": content_type},
+            )
+            assert response.status_code == 400, (content_type, response.text)
+            assert error_codes(response.json()) == ["BAD_REQUEST"]
+        webhook = await client.post("/webhooks/microsoft", content=b"\xff\xfe{")
+    assert webhook.status_code == 202  # a malformed notification is ignored, not a 500
+
+
+async def test_huge_inputs_are_not_echoed_back(gql: GQL, factory: Factory) -> None:
+    owner = await factory.workspace()
+    huge = "x" * 1_000_000
+    result = (await gql(CREATE, {"input": {"email": huge, "name": huge}}, token=owner.token))[
+        "createContact"
+    ]
+    assert [e["code"] for e in result["userErrors"]] == ["INVALID_EMAIL"]
+    assert len(json.dumps(result)) < 2000
+    exclusion = await gql.raw(
+        "mutation($v: String!) { addExclusion(input: {value: $v}) { userErrors { message } } }",
+        {"v": huge + ".com"},
+        token=owner.token,
+    )
+    assert len(json.dumps(exclusion)) < 2000

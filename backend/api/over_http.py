@@ -114,7 +114,13 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
     async def parse_http_body(
         self, request: AsyncHTTPRequestAdapter
     ) -> GraphQLRequestData | list[GraphQLRequestData]:
-        if request.method == "POST" and "json" in (request.content_type or ""):
+        content_type = request.content_type or ""
+        if request.method == "POST" and not content_type.startswith("multipart/"):
+            try:
+                (await request.get_body()).decode("utf-8")
+            except UnicodeDecodeError:
+                raise HTTPException(400, "The request body is not valid UTF-8.") from None
+        if request.method == "POST" and "json" in content_type:
             body = self.parse_json(await request.get_body())
             if not isinstance(body, dict | list):
                 raise HTTPException(

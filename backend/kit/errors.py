@@ -25,6 +25,10 @@ class ErrorCode(enum.StrEnum):
     INVALID_EMAIL = "INVALID_EMAIL", "Not a deliverable email address."
     INVALID_DOMAIN = "INVALID_DOMAIN", "Not a valid domain name."
     INVALID_NAME = "INVALID_NAME", "A name is empty or too long."
+    INVALID_TEXT = (
+        "INVALID_TEXT",
+        "Text holds a character that cannot be stored (NUL, an unpaired surrogate).",
+    )
     INVALID_LIMIT = "INVALID_LIMIT", "A workspace limit must be a positive number (or none)."
     # Requests (GraphQL errors' `extensions.code`, not userErrors)
     BAD_REQUEST = "BAD_REQUEST", "The HTTP request is not a GraphQL request this API can run."

@@ -9,6 +9,7 @@ from backend.auth.service import Viewer
 from backend.auth.tables import ContactAutoCreation, ContactMatching, Role, User, Workspace
 from backend.kit.addresses import validate_address
 from backend.kit.errors import ErrorCode, Forbidden, ServiceError
+from backend.kit.text import clean_name
 
 UNSET = object()
 
@@ -20,9 +21,8 @@ def capture_address(workspace: Workspace, capture_domain: str) -> str:
 async def create_workspace(
     session: AsyncSession, name: str, owner_email: str, owner_name: str | None = None
 ) -> tuple[Workspace, User]:
-    if not name.strip():
-        raise ServiceError(ErrorCode.INVALID_NAME, "A workspace needs a name.", ["name"])
-    workspace = Workspace(name=name.strip(), capture_key=f"capture-{secrets.token_hex(8)}")
+    checked = clean_name(name, ["name"], what="workspace name", required=True)
+    workspace = Workspace(name=checked or "", capture_key=f"capture-{secrets.token_hex(8)}")
     session.add(workspace)
     await session.flush()
     owner = await add_user(session, workspace, owner_email, Role.OWNER, owner_name)
@@ -42,7 +42,7 @@ async def add_user(
     user = User(
         workspace_id=workspace.id,
         email=address,
-        name=(name or address.split("@")[0]).strip(),
+        name=clean_name(name, ["name"]) or address.split("@")[0],
         role=role,
     )
     session.add(user)
