@@ -51,7 +51,8 @@ class MailsyncGraphQL(GraphQLOverHTTP):
     def __init__(self, settings: Settings) -> None:
         super().__init__(
             build_schema(settings),
-            graphql_ide="graphiql",
+            # Off in production unless MAILSYNC_GRAPHIQL says otherwise (a GET is then a 404).
+            graphql_ide="graphiql" if settings.graphiql_enabled else None,
             keep_alive=True,
             subscription_protocols=(
                 GRAPHQL_TRANSPORT_WS_PROTOCOL,
@@ -194,7 +195,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         runtime = await Runtime.create(settings, jobs=JobQueue, with_hub=True)
         graphql_app.runtime = runtime
         app.state.runtime = runtime
-        missing = graphiql.missing_assets()
+        missing = graphiql.missing_assets() if settings.graphiql_enabled else []
         if missing:
             log.warning("GraphiQL assets missing (run `npm ci` in backend/graphiql): %s", missing)
         try:
@@ -263,7 +264,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
-            Route("/graphiql/static/{name}", graphiql_asset),
+            *(
+                [Route("/graphiql/static/{name}", graphiql_asset)]
+                if settings.graphiql_enabled
+                else []
+            ),
             Route("/graphql", graphql_app, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", graphql_app),
             Route("/oauth/complete", routes.oauth_complete),

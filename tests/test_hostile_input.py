@@ -11,8 +11,10 @@ import httpx
 from graphql import OperationDefinitionNode, parse
 
 from backend.graphql.limits import DocumentCost
+from backend.runtime import Runtime
+from backend.settings import Settings
 from tests.client import GQL, error_codes
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, free_port
 from tests.factories import Factory
 
 
@@ -227,3 +229,42 @@ async def test_huge_inputs_are_not_echoed_back(gql: GQL, factory: Factory) -> No
         token=owner.token,
     )
     assert len(json.dumps(exclusion)) < 2000
+
+
+async def test_graphiql_and_introspection_are_off_in_production_by_default(
+    settings: Settings, runtime: Runtime
+) -> None:
+    production = settings.model_copy(update={"env": "production"})
+    assert not production.graphiql_enabled and not production.introspection_enabled
+    assert settings.graphiql_enabled and settings.introspection_enabled  # test, development
+    opted_in = production.model_copy(update={"graphiql": True, "introspection": True})
+    for configured, enabled in ((production, False), (opted_in, True)):
+        server = LiveServer(configured, free_port())
+        await server.start()
+        try:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                ide = await client.get("/graphql", headers={"Accept": "text/html"})
+                asset = await client.get("/graphiql/static/graphiql.css")
+                schema = await client.post(
+                    "/graphql", json={"query": "{ __schema { queryType { name } } }"}
+                )
+                typename = await client.post("/graphql", json={"query": "{ __typename }"})
+        finally:
+            await server.stop()
+        assert (ide.status_code == 200) is enabled
+        assert (asset.status_code == 404) is not enabled
+        assert ("errors" not in schema.json()) is enabled, schema.text
+        assert typename.json() == {"data": {"__typename": "Query"}}
+
+
+async def test_the_graph_validation_echo_is_short_and_not_sniffed(api: LiveServer) -> None:
+    async with httpx.AsyncClient(base_url=api.url, timeout=60) as client:
+        echoed = await client.post(
+            "/webhooks/microsoft", params={"validationToken": "<script>alert(1)</script>"}
+        )
+        too_long = await client.post("/webhooks/microsoft", params={"validationToken": "x" * 5000})
+    assert echoed.status_code == 200
+    assert echoed.text == "<script>alert(1)</script>"
+    assert echoed.headers["content-type"].startswith("text/plain")
+    assert echoed.headers["x-content-type-options"] == "nosniff"
+    assert too_long.status_code == 400 and "xxxx" not in too_long.text

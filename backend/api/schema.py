@@ -6,6 +6,7 @@ from typing import Any
 
 import strawberry
 from graphql import GraphQLError
+from graphql.validation import NoSchemaIntrospectionCustomRule
 from strawberry.extensions import AddValidationRules, MaskErrors, ValidationCache
 from strawberry.tools import merge_types
 from strawberry.types import ExecutionContext, ExecutionResult
@@ -157,7 +158,11 @@ def document_limits(settings: Settings) -> DocumentLimits:
 def build_schema(settings: Settings | None = None) -> strawberry.Schema:
     settings = settings or get_settings()
     limits = document_limits(settings)
-    cost = cost_rule(limits)
+    # Introspection (`__schema`, `__type`; `__typename` stays) is off in production by
+    # default: MAILSYNC_INTROSPECTION.
+    rules = [cost_rule(limits)]
+    if not settings.introspection_enabled:
+        rules.append(NoSchemaIntrospectionCustomRule)
     return MailsyncSchema(
         query=Query,
         mutation=Mutation,
@@ -169,7 +174,7 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
             # shared by every request); depth and aliases by one rule whose work is linear in
             # the document (graphql/limits.py).
             lambda: LimitedParser(limits),
-            lambda: AddValidationRules([cost]),
+            lambda: AddValidationRules(rules),
             # Shared by every request (module level, keyed by maxsize).
             lambda: ValidationCache(maxsize=512),
             ExpectedErrors,
