@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from datetime import datetime
@@ -66,8 +67,19 @@ async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None
             error: ProviderError = exc
         work.discard()
     if provider is not None:
+        limit = settings.sync_pass_timeout_seconds
         try:
-            outcome = await _pass(runtime, mailbox_id, provider, credentials, started)
+            # Our own limit, inside arq's (PASS_GRACE longer): a pass that overruns it is
+            # rolled back, recorded like any failure (with its backoff, hence a retry) and
+            # keeps the credentials it refreshed, instead of vanishing as a cancelled job.
+            async with asyncio.timeout(limit):
+                outcome = await _pass(runtime, mailbox_id, provider, credentials, started)
+        except TimeoutError:
+            log.warning("mailbox %s: the pass ran over %s s and was cancelled", mailbox_id, limit)
+            outcome = TransientProviderError(
+                f"the pass did not finish within {limit} seconds",
+                SyncErrorCode.PROVIDER_UNAVAILABLE,
+            )
         finally:
             await provider.close()
         if not isinstance(outcome, ProviderError):
