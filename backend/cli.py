@@ -71,6 +71,8 @@ def serve(
         log_level=settings.log_level.lower(),
         access_log=access_log,
         ws="websockets-sansio",
+        # A websocket message is held to the same size as a request body (uvicorn: 16 MiB).
+        ws_max_size=settings.max_request_bytes,
         # Open subscriptions would otherwise hold a restart forever; clients reconnect.
         timeout_graceful_shutdown=10,
     )

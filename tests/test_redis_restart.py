@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from arq import create_pool, func
 from arq.connections import RedisSettings
 from redis.asyncio import Redis
@@ -119,3 +120,10 @@ async def test_the_worker_rides_out_a_redis_restart(own_redis: RedisServer) -> N
         with contextlib.suppress(asyncio.CancelledError):
             await worker.close()
         await pool.aclose()
+
+
+def test_compose_restarts_the_processes() -> None:
+    """Whatever the worker cannot ride out (a crash, Redis down at start-up) is restarted."""
+    compose = yaml.safe_load((Path(__file__).parents[1] / "docker" / "compose.yaml").read_text())
+    restart = {name: service.get("restart") for name, service in compose["services"].items()}
+    assert restart == dict.fromkeys(["postgres", "redis", "api", "worker"], "unless-stopped")
