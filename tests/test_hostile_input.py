@@ -74,6 +74,15 @@ def test_the_cost_of_a_document_is_measured_visiting_each_fragment_once() -> Non
         assert cost.visited <= 8 * levels + 8
 
 
+async def test_aliases_inside_introspection_count(api: LiveServer) -> None:
+    many = "{ __schema { " + " ".join(f"t{i}: types {{ name }}" for i in range(40)) + " } }"
+    response, _ = await post(api, many)
+    assert error_codes(response.json()) == ["TOO_MANY_ALIASES"]
+    deep = "{ __schema { types { fields { type { ofType { ofType { ofType { name } } } } } } } }"
+    response, _ = await post(api, deep)
+    assert "errors" not in response.json()
+
+
 async def test_documents_are_limited_in_length_and_tokens(api: LiveServer) -> None:
     padded = "{ viewer { user { id } } }" + "#" * 60_000
     response, _ = await post(api, padded)

@@ -136,11 +136,12 @@ class DocumentCost:
             if isinstance(selection, FieldNode):
                 if selection.alias is not None:
                     aliases += 1
-                if selection.selection_set is not None and not selection.name.value.startswith(
-                    "__"
-                ):
+                if selection.selection_set is not None:
                     inner = self.selection_set(selection.selection_set)
-                    depth = max(depth, 1 + inner.depth)
+                    # Introspection (`__schema`, `__type`) nests deep by design: its depth is
+                    # not counted, its aliases are.
+                    if not selection.name.value.startswith("__"):
+                        depth = max(depth, 1 + inner.depth)
                     aliases += inner.aliases
             elif isinstance(selection, InlineFragmentNode):
                 inner = self.selection_set(selection.selection_set)
@@ -156,8 +157,8 @@ class DocumentCost:
 
 def cost_rule(limits: DocumentLimits) -> type[ASTValidationRule]:
     """A validation rule refusing operations deeper than `max_depth` (fields with a selection
-    set, nested; introspection fields are not counted) or with more than `max_aliases` aliases
-    in all (fragments counted as often as they are spread)."""
+    set, nested; introspection fields' depth is not counted) or with more than `max_aliases`
+    aliases in all (fragments counted as often as they are spread, introspection included)."""
 
     class CostLimits(ASTValidationRule):
         def __init__(self, context: ValidationContext) -> None:
