@@ -21,6 +21,7 @@ from starlette.responses import (
     Response,
 )
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import (
@@ -33,10 +34,11 @@ from strawberry.types.unset import UnsetType
 from backend import graphiql
 from backend.api import http as routes
 from backend.api.over_http import GraphQLOverHTTP
-from backend.api.schema import build_schema
+from backend.api.schema import build_schema, document_limits
 from backend.auth.service import authenticate
 from backend.auth.tokens import bearer_value
 from backend.graphql.context import Context
+from backend.kit.errors import ErrorCode
 from backend.providers.microsoft.client import warm_up as warm_up_graph_sdk
 from backend.runtime import Runtime
 from backend.sending.queue import JobQueue
@@ -49,7 +51,8 @@ class MailsyncGraphQL(GraphQLOverHTTP):
     def __init__(self, settings: Settings) -> None:
         super().__init__(
             build_schema(settings),
-            graphql_ide="graphiql",
+            # Off in production unless MAILSYNC_GRAPHIQL says otherwise (a GET is then a 404).
+            graphql_ide="graphiql" if settings.graphiql_enabled else None,
             keep_alive=True,
             subscription_protocols=(
                 GRAPHQL_TRANSPORT_WS_PROTOCOL,
@@ -60,6 +63,7 @@ class MailsyncGraphQL(GraphQLOverHTTP):
             # Pages on these origins may open the websocket (same-origin ones always may).
             allowed_origins=settings.allowed_origins,
         )
+        self.document_limits = document_limits(settings)
         self.runtime: Runtime | None = None
 
     def _runtime(self) -> Runtime:
@@ -94,6 +98,91 @@ class MailsyncGraphQL(GraphQLOverHTTP):
         return HTMLResponse(graphiql.page())
 
 
+# A refused body up to this many times its limit is read and dropped before the 413.
+DRAIN_FACTOR = 4
+
+
+class _BodyTooLarge(Exception):
+    """Raised from `receive` once a body outgrows its limit (not a ValueError, so that no
+    route's JSON error handling swallows it)."""
+
+
+class BodySizeLimit:
+    """Answers 413 (`REQUEST_TOO_LARGE`) to a request whose body is larger than its route
+    takes: at once when Content-Length says so, else as soon as the chunks read outgrow it,
+    so no route reads, decodes or parses more than the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_webhook_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.max_webhook_bytes = max_webhook_bytes
+
+    def limit(self, path: str) -> int:
+        return self.max_webhook_bytes if path.startswith("/webhooks/") else self.max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit(scope["path"])
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await self.refuse(scope, receive, send, limit, int(value) <= DRAIN_FACTOR * limit)
+                return
+        received = 0
+        more = True
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, more
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                more = bool(message.get("more_body", False))
+                if received > limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await self.refuse(scope, receive, send, limit, more)
+
+    @staticmethod
+    async def refuse(scope: Scope, receive: Receive, send: Send, limit: int, drain: bool) -> None:
+        """The 413. A client still sending its body would see the connection reset before it
+        reads the answer, so a body up to a few times the limit is read (and dropped) first;
+        beyond that the connection is closed after the answer."""
+        drained = 0
+        while drain and drained <= DRAIN_FACTOR * limit:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        response = JSONResponse(
+            {
+                "errors": [
+                    {
+                        "message": f"The request body is larger than {limit} bytes.",
+                        "extensions": {"code": ErrorCode.REQUEST_TOO_LARGE.value},
+                    }
+                ]
+            },
+            status_code=413,
+            headers={"Connection": "close"},
+        )
+        await response(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or get_settings()
     graphql_app = MailsyncGraphQL(settings)
@@ -106,7 +195,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         runtime = await Runtime.create(settings, jobs=JobQueue, with_hub=True)
         graphql_app.runtime = runtime
         app.state.runtime = runtime
-        missing = graphiql.missing_assets()
+        missing = graphiql.missing_assets() if settings.graphiql_enabled else []
         if missing:
             log.warning("GraphiQL assets missing (run `npm ci` in backend/graphiql): %s", missing)
         try:
@@ -149,25 +238,37 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     # SPAs on other origins (MAILSYNC_CORS_ORIGINS): CORS headers and preflights. Requests carry
     # a bearer token, never cookies, so no credentials mode.
-    middleware = (
-        [
-            Middleware(
-                CORSMiddleware,
-                allow_origins=settings.allowed_origins,
-                allow_methods=["GET", "POST"],
-                allow_headers=["*"],
-                max_age=600,
-            )
-        ]
-        if settings.allowed_origins
-        else []
-    )
+    # CORS wraps the size limit, so a browser can read the 413 too.
+    middleware = [
+        *(
+            [
+                Middleware(
+                    CORSMiddleware,
+                    allow_origins=settings.allowed_origins,
+                    allow_methods=["GET", "POST"],
+                    allow_headers=["*"],
+                    max_age=600,
+                )
+            ]
+            if settings.allowed_origins
+            else []
+        ),
+        Middleware(
+            BodySizeLimit,
+            max_bytes=settings.max_request_bytes,
+            max_webhook_bytes=settings.max_webhook_bytes,
+        ),
+    ]
     return Starlette(
         middleware=middleware,
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
-            Route("/graphiql/static/{name}", graphiql_asset),
+            *(
+                [Route("/graphiql/static/{name}", graphiql_asset)]
+                if settings.graphiql_enabled
+                else []
+            ),
             Route("/graphql", graphql_app, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", graphql_app),
             Route("/oauth/complete", routes.oauth_complete),

@@ -72,6 +72,8 @@ def serve(
         log_level=settings.log_level.lower(),
         access_log=access_log,
         ws="websockets-sansio",
+        # A websocket message is held to the same size as a request body (uvicorn: 16 MiB).
+        ws_max_size=settings.max_request_bytes,
         # Open subscriptions would otherwise hold a restart forever; clients reconnect.
         timeout_graceful_shutdown=10,
     )
@@ -83,11 +85,13 @@ def worker(
 ) -> None:
     """Run the arq worker: sync passes and the scheduler that enqueues due ones every minute."""
     _settings()  # before worker.settings, which reads the settings as it is imported
-    from arq.worker import run_worker
+    from arq.worker import get_kwargs
 
+    from worker.resilient import ResilientWorker
     from worker.settings import WorkerSettings
 
-    run_worker(WorkerSettings, burst=burst)  # type: ignore[arg-type]
+    # arq's run_worker, with a worker that rides out a Redis restart.
+    ResilientWorker(**{**get_kwargs(WorkerSettings), "burst": burst}).run()  # type: ignore[arg-type]
 
 
 @app.command()

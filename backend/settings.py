@@ -52,7 +52,17 @@ class Settings(BaseSettings):
     token_ttl_seconds: int = 30 * 24 * 3600
     max_query_depth: int = 12
     max_aliases: int = 30
+    # A GraphQL document longer (characters) or with more tokens is refused before it is parsed.
+    max_query_length: int = Field(default=50_000, ge=1000)
+    max_query_tokens: int = Field(default=5_000, ge=100)
+    # Request bodies larger than this (bytes) are answered 413; webhooks take less.
+    max_request_bytes: int = Field(default=12 * 1024 * 1024, ge=64 * 1024)
+    max_webhook_bytes: int = Field(default=1024 * 1024, ge=16 * 1024)
     max_page_size: int = 100
+    # GraphiQL at /graphql and schema introspection: on in development and test, off in
+    # production unless set.
+    graphiql: bool | None = None
+    introspection: bool | None = None
     # Origins of single-page apps served elsewhere that may call the API: CORS on HTTP and the
     # Origin check of websocket handshakes. Comma-separated, e.g.
     # `https://app.example.com,http://localhost:5173`; `*` allows any. Empty: same origin only.
@@ -171,6 +181,16 @@ class Settings(BaseSettings):
     def allowed_origins(self) -> list[str]:
         """MAILSYNC_CORS_ORIGINS as a list, each without a trailing slash."""
         return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def graphiql_enabled(self) -> bool:
+        return self.graphiql if self.graphiql is not None else self.env != "production"
+
+    @property
+    def introspection_enabled(self) -> bool:
+        if self.introspection is not None:
+            return self.introspection
+        return self.env != "production"
 
     @property
     def secret(self) -> bytes:

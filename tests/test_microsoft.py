@@ -10,13 +10,14 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import pytest
 from msgraph.generated.users.item.messages.item.create_reply.create_reply_post_request_body import (
     CreateReplyPostRequestBody,
 )
 
 from backend.graphql.relay import parse_global_id, to_global_id
 from backend.mail.tables import EmailDirection
-from backend.mailboxes.service import read_credentials
+from backend.mailboxes.service import read_credentials, write_credentials
 from backend.mailboxes.tables import Mailbox, MailboxStatus
 from backend.providers.base import SyncErrorCode
 from backend.providers.microsoft.provider import MicrosoftProvider, client_state
@@ -375,6 +376,51 @@ async def test_r13_revoked_grant_is_access_revoked_and_rotated_tokens_are_stored
     assert mailbox.status == MailboxStatus.ERROR
     assert await error_codes(runtime, mailbox_id) == ["ACCESS_REVOKED"]
     assert MESSAGES[SyncErrorCode.ACCESS_REVOKED]
+
+
+class Killed(BaseException):
+    """The worker dies here: nothing after this runs, nothing of the pass commits."""
+
+
+async def test_a_rotated_refresh_token_is_stored_before_the_pass_dies(
+    gql: GQL,
+    factory: Factory,
+    microsoft: SandboxServer,
+    runtime: Runtime,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Microsoft rotates the refresh token on each refresh and the old one stops working: kept
+    in memory until the pass's commit, it was lost when the worker died (ACCESS_REVOKED until
+    the user reconnected)."""
+    from backend.sync import service
+    from backend.sync.jobs import run_pass
+
+    _, mailbox_id, address = await connected(gql, factory, microsoft, runtime)
+    secret = runtime.settings.secret
+    async with runtime.unit_of_work() as work:
+        row = await work.session.get(Mailbox, mailbox_id)
+        assert row is not None
+        lapsing = read_credentials(secret, row)
+        lapsing["expires_at"] = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+        write_credentials(secret, row, lapsing)
+        work.session.add(row)
+
+    async def die(*args: object) -> None:
+        raise Killed
+
+    monkeypatch.setattr(service, "_renew_push", die)  # after the pass talked to Graph
+    with pytest.raises(Killed):
+        await run_pass(runtime, mailbox_id)
+    stored = read_credentials(secret, await reload_mailbox(runtime, mailbox_id))
+    assert stored["refresh_token"] != lapsing["refresh_token"]
+    assert stored["expires_at"] > lapsing["expires_at"]
+
+    # The next pass works with what was stored (the old refresh token no longer would).
+    monkeypatch.undo()
+    microsoft.microsoft.expire_access_tokens(address)
+    result = await run_pass(runtime, mailbox_id)
+    assert result is not None and result.error is None
+    assert await error_codes(runtime, mailbox_id) == []
 
 
 async def test_a_mailbox_without_exchange_online_is_mailbox_not_found(

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from backend.events.bus import channel_for
 from backend.mailboxes.tables import MailboxStatus
+from backend.providers.base import SyncErrorCode
 from backend.runtime import Runtime
 from backend.sync import service as sync_service
 from backend.sync.jobs import run_pass
@@ -133,3 +134,39 @@ async def test_malformed_message_is_filed_or_recorded_never_a_crash(
     failed = (await error_codes(runtime, mailbox.id)).count("IMPORT_FAILED")
     assert (filed, failed) in {(1, 0), (0, 1)}, (filed, failed)
     assert result.filed + result.failed == 1
+
+
+async def test_a_pass_over_the_timeout_is_recorded_and_retried(
+    factory: Factory, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """arq cancelled an overrunning pass: nothing was recorded (R13) and nothing retried it."""
+    owner = await factory.workspace()
+    mailbox = await factory.mailbox(owner)
+    contact = await factory.contact(owner, "tim@client.test", "Tim")
+    original = sync_service._file_all
+    never = asyncio.Event()
+
+    async def stuck(*args: object, **kwargs: object) -> None:
+        await never.wait()
+
+    monkeypatch.setattr(runtime.settings, "sync_pass_timeout_seconds", 2)
+    with fake_provider() as store:
+        store.deliver(mailbox.email_address, raw_message("tim@client.test", [owner.email], "T"))
+        monkeypatch.setattr(sync_service, "_file_all", stuck)
+        # A generous outer bound: without its own limit the pass would wait forever.
+        result = await asyncio.wait_for(run_pass(runtime, mailbox.id), 60)
+        assert result is not None and result.error is not None
+        assert result.error.code == SyncErrorCode.PROVIDER_UNAVAILABLE
+        assert await error_codes(runtime, mailbox.id) == ["PROVIDER_UNAVAILABLE"]
+        row = await reload_mailbox(runtime, mailbox.id)
+        assert row.status == MailboxStatus.ERROR and row.next_attempt_at is not None
+        async with runtime.db.sessionmaker() as session:
+            later = await sync_service.due_mailboxes(session, 300)
+        assert mailbox.id not in later  # backing off, then retried by the scheduler:
+        monkeypatch.setattr(sync_service, "now", lambda: row.next_attempt_at)
+        async with runtime.db.sessionmaker() as session:
+            assert mailbox.id in await sync_service.due_mailboxes(session, 300)
+        monkeypatch.setattr(sync_service, "_file_all", original)
+        retried = await run_pass(runtime, mailbox.id)
+        assert retried is not None and retried.error is None and retried.filed == 1
+    assert await timeline_subjects(runtime, contact.id) == ["T"]

@@ -15,6 +15,7 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
 
 from backend.runtime import Runtime
+from worker.resilient import ResilientWorker
 from worker.settings import WorkerSettings
 
 
@@ -54,7 +55,7 @@ async def clear_queue(runtime: Runtime) -> None:
 @asynccontextmanager
 async def live_worker(runtime: Runtime) -> AsyncIterator[Worker]:
     """A worker that keeps polling, as `mailsync worker` does, inside the test's event loop."""
-    worker = Worker(
+    worker = ResilientWorker(
         functions=WorkerSettings.functions,
         redis_settings=RedisSettings.from_dsn(runtime.settings.redis_url),
         ctx={"runtime": runtime},

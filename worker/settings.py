@@ -51,7 +51,10 @@ async def after_job_end(ctx: dict[str, Any]) -> None:
 
 # arq keeps a running job's in-progress key for the longest job timeout (pass or send) + 10 s;
 # when a worker is killed mid-job the key expires and another worker retries it (R14, R15).
-PASS_TIMEOUT = get_settings().sync_pass_timeout_seconds
+# A pass stops itself after SYNC_PASS_TIMEOUT_SECONDS and records the failure
+# (sync/jobs.run_pass); arq's own limit, PASS_GRACE later, only stops a pass stuck past that.
+PASS_GRACE = 5
+PASS_TIMEOUT = get_settings().sync_pass_timeout_seconds + PASS_GRACE
 SEND_TIMEOUT = get_settings().send_timeout_seconds
 
 

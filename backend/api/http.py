@@ -34,6 +34,8 @@ from backend.sync import webhooks
 
 log = logging.getLogger(__name__)
 
+MAX_VALIDATION_TOKEN = 1024
+
 
 async def oauth_callback(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
@@ -115,7 +117,13 @@ async def microsoft_notifications(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     token = request.query_params.get("validationToken")
     if token is not None:
-        return PlainTextResponse(token, status_code=200)
+        # Graph's tokens are short opaque strings; echo nothing longer, and never let a
+        # browser sniff the echo as HTML.
+        if len(token) > MAX_VALIDATION_TOKEN:
+            return Response(status_code=400)
+        return PlainTextResponse(
+            token, status_code=200, headers={"X-Content-Type-Options": "nosniff"}
+        )
     try:
         body = await request.json()
     except ValueError:

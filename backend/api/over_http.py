@@ -4,13 +4,12 @@ GraphQL error saying why, never a 500."""
 
 from __future__ import annotations
 
-import functools
 import json
 from contextvars import ContextVar
 from typing import Any
 
 from cross_web import AsyncHTTPRequestAdapter, HTTPException
-from graphql import DocumentNode, GraphQLSyntaxError, OperationDefinitionNode, OperationType, parse
+from graphql import GraphQLError, OperationDefinitionNode, OperationType
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -20,6 +19,7 @@ from strawberry.types import ExecutionResult, SubscriptionExecutionResult
 
 from backend.graphql.context import Context
 from backend.graphql.extensions import UNEXPECTED_MESSAGE
+from backend.graphql.limits import DocumentLimits, parse_document
 from backend.kit.errors import ErrorCode
 
 GRAPHQL_RESPONSE = "application/graphql-response+json"
@@ -50,19 +50,16 @@ def answer_type(accept: str | None) -> str:
     return GRAPHQL_RESPONSE if preferred > 0 and preferred >= plain else JSON
 
 
-@functools.lru_cache(maxsize=512)
-def _document(query: str) -> DocumentNode | None:
-    try:
-        return parse(query)
-    except GraphQLSyntaxError:
-        return None  # execution reports it as a GraphQL error
-
-
-def _operation(request: GraphQLRequestData) -> OperationDefinitionNode | None:
+def _operation(
+    request: GraphQLRequestData, limits: DocumentLimits
+) -> OperationDefinitionNode | None:
     """The operation the request runs; a 400 when the document has several and no name."""
-    document = _document(request.query) if isinstance(request.query, str) else None
-    if document is None:
+    if not isinstance(request.query, str):
         return None
+    try:
+        document = parse_document(request.query, limits)
+    except GraphQLError:
+        return None  # too large or a syntax error: execution reports it, coded
     operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
     if request.operation_name is None:
         if len(operations) > 1:
@@ -90,8 +87,14 @@ def error_body(message: str) -> GraphQLHTTPResponse:
     return {"errors": [{"message": message, "extensions": {"code": ErrorCode.BAD_REQUEST.value}}]}
 
 
+# Documents longer than these are not parsed; the schema's own limits may be tighter.
+DEFAULT_LIMITS = DocumentLimits(max_length=50_000, max_tokens=5_000, max_depth=12, max_aliases=30)
+
+
 class GraphQLOverHTTP(GraphQL[Context, None]):
     """Strawberry's ASGI view with the spec's media types and status codes."""
+
+    document_limits: DocumentLimits = DEFAULT_LIMITS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,7 +114,13 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
     async def parse_http_body(
         self, request: AsyncHTTPRequestAdapter
     ) -> GraphQLRequestData | list[GraphQLRequestData]:
-        if request.method == "POST" and "json" in (request.content_type or ""):
+        content_type = request.content_type or ""
+        if request.method == "POST" and not content_type.startswith("multipart/"):
+            try:
+                (await request.get_body()).decode("utf-8")
+            except UnicodeDecodeError:
+                raise HTTPException(400, "The request body is not valid UTF-8.") from None
+        if request.method == "POST" and "json" in content_type:
             body = self.parse_json(await request.get_body())
             if not isinstance(body, dict | list):
                 raise HTTPException(
@@ -131,7 +140,7 @@ class GraphQLOverHTTP(GraphQL[Context, None]):
         sub_response: Response,
     ) -> ExecutionResult | list[ExecutionResult] | SubscriptionExecutionResult:
         for data in request_data if isinstance(request_data, list) else [request_data]:
-            operation = _operation(data)
+            operation = _operation(data, self.document_limits)
             streamed = self._get_stream_transport(data.protocol) is not None
             if (
                 operation is not None

@@ -5,15 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import strawberry
-from graphql import ASTValidationRule, GraphQLError, ValidationContext
-from strawberry.extensions import (
-    AddValidationRules,
-    MaskErrors,
-    MaxAliasesLimiter,
-    ParserCache,
-    QueryDepthLimiter,
-    ValidationCache,
-)
+from graphql import GraphQLError
+from graphql.validation import NoSchemaIntrospectionCustomRule
+from strawberry.extensions import AddValidationRules, MaskErrors, ValidationCache
 from strawberry.tools import merge_types
 from strawberry.types import ExecutionContext, ExecutionResult
 from strawberry.types.graphql import OperationType
@@ -29,8 +23,8 @@ from backend.exclusions.types import Exclusion
 from backend.graphql.context import Info
 from backend.graphql.errors import require_viewer
 from backend.graphql.extensions import ExpectedErrors, UnitOfWork, is_unexpected, masked
+from backend.graphql.limits import DocumentLimits, LimitedParser, cost_rule
 from backend.graphql.relay import Node, parse_global_id
-from backend.kit.errors import ErrorCode
 from backend.mailboxes import loaders as mailbox_loaders
 from backend.mailboxes.access import can_manage
 from backend.mailboxes.resolvers import MailboxMutation, MailboxQuery
@@ -152,37 +146,23 @@ class MailsyncSchema(strawberry.Schema):
         )
 
 
-class _CodedValidationContext:
-    """A validation context whose reported errors carry `extensions.code`."""
-
-    def __init__(self, context: ValidationContext, code: ErrorCode) -> None:
-        self._context = context
-        self._code = code
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-    def report_error(self, error: GraphQLError) -> None:
-        error.extensions = {**(error.extensions or {}), "code": self._code.value}
-        self._context.report_error(error)
-
-
-def with_code(extension: AddValidationRules, code: ErrorCode) -> AddValidationRules:
-    """The extension's validation rules, reporting their errors with `code`."""
-
-    def coded(rule: type[ASTValidationRule]) -> type[ASTValidationRule]:
-        class Coded(rule):  # type: ignore[valid-type,misc]
-            def __init__(self, context: ValidationContext) -> None:
-                super().__init__(_CodedValidationContext(context, code))
-
-        return Coded
-
-    extension.validation_rules = [coded(rule) for rule in extension.validation_rules]
-    return extension
+def document_limits(settings: Settings) -> DocumentLimits:
+    return DocumentLimits(
+        max_length=settings.max_query_length,
+        max_tokens=settings.max_query_tokens,
+        max_depth=settings.max_query_depth,
+        max_aliases=settings.max_aliases,
+    )
 
 
 def build_schema(settings: Settings | None = None) -> strawberry.Schema:
     settings = settings or get_settings()
+    limits = document_limits(settings)
+    # Introspection (`__schema`, `__type`; `__typename` stays) is off in production by
+    # default: MAILSYNC_INTROSPECTION.
+    rules = [cost_rule(limits)]
+    if not settings.introspection_enabled:
+        rules.append(NoSchemaIntrospectionCustomRule)
     return MailsyncSchema(
         query=Query,
         mutation=Mutation,
@@ -190,14 +170,12 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         types=[User, Workspace, Contact, Email, Thread, Mailbox, Exclusion],
         extensions=[
             UnitOfWork,
-            lambda: with_code(
-                QueryDepthLimiter(max_depth=settings.max_query_depth), ErrorCode.QUERY_TOO_DEEP
-            ),
-            lambda: with_code(
-                MaxAliasesLimiter(max_alias_count=settings.max_aliases), ErrorCode.TOO_MANY_ALIASES
-            ),
-            # Both caches live at module level keyed by maxsize: shared by every request.
-            lambda: ParserCache(maxsize=512),
+            # Length and tokens are checked before and while parsing (the parse cache is
+            # shared by every request); depth and aliases by one rule whose work is linear in
+            # the document (graphql/limits.py).
+            lambda: LimitedParser(limits),
+            lambda: AddValidationRules(rules),
+            # Shared by every request (module level, keyed by maxsize).
             lambda: ValidationCache(maxsize=512),
             ExpectedErrors,
             lambda: MaskErrors(should_mask_error=is_unexpected),

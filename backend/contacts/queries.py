@@ -11,6 +11,7 @@ from sqlmodel.sql.expression import SelectOfScalar
 
 from backend.contacts.tables import Contact, ContactAddress
 from backend.kit.pagination import Page, PageRequest, count, keyset_page
+from backend.kit.text import LIKE_ESCAPE, contains_pattern
 
 
 async def contacts_by_ids(
@@ -37,20 +38,25 @@ async def addresses_by_contact(
 
 
 def _search_filter(search: str) -> sa.ColumnElement[bool]:
-    pattern = f"%{search.strip().lower()}%"
+    """`search` (trimmed, lower-cased: `kit.text.clean_search`) anywhere in the name or an
+    address, `%` and `_` included literally."""
+    pattern = contains_pattern(search)
     by_address = (
         select(ContactAddress.contact_id)
-        .where(col(ContactAddress.address).like(pattern))
+        .where(col(ContactAddress.address).like(pattern, escape=LIKE_ESCAPE))
         .scalar_subquery()
     )
-    return sa.or_(sa.func.lower(Contact.name).like(pattern), col(Contact.id).in_(by_address))
+    return sa.or_(
+        sa.func.lower(Contact.name).like(pattern, escape=LIKE_ESCAPE),
+        col(Contact.id).in_(by_address),
+    )
 
 
 async def contacts_page(
     session: AsyncSession, workspace_id: uuid.UUID, request: PageRequest, search: str | None
 ) -> tuple[Page[Contact], SelectOfScalar[Contact]]:
     stmt = select(Contact).where(Contact.workspace_id == workspace_id)
-    if search and search.strip():
+    if search:
         stmt = stmt.where(_search_filter(search))
     page = await keyset_page(
         session,

@@ -8,6 +8,7 @@ from backend.graphql.errors import UserError, attempt, require_viewer, user_erro
 from backend.graphql.inputs import optional_id, required_id
 from backend.graphql.relay import connection, id_of, page_request
 from backend.kit.errors import ServiceError
+from backend.kit.text import clean_search
 
 
 @strawberry.input
@@ -59,7 +60,8 @@ class ContactQuery:
         viewer = require_viewer(info)
         session = info.context.session
         request = page_request(first, after, 20, info.context.runtime.settings.max_page_size)
-        page, stmt = await queries.contacts_page(session, viewer.workspace_id, request, search)
+        term = clean_search(search, ["search"])
+        page, stmt = await queries.contacts_page(session, viewer.workspace_id, request, term)
         return connection(
             ContactConnection,
             [Contact(row=c) for c in page.items],

@@ -12,6 +12,7 @@ from backend.auth.tables import User
 from backend.contacts.tables import Contact, ContactAddress
 from backend.kit.addresses import validate_address
 from backend.kit.errors import ErrorCode, NotFound, ServiceError
+from backend.kit.text import clean_name
 from backend.mail import service as mail_service
 
 UNSET = object()
@@ -81,7 +82,7 @@ async def create_contact(
     await _check_owner(session, viewer, owner_id)
     contact = Contact(
         workspace_id=viewer.workspace_id,
-        name=name.strip() if name and name.strip() else None,
+        name=clean_name(name, ["name"]),
         owner_id=owner_id,
     )
     session.add(contact)
@@ -114,7 +115,7 @@ async def update_contact(
         extra = additional_emails if additional_emails is not None else current[1:]
         await _replace_addresses(session, contact, _addresses(main, extra))
     if name is not UNSET:
-        contact.name = name.strip() if isinstance(name, str) and name.strip() else None
+        contact.name = clean_name(name if isinstance(name, str) else None, ["name"])
     if owner_id is not UNSET:
         await _check_owner(session, viewer, owner_id if isinstance(owner_id, uuid.UUID) else None)
         contact.owner_id = owner_id if isinstance(owner_id, uuid.UUID) else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from email_validator import EmailNotValidError, validate_email
 
 from backend.kit.errors import ErrorCode, ServiceError
+from backend.kit.text import excerpt
 
 
 def _idna_domain(domain: str) -> str:
@@ -42,7 +43,9 @@ def validate_address(address: str, field: list[str]) -> str:
         )
     except EmailNotValidError as exc:
         raise ServiceError(
-            ErrorCode.INVALID_EMAIL, f"'{address}' is not a valid email address: {exc}", field
+            ErrorCode.INVALID_EMAIL,
+            f"'{excerpt(address)}' is not a valid email address: {excerpt(str(exc), 200)}",
+            field,
         ) from exc
     return normalize_address(checked.normalized)
 
@@ -59,7 +62,7 @@ def validate_domain(domain: str, field: list[str]) -> str:
         )
     except EmailNotValidError as exc:
         raise ServiceError(
-            ErrorCode.INVALID_DOMAIN, f"'{domain}' is not a valid domain.", field
+            ErrorCode.INVALID_DOMAIN, f"'{excerpt(domain)}' is not a valid domain.", field
         ) from exc
     return _idna_domain(candidate)
 

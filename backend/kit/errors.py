@@ -25,11 +25,23 @@ class ErrorCode(enum.StrEnum):
     INVALID_EMAIL = "INVALID_EMAIL", "Not a deliverable email address."
     INVALID_DOMAIN = "INVALID_DOMAIN", "Not a valid domain name."
     INVALID_NAME = "INVALID_NAME", "A name is empty or too long."
+    INVALID_TEXT = (
+        "INVALID_TEXT",
+        "Text holds a character that cannot be stored (NUL, an unpaired surrogate).",
+    )
     INVALID_LIMIT = "INVALID_LIMIT", "A workspace limit must be a positive number (or none)."
     # Requests (GraphQL errors' `extensions.code`, not userErrors)
     BAD_REQUEST = "BAD_REQUEST", "The HTTP request is not a GraphQL request this API can run."
     QUERY_TOO_DEEP = "QUERY_TOO_DEEP", "The query nests deeper than the server allows."
     TOO_MANY_ALIASES = "TOO_MANY_ALIASES", "The query uses more aliases than the server allows."
+    QUERY_TOO_LARGE = (
+        "QUERY_TOO_LARGE",
+        "The query is longer, or has more tokens, than the server allows.",
+    )
+    REQUEST_TOO_LARGE = (
+        "REQUEST_TOO_LARGE",
+        "The request body is larger than the server accepts (HTTP 413).",
+    )
     # Objects
     NOT_FOUND = "NOT_FOUND", "No such object in your workspace (or not one you may manage)."
     FORBIDDEN = "FORBIDDEN", "Your role does not allow this."

@@ -11,7 +11,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 
 class Provider(enum.StrEnum):
@@ -173,9 +173,26 @@ class SendRejected(PermanentProviderError):
         self.retry_after = retry_after
 
 
+class CredentialStore(Protocol):
+    """Where a provider puts credentials it must not lose the moment it gets them (Microsoft
+    rotates the refresh token on every refresh: the old one may stop working). Implemented on
+    the sync side, which stores them in a transaction of their own; providers never see the
+    database."""
+
+    async def save(self, credentials: dict[str, Any]) -> None: ...
+
+
 class MailProvider(abc.ABC):
     # Per-message limits; each provider sets its documented values.
     send_limits: ClassVar[SendLimits] = SendLimits(max_recipients=100, max_bytes=10 * 1024 * 1024)
+    # Set by whoever runs the provider; None: changed credentials wait for
+    # `updated_credentials` at the end.
+    credential_store: CredentialStore | None = None
+
+    async def prepare(self, seconds: float) -> None:  # noqa: B027 (optional hook)
+        """Make the credentials good for the next `seconds` (refresh what would lapse), so
+        that a caller can do it before opening a transaction; what changes goes to the
+        `credential_store` at once."""
 
     @abc.abstractmethod
     async def own_addresses(self) -> list[str]:

@@ -25,6 +25,7 @@ from backend.providers.base import (
 )
 from backend.sending.service import record_failed, record_sent
 from backend.sending.tables import OutgoingMessage
+from backend.sync.credentials import MailboxCredentialStore
 from backend.sync.service import provider_for_mailbox
 
 if TYPE_CHECKING:
@@ -107,6 +108,10 @@ async def send_email(runtime: Runtime, email_id: str) -> str:
     send, mailbox = claimed
     outcome: SentMessage | ProviderError | None = None
     provider = provider_for_mailbox(settings, mailbox)
+    # No transaction is open during the calls: a rotated token is stored at once.
+    provider.credential_store = MailboxCredentialStore(
+        runtime.unit_of_work, settings.secret, mailbox.id
+    )
     try:
         if send.look_first:
             outcome = await provider.find_sent(send.message_id)

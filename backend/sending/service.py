@@ -20,6 +20,7 @@ from backend.kit.addresses import validate_address
 from backend.kit.clock import now
 from backend.kit.effects import AfterCommit
 from backend.kit.errors import ErrorCode, NotFound, ServiceError, ServiceErrors
+from backend.kit.text import unstorable
 from backend.mail.service import NewEmail, ParticipantData, email_received_event
 from backend.mail.tables import (
     DeliveryStatus,
@@ -170,6 +171,23 @@ def _checked(request: SendRequest, limits: SendLimits) -> tuple[list[str], list[
                 ["to"],
             )
         )
+    texts = {
+        "subject": request.subject,
+        "bodyText": request.body_text,
+        "bodyHtml": request.body_html,
+        "idempotencyKey": request.idempotency_key,
+    }
+    unstorable_texts = {
+        name: problem
+        for name, text in texts.items()
+        if text is not None and (problem := unstorable(text)) is not None
+    }
+    for name, problem in unstorable_texts.items():
+        problems.append(
+            ServiceError(ErrorCode.INVALID_TEXT, f"`{name}` contains {problem}.", [name])
+        )
+    if unstorable_texts:
+        raise ServiceErrors(problems)
     if "\r" in request.subject or "\n" in request.subject:
         problems.append(
             ServiceError(

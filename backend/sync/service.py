@@ -319,17 +319,17 @@ async def sync_pass(
     mailbox: Mailbox,
     credentials: PassCredentials,
     started: datetime,
+    provider: MailProvider,
 ) -> PassResult:
     """File what changed since the cursor and move the cursor with it; raises ProviderError
-    when the pass fails (the caller rolls back and records it with `record_failure`)."""
-    provider = provider_for_mailbox(settings, mailbox)
+    when the pass fails (the caller rolls back and records it with `record_failure`). The
+    caller owns (and closes) the provider."""
     try:
         outcome = await _file_all(session, effects, provider, workspace, mailbox)
         await _renew_push(provider, mailbox)
         await _label_synced(provider, workspace, mailbox, outcome.on_timeline)
     finally:
         credentials.refreshed = provider.updated_credentials()
-        await provider.close()
     mailbox.cursor = outcome.cursor
     if credentials.refreshed is not None:
         write_credentials(settings.secret, mailbox, credentials.refreshed)

@@ -12,6 +12,7 @@ from sqlmodel import col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from backend.kit.pagination import Page, PageRequest, encode_cursor, keyset_page
+from backend.kit.text import LIKE_ESCAPE, contains_pattern
 from backend.mail.tables import Email as EmailRow
 from backend.mail.tables import (
     EmailDirection,
@@ -142,23 +143,24 @@ def _filtered(workspace_id: uuid.UUID, query: EmailQuery) -> SelectOfScalar[Emai
         stmt = stmt.where(col(EmailRow.sent_at) >= query.since)
     if query.until is not None:
         stmt = stmt.where(col(EmailRow.sent_at) < query.until)
-    if query.search and query.search.strip():
-        pattern = f"%{query.search.strip().lower()}%"
+    if query.search:
+        # Trimmed and lower-cased by `kit.text.clean_search`; `%` and `_` match literally.
+        pattern = contains_pattern(query.search)
         by_participant = select(Participant.email_id).where(
             sa.or_(
-                col(Participant.address).like(pattern),
-                sa.func.lower(Participant.name).like(pattern),
+                col(Participant.address).like(pattern, escape=LIKE_ESCAPE),
+                sa.func.lower(Participant.name).like(pattern, escape=LIKE_ESCAPE),
             )
         )
         # R17: the subject and body match only where the viewer may read them.
         stmt = stmt.where(
             sa.or_(
                 sa.and_(
-                    sa.func.lower(EmailRow.subject).like(pattern),
+                    sa.func.lower(EmailRow.subject).like(pattern, escape=LIKE_ESCAPE),
                     readable_by(query.viewer_id, Access.SUBJECT),
                 ),
                 sa.and_(
-                    sa.func.lower(EmailRow.body_text).like(pattern),
+                    sa.func.lower(EmailRow.body_text).like(pattern, escape=LIKE_ESCAPE),
                     readable_by(query.viewer_id, Access.ALL),
                 ),
                 col(EmailRow.id).in_(by_participant),

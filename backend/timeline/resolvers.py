@@ -10,6 +10,7 @@ from backend.graphql.inputs import optional_id, required_id
 from backend.graphql.relay import connection, id_of, page_request
 from backend.kit.errors import ServiceError
 from backend.kit.pagination import PageRequest, count
+from backend.kit.text import clean_search
 from backend.mail import tables
 from backend.timeline import loaders as timeline_loaders
 from backend.timeline import queries, service
@@ -50,7 +51,7 @@ def _email_query(filter: EmailFilter | None, *, unassigned: bool = False) -> que
         user_id=optional_id(filter.user_id, "User", ["filter", "userId"]),
         direction=filter.direction,
         source=filter.source,
-        search=filter.search,
+        search=clean_search(filter.search, ["filter", "search"]),
         since=filter.since,
         until=filter.until,
         unassigned=unassigned,
@@ -81,6 +82,8 @@ class MailQuery:
         filter: EmailFilter | None = None,
     ) -> EmailConnection:
         require_viewer(info)
+        # Text no column can hold is the client's error, not "matches nothing".
+        clean_search(filter.search if filter else None, ["filter", "search"])
         try:
             query = _email_query(filter)
         except ServiceError:

@@ -9,6 +9,7 @@ from backend.auth.service import Viewer
 from backend.auth.tables import ContactAutoCreation, ContactMatching, Role, User, Workspace
 from backend.kit.addresses import validate_address
 from backend.kit.errors import ErrorCode, Forbidden, ServiceError
+from backend.kit.text import clean_name
 
 UNSET = object()
 
@@ -38,9 +39,8 @@ async def rotate_capture_address(session: AsyncSession, viewer: Viewer) -> Works
 async def create_workspace(
     session: AsyncSession, name: str, owner_email: str, owner_name: str | None = None
 ) -> tuple[Workspace, User]:
-    if not name.strip():
-        raise ServiceError(ErrorCode.INVALID_NAME, "A workspace needs a name.", ["name"])
-    workspace = Workspace(name=name.strip(), capture_key=new_capture_key())
+    checked = clean_name(name, ["name"], what="workspace name", required=True)
+    workspace = Workspace(name=checked or "", capture_key=new_capture_key())
     session.add(workspace)
     await session.flush()
     owner = await add_user(session, workspace, owner_email, Role.OWNER, owner_name)
@@ -60,7 +60,7 @@ async def add_user(
     user = User(
         workspace_id=workspace.id,
         email=address,
-        name=(name or address.split("@")[0]).strip(),
+        name=clean_name(name, ["name"]) or address.split("@")[0],
         role=role,
     )
     session.add(user)

@@ -46,7 +46,7 @@ from backend.providers.base import (
     bare_message_id,
 )
 from backend.providers.microsoft.client import build_graph_client
-from backend.providers.microsoft.tokens import TokenKeeper
+from backend.providers.microsoft.tokens import EARLY, TokenKeeper
 from backend.settings import Settings
 
 T = TypeVar("T")
@@ -161,7 +161,7 @@ class MicrosoftProvider(MailProvider):
         self.settings = settings
         self.mailbox_id = str(mailbox.id) if mailbox.id else ""
         self.address = mailbox.email_address
-        self.tokens = TokenKeeper(settings, credentials)
+        self.tokens = TokenKeeper(settings, credentials, on_rotate=self._store_credentials)
         self.graph, self._http = build_graph_client(
             settings.microsoft.graph_url, self.tokens.current, retries=False
         )
@@ -175,6 +175,13 @@ class MicrosoftProvider(MailProvider):
 
     def updated_credentials(self) -> dict[str, Any] | None:
         return self.tokens.updated()
+
+    async def _store_credentials(self, credentials: dict[str, Any]) -> None:
+        if self.credential_store is not None:
+            await self.credential_store.save(credentials)
+
+    async def prepare(self, seconds: float) -> None:
+        await self.tokens.ensure_fresh(timedelta(seconds=seconds) + EARLY)
 
     async def call(
         self,

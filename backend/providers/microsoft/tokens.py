@@ -1,11 +1,15 @@
 """Access and refresh tokens of one Outlook mailbox, refreshed over plain HTTP.
 
-The identity platform rotates refresh tokens: each refresh answers with a new one, and the
-pass that refreshed must store it (`updated`), or the mailbox loses access.
+The identity platform rotates refresh tokens: each refresh answers with a new one, which
+must be stored at once: `on_rotate` hands it to the caller's credential store the moment it
+is received (a crash after the refresh would otherwise leave only the old token stored).
+`updated` still returns everything that changed, for the caller's final write.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,6 +17,8 @@ import httpx
 
 from backend.providers.base import AccessRevoked, SyncErrorCode, TransientProviderError
 from backend.settings import Settings
+
+log = logging.getLogger(__name__)
 
 SCOPES = ["offline_access", "Mail.ReadWrite", "Mail.Send", "User.Read"]
 # Refresh a little before expiry, so a token never lapses in the middle of a pass.
@@ -62,22 +68,29 @@ def credentials_from(
 
 
 class TokenKeeper:
-    def __init__(self, settings: Settings, credentials: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        credentials: dict[str, Any],
+        on_rotate: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+    ) -> None:
         self.settings = settings
         self.credentials = dict(credentials)
+        self.on_rotate = on_rotate
         self._changed = False
 
     def current(self) -> str:
         return str(self.credentials.get("access_token") or "")
 
-    def _expired(self) -> bool:
+    def _expired(self, margin: timedelta = EARLY) -> bool:
         expires = self.credentials.get("expires_at")
         if not expires or not self.current():
             return True
-        return datetime.fromisoformat(str(expires)) - EARLY <= datetime.now(UTC)
+        return datetime.fromisoformat(str(expires)) - margin <= datetime.now(UTC)
 
-    async def ensure_fresh(self) -> None:
-        if self._expired():
+    async def ensure_fresh(self, margin: timedelta = EARLY) -> None:
+        """Refresh when the access token lapses within `margin`."""
+        if self._expired(margin):
             await self.refresh()
 
     async def refresh(self) -> None:
@@ -94,6 +107,12 @@ class TokenKeeper:
         )
         self.credentials = credentials_from(body, self.credentials)
         self._changed = True
+        if self.on_rotate is not None:
+            try:
+                await self.on_rotate(dict(self.credentials))
+            except Exception:
+                # Still in memory: the caller's final write stores it, as before.
+                log.exception("could not store refreshed Microsoft credentials at once")
 
     def remember(self, key: str, value: Any) -> None:
         """Provider state kept with the credentials (the Graph subscription id)."""

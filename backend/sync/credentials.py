@@ -1,0 +1,44 @@
+"""The sync side's `CredentialStore`: what a provider must not lose (a rotated Microsoft
+refresh token) is written the moment the provider hands it over, in a unit of work of its
+own, so neither a crash nor a failed or timed-out pass loses it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any
+
+from backend.mailboxes.service import write_credentials
+from backend.mailboxes.tables import Mailbox, MailboxStatus
+
+if TYPE_CHECKING:
+    from backend.runtime import Work
+
+
+class MailboxCredentialStore:
+    def __init__(
+        self,
+        unit_of_work: Callable[[], AbstractAsyncContextManager[Work]],
+        secret: bytes,
+        mailbox_id: uuid.UUID,
+    ) -> None:
+        self.unit_of_work = unit_of_work
+        self.secret = secret
+        self.mailbox_id = mailbox_id
+        # Set while the caller's own transaction holds SQLite's one write lock: a second
+        # transaction would wait for it, so what changes then is left to the caller's write.
+        self.deferred = False
+        self.stored = 0
+
+    async def save(self, credentials: dict[str, Any]) -> None:
+        if self.deferred:
+            return
+        async with self.unit_of_work() as work:
+            mailbox = await work.session.get(Mailbox, self.mailbox_id)
+            # A mailbox disconnected meanwhile keeps no credentials.
+            if mailbox is None or mailbox.status == MailboxStatus.DISCONNECTED:
+                return
+            write_credentials(self.secret, mailbox, credentials)
+            work.session.add(mailbox)
+        self.stored += 1
