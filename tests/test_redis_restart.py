@@ -126,4 +126,6 @@ def test_compose_restarts_the_processes() -> None:
     """Whatever the worker cannot ride out (a crash, Redis down at start-up) is restarted."""
     compose = yaml.safe_load((Path(__file__).parents[1] / "docker" / "compose.yaml").read_text())
     restart = {name: service.get("restart") for name, service in compose["services"].items()}
-    assert restart == dict.fromkeys(["postgres", "redis", "api", "worker"], "unless-stopped")
+    assert restart == dict.fromkeys(
+        ["postgres", "redis", "api", "worker", "capture"], "unless-stopped"
+    )
