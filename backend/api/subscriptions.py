@@ -17,6 +17,7 @@ from backend.graphql.errors import require_viewer
 from backend.graphql.relay import id_of
 from backend.mailboxes import loaders as mailbox_loaders
 from backend.mailboxes.access import can_manage
+from backend.mailboxes.tables import Mailbox as MailboxRow
 from backend.mailboxes.types import Mailbox, MailboxStatus
 from backend.timeline import loaders as timeline_loaders
 from backend.timeline import queries as timeline_queries
@@ -118,6 +119,21 @@ async def _email_events(
         )
 
 
+async def _mailbox_events(
+    info: Info, kind: str, mailbox_id: strawberry.ID | None
+) -> AsyncIterator[tuple[dict[str, Any], MailboxRow]]:
+    """Events about a mailbox the viewer manages, narrowed to one mailbox when given."""
+    viewer = require_viewer(info)
+    want = id_of(mailbox_id, "Mailbox")
+    async for event in _events(info, kind):
+        row_id = _uuid(event.get("mailboxId"))
+        if row_id is None or (mailbox_id is not None and row_id != want):
+            continue
+        mailbox = await mailbox_loaders.mailbox(info).load(row_id)
+        if mailbox is not None and can_manage(viewer, mailbox):
+            yield event, mailbox
+
+
 @strawberry.type
 class Subscription:
     @strawberry.subscription(
@@ -161,15 +177,7 @@ class Subscription:
     async def mailbox_status_changed(
         self, info: Info, mailbox_id: strawberry.ID | None = None
     ) -> AsyncGenerator[MailboxStatusEvent, None]:
-        viewer = require_viewer(info)
-        want = id_of(mailbox_id, "Mailbox")
-        async for event in _events(info, "mailboxStatusChanged"):
-            row_id = _uuid(event.get("mailboxId"))
-            if row_id is None or (mailbox_id is not None and row_id != want):
-                continue
-            mailbox = await mailbox_loaders.mailbox(info).load(row_id)
-            if mailbox is None or not can_manage(viewer, mailbox):
-                continue
+        async for event, mailbox in _mailbox_events(info, "mailboxStatusChanged", mailbox_id):
             yield MailboxStatusEvent(
                 mailbox=Mailbox(row=mailbox), previous_status=MailboxStatus(event["previousStatus"])
             )
@@ -178,15 +186,7 @@ class Subscription:
     async def sync_pass_completed(
         self, info: Info, mailbox_id: strawberry.ID | None = None
     ) -> AsyncGenerator[SyncPassEvent, None]:
-        viewer = require_viewer(info)
-        want = id_of(mailbox_id, "Mailbox")
-        async for event in _events(info, "syncPassCompleted"):
-            row_id = _uuid(event.get("mailboxId"))
-            if row_id is None or (mailbox_id is not None and row_id != want):
-                continue
-            mailbox = await mailbox_loaders.mailbox(info).load(row_id)
-            if mailbox is None or not can_manage(viewer, mailbox):
-                continue
+        async for event, mailbox in _mailbox_events(info, "syncPassCompleted", mailbox_id):
             yield SyncPassEvent(
                 mailbox=Mailbox(row=mailbox),
                 filed=int(event.get("filed", 0)),

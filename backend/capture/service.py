@@ -13,10 +13,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
-from backend.auth.tables import ContactMatching, Workspace
+from backend.auth.tables import Workspace
 from backend.capture.forwards import original_of, synthetic_message_id
-from backend.contacts import queries as contact_queries
-from backend.contacts.tables import Contact, ContactAddress
+from backend.contacts import service as contacts_service
+from backend.contacts.tables import Contact
 from backend.kit.addresses import normalize_address
 from backend.kit.clock import now
 from backend.kit.effects import AfterCommit
@@ -176,30 +176,9 @@ async def _store(
     user_id: uuid.UUID,
     decision: FilingDecision,
 ) -> tuple[Email, list[Contact]]:
-    candidates, creatable = decision.candidates, decision.creatable
-    matched = await contact_queries.contacts_for_addresses(
-        session,
-        workspace.id,
-        list(candidates),
-        primary_only=workspace.contact_matching == ContactMatching.PRIMARY_EMAIL_ONLY,
+    contacts = await contacts_service.contacts_to_file_on(
+        session, workspace, decision.candidates, decision.creatable
     )
-    contacts = [matched[a] for a in candidates if a in matched]
-    # R5 decides per address: one is created only when no contact has it at all.
-    taken = await contact_queries.known_addresses(
-        session, workspace.id, [p.address for p in creatable]
-    )
-    for p in creatable:
-        if p.address in matched or p.address in taken:
-            continue
-        contact = Contact(workspace_id=workspace.id, name=p.name)
-        session.add(contact)
-        await session.flush()
-        session.add(
-            ContactAddress(workspace_id=workspace.id, contact_id=contact.id, address=p.address)
-        )
-        contacts.append(contact)
-    await session.flush()
-    contacts = list({c.id: c for c in contacts}.values())
     sent_at = parsed.date or now()
     thread = await _thread_for(session, workspace, parsed)
     if thread is None:

@@ -2,13 +2,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import Protocol
 
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
 from backend.auth.service import Viewer
-from backend.auth.tables import User
+from backend.auth.tables import ContactMatching, User, Workspace
+from backend.contacts import queries
 from backend.contacts.tables import Contact, ContactAddress
 from backend.kit.addresses import validate_address
 from backend.kit.errors import ErrorCode, NotFound, ServiceError
@@ -145,3 +147,51 @@ async def set_email_sync(
     session.add(contact)
     await session.flush()
     return contact
+
+
+class Person(Protocol):
+    """An address of a message, with the display name it came with."""
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def name(self) -> str | None: ...
+
+
+async def create_auto_contacts(
+    session: AsyncSession, workspace_id: uuid.UUID, people: Sequence[Person]
+) -> list[Contact]:
+    """R5 auto-creation, one contact per address: rare enough to go through the ORM."""
+    created = []
+    for person in people:
+        contact = Contact(workspace_id=workspace_id, name=person.name)
+        session.add(contact)
+        await session.flush()
+        session.add(
+            ContactAddress(workspace_id=workspace_id, contact_id=contact.id, address=person.address)
+        )
+        created.append(contact)
+    await session.flush()
+    return created
+
+
+async def contacts_to_file_on(
+    session: AsyncSession,
+    workspace: Workspace,
+    candidates: Sequence[str],
+    creatable: Sequence[Person],
+) -> list[Contact]:
+    """The contacts one message is filed on (R2): those its candidate addresses match, plus a
+    new contact for each creatable address no contact has at all (R5 decides per address)."""
+    matched = await queries.contacts_for_addresses(
+        session,
+        workspace.id,
+        list(candidates),
+        primary_only=workspace.contact_matching == ContactMatching.PRIMARY_EMAIL_ONLY,
+    )
+    taken = await queries.known_addresses(session, workspace.id, [p.address for p in creatable])
+    fresh = [p for p in creatable if p.address not in matched and p.address not in taken]
+    found = [matched[a] for a in candidates if a in matched]
+    found += await create_auto_contacts(session, workspace.id, fresh)
+    return list({c.id: c for c in found}.values())

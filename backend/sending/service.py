@@ -13,9 +13,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import select
 
-from backend.auth.tables import ContactMatching, User, Workspace
-from backend.contacts import queries as contact_queries
-from backend.contacts.tables import Contact, ContactAddress
+from backend.auth.tables import User, Workspace
+from backend.contacts import service as contacts_service
+from backend.contacts.tables import Contact
 from backend.kit.addresses import validate_address
 from backend.kit.clock import now
 from backend.kit.effects import AfterCommit
@@ -258,26 +258,10 @@ async def _contacts_for(
         sync_mode=SyncMode.TWO_WAY,
     )
     decision = decide(parsed, ctx, source=EmailSource.CRM)
-    matched = await contact_queries.contacts_for_addresses(
-        session,
-        workspace.id,
-        decision.candidates,
-        primary_only=workspace.contact_matching == ContactMatching.PRIMARY_EMAIL_ONLY,
+    contacts = await contacts_service.contacts_to_file_on(
+        session, workspace, decision.candidates, decision.creatable
     )
-    contacts = [matched[a] for a in decision.candidates if a in matched]
-    for p in decision.creatable:
-        if p.address in matched:
-            continue
-        contact = Contact(workspace_id=workspace.id, name=p.name)
-        session.add(contact)
-        await session.flush()
-        session.add(
-            ContactAddress(workspace_id=workspace.id, contact_id=contact.id, address=p.address)
-        )
-        contacts.append(contact)
-    await session.flush()
-    unique = list({c.id: c for c in contacts}.values())
-    return unique, parsed
+    return contacts, parsed
 
 
 async def _file(

@@ -23,6 +23,7 @@ from sqlmodel import col, select
 
 from backend.auth.tables import ContactMatching, Workspace
 from backend.contacts import queries as contact_queries
+from backend.contacts import service as contacts_service
 from backend.contacts.tables import Contact, ContactAddress
 from backend.db import table_of
 from backend.exclusions.queries import excluded_values
@@ -44,7 +45,7 @@ from backend.mailboxes import queries as mailbox_queries
 from backend.mailboxes.tables import Mailbox, SyncMode
 from backend.providers.base import FetchedMessage
 from backend.sync.filing import FilingContext, FilingDecision, decide
-from backend.sync.parsing import ParsedAddress, ParsedMessage, parse_message
+from backend.sync.parsing import ParsedMessage, parse_message
 
 
 class Outcome(enum.Enum):
@@ -339,23 +340,6 @@ def _participants(parsed: ParsedMessage) -> list[tuple[ParticipantRole, str, str
     return out
 
 
-async def _create_contacts(
-    session: AsyncSession, workspace: Workspace, addresses: Sequence[ParsedAddress]
-) -> list[Contact]:
-    """R5 auto-creation: rare enough to go through the ORM."""
-    created = []
-    for p in addresses:
-        contact = Contact(workspace_id=workspace.id, name=p.name)
-        session.add(contact)
-        await session.flush()
-        session.add(
-            ContactAddress(workspace_id=workspace.id, contact_id=contact.id, address=p.address)
-        )
-        created.append(contact)
-    await session.flush()
-    return created
-
-
 async def ingest_batch(
     session: AsyncSession,
     effects: AfterCommit,
@@ -473,7 +457,7 @@ async def _ingest_batch(
             if p.address not in matched and p.address not in taken
         ]
         if creatable:
-            created = await _create_contacts(session, workspace, creatable)
+            created = await contacts_service.create_auto_contacts(session, workspace.id, creatable)
             matched.update({p.address: c for p, c in zip(creatable, created, strict=True)})
             item.contacts.extend(created)
         if not item.contacts:
