@@ -30,8 +30,8 @@ def git(*args: str, cwd: Path) -> str:
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("git") is None or shutil.which("uv") is None:
-        pytest.skip("needs git and uv")
+    # scripts/test installs uv; a missing tool must fail this test, not skip it.
+    assert shutil.which("git") and shutil.which("uv"), "the fresh-clone check needs git and uv"
     top = Path(git("rev-parse", "--show-toplevel", cwd=ROOT))
     head = git("rev-parse", "HEAD", cwd=top)
     solo = tmp_path_factory.mktemp("solo")

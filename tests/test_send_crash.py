@@ -15,7 +15,7 @@ from tests.factories import Factory
 from tests.sandbox import SandboxServer
 from tests.sync_helpers import wait_until
 from tests.test_gmail import connected
-from tests.test_sending import inbox_of, recipient, send, stored
+from tests.test_sending import gmail_contact, inbox_of, send, stored
 from tests.worker import worker_process
 
 pytestmark = pytest.mark.e2e  # starts worker processes
@@ -28,8 +28,7 @@ async def test_r15_a_worker_killed_after_the_provider_accepted_the_mail_sends_it
     gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
 ) -> None:
     owner, mailbox_id, address = await connected(gql, factory, google, runtime)
-    ann = recipient(google)
-    await factory.contact(owner, ann, "Ann")
+    ann = await gmail_contact(factory, google, owner)
     # Gmail takes the message, delivers it, and then its answer never reaches the worker.
     lost_answer = google.google.faults.add(
         Fault(after_delay_seconds=600, account=address, path="/messages/send", times=1)

@@ -52,6 +52,13 @@ def recipient(google: SandboxServer) -> str:
     return address
 
 
+async def gmail_contact(factory: Factory, google: SandboxServer, owner: Member) -> str:
+    """A contact "Ann" whose address is a Gmail sandbox account, so her inbox can be read."""
+    address = recipient(google)
+    await factory.contact(owner, address, "Ann")
+    return address
+
+
 async def inbox_of(google: SandboxServer, address: str, label: str = "INBOX") -> list[Any]:
     """The messages in a sandbox account's label, parsed from the raw MIME Gmail serves."""
     box = google.gmail(address)
@@ -79,8 +86,7 @@ async def test_r15_send_through_gmail_files_at_once_then_lands_in_sent_and_the_i
     gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
 ) -> None:
     owner, mailbox_id, address = await connected(gql, factory, google, runtime)
-    ann = recipient(google)
-    await factory.contact(owner, ann, "Ann")
+    ann = await gmail_contact(factory, google, owner)
     result = await send(
         gql,
         owner,
@@ -115,8 +121,7 @@ async def test_r15_r9_a_reply_from_the_crm_stays_in_the_contact_thread(
     gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
 ) -> None:
     owner, mailbox_id, address = await connected(gql, factory, google, runtime)
-    ann = recipient(google)
-    await factory.contact(owner, ann, "Ann")
+    ann = await gmail_contact(factory, google, owner)
     first = await deliver(
         google, address, raw_message(ann, [address], "Question", message_id=f"<{unique('q')}@c>")
     )
@@ -151,8 +156,7 @@ async def test_r15_the_same_idempotency_key_returns_the_same_email_and_sends_onc
     gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
 ) -> None:
     owner, mailbox_id, _ = await connected(gql, factory, google, runtime)
-    ann = recipient(google)
-    await factory.contact(owner, ann, "Ann")
+    ann = await gmail_contact(factory, google, owner)
     key = unique("key-")
     first = await send(gql, owner, mailbox_id, to=[ann], bodyText="Once", idempotencyKey=key)
     again = await send(gql, owner, mailbox_id, to=[ann], bodyText="Once", idempotencyKey=key)
@@ -169,8 +173,7 @@ async def test_r15_r7_the_sent_copy_synced_back_is_the_same_email(
     gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
 ) -> None:
     owner, mailbox_id, _ = await connected(gql, factory, google, runtime)
-    ann = recipient(google)
-    await factory.contact(owner, ann, "Ann")
+    ann = await gmail_contact(factory, google, owner)
     result = await send(gql, owner, mailbox_id, to=[ann], bodyText="Stored once")
     await drain(runtime)
     await runtime.jobs.enqueue_sync(str(mailbox_id))
@@ -283,8 +286,7 @@ async def test_r12_every_mode_sends_and_files_what_it_should(
     expected: set[str],
 ) -> None:
     owner, mailbox_id, address = await connected(gql, factory, google, runtime)
-    ann = recipient(google)
-    await factory.contact(owner, ann, "Ann")
+    ann = await gmail_contact(factory, google, owner)
     changed = await gql(
         "mutation($input: UpdateMailboxInput!) { updateMailbox(input: $input) "
         "{ userErrors { code } } }",
@@ -311,8 +313,7 @@ async def test_r15_a_transient_failure_is_retried_and_the_mail_sent_once(
     gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
 ) -> None:
     owner, mailbox_id, address = await connected(gql, factory, google, runtime)
-    ann = recipient(google)
-    await factory.contact(owner, ann, "Ann")
+    ann = await gmail_contact(factory, google, owner)
     outage = google.google.faults.add(
         Fault(status=503, account=address, path="/messages/send", times=1)
     )
@@ -335,8 +336,9 @@ async def test_r15_send_through_outlook_keeps_the_mime_and_the_sent_copy_is_stor
     from tests.test_microsoft import settle as outlook_settle
 
     owner, mailbox_id, _ = await outlook_connected(gql, factory, microsoft, runtime)
-    ann = recipient(google)  # a Gmail user: the sandboxes deliver to each other
-    await factory.contact(owner, ann, "Ann")
+    ann = await gmail_contact(
+        factory, google, owner
+    )  # a Gmail user: the sandboxes deliver to each other
     result = await send(gql, owner, mailbox_id, to=[ann], subject="From Outlook", bodyText="Hi")
     assert result["userErrors"] == []
     await drain(runtime)
@@ -361,8 +363,7 @@ async def test_r15_a_queued_email_whose_job_was_lost_is_queued_again_and_sent_on
     from tests.worker import clear_queue
 
     owner, mailbox_id, _ = await connected(gql, factory, google, runtime)
-    ann = recipient(google)
-    await factory.contact(owner, ann, "Ann")
+    ann = await gmail_contact(factory, google, owner)
     result = await send(gql, owner, mailbox_id, to=[ann], subject="Not lost")
     job = send_job_id(str((await stored(runtime, result["email"]["id"])).id)).encode()
 
@@ -387,8 +388,7 @@ async def test_r15_gmail_daily_sending_limit_fails_the_email_with_its_code_and_s
     from tests.sync_helpers import error_codes
 
     owner, mailbox_id, address = await connected(gql, factory, google, runtime)
-    ann = recipient(google)
-    await factory.contact(owner, ann, "Ann")
+    ann = await gmail_contact(factory, google, owner)
     google.google.ensure_account(address).daily_send_limit = 0
     async with subscribe(
         api.ws_url,
@@ -434,8 +434,7 @@ async def _a_lost_answer_is_found_not_sent_again(
     """The provider files and delivers the message, then the worker gets a 503 instead of
     its answer: the retry finds the message in the mailbox and sends nothing more."""
     owner, mailbox_id, address = connected_mailbox
-    ann = recipient(google)
-    await factory.contact(owner, ann, "Ann")
+    ann = await gmail_contact(factory, google, owner)
     lost = sandbox.faults.add(
         Fault(status=503, after_delay_seconds=0, account=address, path=path, times=1)
     )

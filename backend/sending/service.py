@@ -36,6 +36,7 @@ from backend.mailboxes import access as mailbox_access
 from backend.mailboxes import queries as mailbox_queries
 from backend.mailboxes.tables import Mailbox, MailboxStatus, SyncErrorEntry, SyncMode
 from backend.providers.base import (
+    MailProvider,
     Provider,
     ProviderError,
     SendLimits,
@@ -59,8 +60,6 @@ if TYPE_CHECKING:
 MAX_SUBJECT_CHARS = 998
 MAX_BODY_BYTES = 5 * 1024 * 1024
 MAX_KEY_CHARS = 200
-# Safe everywhere when a provider names no limits of its own.
-DEFAULT_LIMITS = SendLimits(max_recipients=100, max_bytes=3 * 1024 * 1024)
 # A mailbox in ERROR for one of these cannot send until the user reconnects it.
 REVOKED = {SyncErrorCode.ACCESS_REVOKED, SyncErrorCode.ACCESS_DENIED}
 
@@ -95,9 +94,10 @@ def delivery_event(email: Email, contact_ids: Sequence[uuid.UUID]) -> dict[str, 
 
 
 def limits_for(provider: Provider) -> SendLimits:
-    factory = factory_for(provider)
-    limits = getattr(factory, "send_limits", None)
-    return limits if isinstance(limits, SendLimits) else DEFAULT_LIMITS
+    # A factory is normally the provider's class; any other callable gets the interface's
+    # conservative default.
+    limits = getattr(factory_for(provider), "send_limits", MailProvider.send_limits)
+    return limits if isinstance(limits, SendLimits) else MailProvider.send_limits
 
 
 async def _earlier_send(session: AsyncSession, viewer: Viewer, key: str | None) -> Email | None:
