@@ -77,9 +77,11 @@ async def chromium(url: str) -> AsyncIterator[Page]:
     )
     try:
         port_file = profile / "DevToolsActivePort"
-        for _ in range(200):
-            if port_file.exists() and port_file.read_text().strip():
-                break
+        # A cold Chromium on a busy two-core machine can take many seconds to open its port.
+        deadline = asyncio.get_running_loop().time() + 90
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert proc.poll() is None, f"chromium exited with {proc.returncode}"
+            assert asyncio.get_running_loop().time() < deadline, "chromium never opened its port"
             await asyncio.sleep(0.05)
         port = int(port_file.read_text().split()[0])
         async with httpx.AsyncClient(trust_env=False) as http:
