@@ -2,6 +2,7 @@
 
 from backend.auth.tables import ApiToken, User, Workspace
 from backend.contacts.tables import Contact, ContactAddress
+from backend.events.outbox import OutboxEntry
 from backend.exclusions.tables import Exclusion
 from backend.mail.tables import (
     DeletedMessage,
@@ -23,6 +24,7 @@ __all__ = [
     "Exclusion",
     "Mailbox",
     "MailboxMessage",
+    "OutboxEntry",
     "OutgoingMessage",
     "Participant",
     "SyncActivityDay",

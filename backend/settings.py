@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # A send whose answer was lost is looked up in the mailbox no sooner than this after it
     # started (providers file what they accepted with a delay); only then is it sent again.
     send_confirm_seconds: float = 60
+    # Jobs and events committed but not released to Redis at once (Redis was down) are
+    # relayed by the worker from the outbox: rows at least this old, checked this often.
+    outbox_relay_seconds: float = Field(default=5, gt=0)
     capture_domain: str = "capture.mailsync.local"
     # R16: the largest message the capture receiver (SMTP and POST /inbound/mime) accepts.
     capture_max_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)

@@ -4,18 +4,16 @@ crashes a pass; every filed email is announced exactly once."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
-from redis.asyncio import Redis
 
-from backend.events.bus import channel_for
 from backend.mailboxes.tables import MailboxStatus
 from backend.providers.base import SyncErrorCode
 from backend.runtime import Runtime
 from backend.sync import service as sync_service
 from backend.sync.jobs import run_pass
 from tests.corpus.malformed import CONTACT, MESSAGES, USER
+from tests.event_stream import StreamReader
 from tests.factories import Factory, raw_message
 from tests.providers import fake_provider
 from tests.sync_helpers import email_count, error_codes, reload_mailbox, timeline_subjects
@@ -84,9 +82,7 @@ async def test_every_filed_email_is_announced_exactly_once(
     mine = await factory.mailbox(owner)
     theirs = await factory.mailbox(teammate)
     await factory.contact(owner, "cat@client.test", "Cat")
-    redis = Redis.from_url(runtime.settings.redis_url)
-    pubsub = redis.pubsub()
-    await pubsub.subscribe(channel_for(str(owner.workspace.id)))
+    stream = await StreamReader(runtime.settings.redis_url, owner.workspace.id).start()
     raw = raw_message(
         "cat@client.test",
         [owner.email, teammate.email],
@@ -101,11 +97,8 @@ async def test_every_filed_email_is_announced_exactly_once(
     events: list[dict[str, object]] = []
     async with asyncio.timeout(30):
         while len([e for e in events if e["type"] == "syncPassCompleted"]) < 3:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-            if message:
-                events.append(json.loads(message["data"]))
-    await pubsub.aclose()
-    await redis.aclose()
+            events += await stream.read(block_ms=1000)
+    await stream.aclose()
     assert [e["type"] for e in events].count("emailReceived") == 1
 
 

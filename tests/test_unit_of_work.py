@@ -4,13 +4,11 @@ releases the buffered jobs and events, or rolls back and releases nothing."""
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from typing import Any
 
 import httpx
 import pytest
-from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import select
 
@@ -23,6 +21,7 @@ from backend.providers.base import Provider
 from backend.runtime import Runtime, Work
 from backend.settings import Settings
 from tests.conftest import REDIS_URL, LiveServer
+from tests.event_stream import StreamReader
 from tests.factories import Factory, Member, unique
 
 
@@ -30,23 +29,21 @@ async def _queued(runtime: Runtime) -> list[bytes]:
     return list(await runtime.redis.zrange("arq:queue", 0, -1))
 
 
-async def _events_before_sentinel(runtime: Runtime, member: Member, listen: Any) -> list[Any]:
-    """Every event published to the workspace before a sentinel we publish now: Redis keeps
-    the order of publications, so no waiting is needed to know that nothing else came."""
+async def _events_before_sentinel(
+    runtime: Runtime, member: Member, listen: StreamReader
+) -> list[Any]:
+    """Every event published to the workspace before a sentinel we publish now: the stream
+    keeps the order of publications, so no waiting is needed to know that nothing else came."""
     sentinel = {"type": "sentinel", "id": uuid.uuid4().hex}
     await runtime.publish(str(member.workspace.id), sentinel)
     seen = []
     deadline = asyncio.get_running_loop().time() + 60
     while True:
         assert asyncio.get_running_loop().time() < deadline, "the sentinel never arrived"
-        # None also stands for a subscribe confirmation that is ignored: read on.
-        message = await listen.get_message(ignore_subscribe_messages=True, timeout=5)
-        if message is None:
-            continue
-        event = json.loads(message["data"])
-        if event == sentinel:
-            return seen
-        seen.append(event)
+        for event in await listen.read():
+            if event == sentinel:
+                return seen
+            seen.append(event)
 
 
 def _writes_then_fails(owner: Member, address: str) -> Any:
@@ -79,9 +76,7 @@ async def test_a_route_that_fails_releases_nothing(
     owner = await factory.workspace()
     address = f"{unique('rolled-back-')}@crm.test"
     monkeypatch.setattr(connect, "finish", _writes_then_fails(owner, address))
-    redis = Redis.from_url(REDIS_URL)
-    listen = redis.pubsub()
-    await listen.subscribe(f"mailsync:events:{owner.workspace.id}")
+    listen = await StreamReader(REDIS_URL, owner.workspace.id).start()
     try:
         async with httpx.AsyncClient(timeout=60) as http:
             answer = await http.get(
@@ -96,7 +91,6 @@ async def test_a_route_that_fails_releases_nothing(
         assert await _events_before_sentinel(runtime, owner, listen) == []
     finally:
         await listen.aclose()
-        await redis.aclose()
 
 
 async def _connect(runtime: Runtime, work: Work, owner: Member, address: str) -> Mailbox:
@@ -116,9 +110,7 @@ async def test_a_unit_of_work_commits_then_releases_and_drops_everything_on_fail
 ) -> None:
     owner = await factory.workspace()
     kept, dropped = f"{unique('kept-')}@crm.test", f"{unique('dropped-')}@crm.test"
-    redis = Redis.from_url(REDIS_URL)
-    listen = redis.pubsub()
-    await listen.subscribe(f"mailsync:events:{owner.workspace.id}")
+    listen = await StreamReader(REDIS_URL, owner.workspace.id).start()
     try:
         with pytest.raises(RuntimeError):
             async with runtime.unit_of_work() as work:
@@ -138,4 +130,3 @@ async def test_a_unit_of_work_commits_then_releases_and_drops_everything_on_fail
             assert rows.all() == [kept]
     finally:
         await listen.aclose()
-        await redis.aclose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from arq import cron, func
@@ -14,15 +16,24 @@ from backend.sending.queue import SEND_FUNCTION, JobQueue
 from backend.settings import configure_logging, get_settings
 from backend.sync import jobs
 from backend.sync.queue import SYNC_FUNCTION, SYNC_PREFIX
+from worker.relay import relay_forever
 
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings = get_settings()
     configure_logging(settings)
     ctx["runtime"] = await Runtime.create(settings, jobs=JobQueue)
+    ctx["relay"] = asyncio.create_task(
+        relay_forever(ctx["runtime"], settings.outbox_relay_seconds), name="outbox-relay"
+    )
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    relay: asyncio.Task[None] | None = ctx.get("relay")
+    if relay is not None:
+        relay.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay
     await ctx["runtime"].close()
 
 

@@ -1,19 +1,53 @@
-"""Side effects buffered during a unit of work and released only after it commits."""
+"""Side effects buffered during a unit of work and released only after it commits.
+
+Each effect carries an id of its own: the unit of work stores it in the outbox with the
+transaction, and the same id travels with an event, so a relayed copy of an event that was
+already published is recognised and dropped by the receiving hub."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+EffectKind = Literal["send", "sync", "event"]
 
 
 class EventSink(Protocol):
-    async def publish(self, workspace_id: str, event: dict[str, Any]) -> None: ...
+    async def publish(
+        self, workspace_id: str, event: dict[str, Any], event_id: str | None = None
+    ) -> None: ...
 
 
 class JobSink(Protocol):
     async def enqueue_sync(self, mailbox_id: str, defer_seconds: float = 0) -> None: ...
 
     async def enqueue_send(self, email_id: str) -> None: ...
+
+
+def new_effect_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Effect:
+    """One job request or event. `target` is the email (send), mailbox (sync) or workspace
+    (event) id."""
+
+    kind: EffectKind
+    target: str
+    event: dict[str, Any] | None = None
+    id: str = field(default_factory=new_effect_id)
+
+    async def release(self, events: EventSink, jobs: JobSink) -> None:
+        """Hand the effect to Redis. Safe to repeat: jobs are keyed by their arq job id
+        and events by `id`."""
+        if self.kind == "send":
+            await jobs.enqueue_send(self.target)
+        elif self.kind == "sync":
+            await jobs.enqueue_sync(self.target)
+        else:
+            await events.publish(self.target, self.event or {}, self.id)
 
 
 @dataclass
@@ -45,13 +79,16 @@ class AfterCommit:
     def clear(self) -> None:
         self.drop_after((0, 0, 0))
 
-    async def release(self, events: EventSink, jobs: JobSink) -> None:
-        pending_events = list(self.events)
-        pending_syncs, pending_sends = list(self.sync_requests), list(self.send_requests)
+    def take(self) -> list[Effect]:
+        """Everything buffered, in release order (sends, passes, then the events that tell
+        of them), and an empty buffer."""
+        taken = [Effect("send", email_id) for email_id in self.send_requests]
+        taken += [Effect("sync", mailbox_id) for mailbox_id in self.sync_requests]
+        taken += [Effect("event", ws, event) for ws, event in self.events]
         self.clear()
-        for email_id in pending_sends:
-            await jobs.enqueue_send(email_id)
-        for mailbox_id in pending_syncs:
-            await jobs.enqueue_sync(mailbox_id)
-        for workspace_id, event in pending_events:
-            await events.publish(workspace_id, event)
+        return taken
+
+    async def release(self, events: EventSink, jobs: JobSink) -> None:
+        """Release everything now, with no outbox (a process that writes no rows)."""
+        for effect in self.take():
+            await effect.release(events, jobs)

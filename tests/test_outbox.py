@@ -1,0 +1,254 @@
+"""Nothing is lost between a commit and Redis (issue 13, item 5): jobs and events are written
+to the outbox with their transaction, released right after the commit, and relayed by the
+worker when Redis was unreachable; the API's event reader resumes from its last-seen entry
+after losing Redis, and tells subscribers when it cannot (Redis restarted empty).
+
+The tests that stop Redis run their own server on a free port: the machine's shared one is
+never touched."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from redis.asyncio import Redis
+from sqlmodel import col, select
+
+from backend.events import outbox
+from backend.events.bus import EventBus
+from backend.events.outbox import OutboxEntry
+from backend.graphql.relay import to_global_id
+from backend.mailboxes.service import status_event
+from backend.mailboxes.tables import Mailbox, MailboxStatus
+from backend.runtime import Runtime
+from backend.sending.queue import JobQueue
+from backend.settings import Settings
+from backend.sync.queue import sync_job_id
+from tests.client import GQL, subscribe
+from tests.conftest import LiveServer
+from tests.factories import Factory, Member
+from tests.sync_helpers import wait_until
+from tests.test_redis_restart import RedisServer
+from worker.relay import relay_forever
+
+STATUS_CHANGED = "subscription { mailboxStatusChanged { mailbox { id status } previousStatus } }"
+DISCONNECT = """
+mutation($id: ID!) {
+  disconnectMailbox(input: {id: $id}) { mailbox { status } userErrors { code message } }
+}
+"""
+
+
+def _gid(kind: str, row_id: object) -> str:
+    return str(to_global_id(kind, row_id))  # type: ignore[arg-type]
+
+
+async def _outbox_rows(runtime: Runtime, *targets: object) -> list[OutboxEntry]:
+    async with runtime.db.sessionmaker() as session:
+        rows = await session.scalars(
+            select(OutboxEntry).where(col(OutboxEntry.target).in_([str(t) for t in targets]))
+        )
+        return list(rows)
+
+
+async def _queued_jobs(redis: Redis) -> list[bytes]:
+    return list(await redis.zrange("arq:queue", 0, -1))
+
+
+@dataclass
+class Stack:
+    """An API process and a worker-side runtime on a Redis server of the test's own."""
+
+    redis: RedisServer
+    api: LiveServer
+    runtime: Runtime
+
+    def client(self) -> Redis:
+        return Redis(port=self.redis.port)
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, settings: Settings) -> AsyncIterator[Stack]:
+    server = RedisServer(tmp_path)
+    await server.start()
+    own = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{server.port}/0"})
+    api = LiveServer(own)
+    runtime = await Runtime.create(own, jobs=JobQueue)
+    try:
+        await api.start()
+        yield Stack(server, api, runtime)
+    finally:
+        with contextlib.suppress(Exception):
+            await api.stop()
+        await runtime.close()
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def _relaying(runtime: Runtime) -> AsyncIterator[None]:
+    """The worker's relay loop, as `mailsync worker` runs it, at a short interval."""
+    task = asyncio.create_task(relay_forever(runtime, 0.2))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.e2e  # runs its own Redis server
+async def test_a_mutation_committed_while_redis_is_down_succeeds_and_its_job_and_event_arrive_after_a_restart(
+    stack: Stack, factory: Factory
+) -> None:
+    owner = await factory.workspace()
+    mailbox = await factory.mailbox(owner)
+    gql = GQL(stack.api.url)
+    hub = stack.api.app.state.runtime.hub
+    async with subscribe(
+        stack.api.ws_url,
+        owner.token,
+        STATUS_CHANGED,
+        subscribers=stack.api.subscribers(owner.workspace.id),
+    ) as statuses:
+        gaps = hub.gaps
+        await stack.redis.stop()
+        answer = await gql(DISCONNECT, {"id": _gid("Mailbox", mailbox.id)}, token=owner.token)
+        # The commit succeeded, so the mutation did: the release is the relay's to finish.
+        assert answer["disconnectMailbox"] == {
+            "mailbox": {"status": "DISCONNECTED"},
+            "userErrors": [],
+        }
+        kinds = sorted(
+            row.kind for row in await _outbox_rows(stack.runtime, mailbox.id, owner.workspace.id)
+        )
+        assert kinds == ["event", "sync"]
+
+        await stack.redis.start()  # same port, no data: the restart lost everything
+        async with _relaying(stack.runtime):
+            event = (await statuses.next())["data"]["mailboxStatusChanged"]
+            redis = stack.client()
+            try:
+
+                async def queued() -> bool:
+                    return sync_job_id(str(mailbox.id)).encode() in await _queued_jobs(redis)
+
+                await wait_until(queued, 60)
+            finally:
+                await redis.aclose()
+
+            async def relayed() -> bool:
+                return not await _outbox_rows(stack.runtime, mailbox.id, owner.workspace.id)
+
+            await wait_until(relayed, 60)
+    assert event == {
+        "mailbox": {"id": _gid("Mailbox", mailbox.id), "status": "DISCONNECTED"},
+        "previousStatus": mailbox.status.value,
+    }
+    # Redis came back empty: the reader could not know what it missed, and said so.
+    assert hub.gaps == gaps + 1
+
+
+@pytest.mark.e2e  # runs its own Redis server
+async def test_an_event_published_while_the_api_has_lost_redis_reaches_subscribers_after_it_reconnects(
+    stack: Stack, factory: Factory
+) -> None:
+    owner = await factory.workspace()
+    mailbox = await factory.mailbox(owner)
+    hub = stack.api.app.state.runtime.hub
+    admin = stack.client()
+    password = uuid.uuid4().hex
+    publisher = None
+    try:
+        async with subscribe(
+            stack.api.ws_url,
+            owner.token,
+            STATUS_CHANGED,
+            subscribers=stack.api.subscribers(owner.workspace.id),
+        ) as statuses:
+            # Keep the API's reader out: new connections must authenticate, and its own is cut.
+            await admin.config_set("requirepass", password)
+            publisher = Redis(port=stack.redis.port, password=password)
+            readers = [c for c in await admin.client_list() if c["cmd"] == "xread"]
+            assert readers
+            for reader in readers:
+                await admin.client_kill_filter(_id=reader["id"])
+
+            async def reader_gone() -> bool:
+                clients = await publisher.client_list()
+                return not [c for c in clients if c["cmd"] == "xread"]
+
+            await wait_until(reader_gone, 60)
+            mailbox.status = MailboxStatus.ERROR
+            await EventBus(publisher).publish(
+                str(owner.workspace.id), status_event(mailbox, MailboxStatus.ACTIVE)
+            )
+            gaps = hub.gaps
+            await publisher.config_set("requirepass", "")
+            event = (await statuses.next())["data"]["mailboxStatusChanged"]
+    finally:
+        if publisher is not None:
+            await publisher.aclose()
+        await admin.aclose()
+    assert event == {
+        "mailbox": {"id": _gid("Mailbox", mailbox.id), "status": "PENDING"},
+        "previousStatus": "ACTIVE",
+    }
+    assert hub.gaps == gaps  # resumed from where it stopped: nothing was missed
+
+
+async def _workspace_with_mailboxes(factory: Factory, count: int) -> tuple[Member, list[Mailbox]]:
+    owner = await factory.workspace()
+    return owner, [
+        await factory.mailbox(owner, f"box{i}-{uuid.uuid4().hex[:6]}@crm.test")
+        for i in range(count)
+    ]
+
+
+async def test_the_outbox_relay_repeats_what_it_cannot_confirm_without_doubling_jobs_or_events(
+    api: LiveServer, runtime: Runtime, factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner, (first, second) = await _workspace_with_mailboxes(factory, 2)
+    async with subscribe(
+        api.ws_url, owner.token, STATUS_CHANGED, subscribers=api.subscribers(owner.workspace.id)
+    ) as statuses:
+        # Released to Redis, but the rows could not be deleted (the database hiccupped):
+        # the relay releases them again.
+        forget = outbox.forget
+
+        async def fails(*_args: object) -> None:
+            raise sa.exc.OperationalError("DELETE", {}, Exception("database is locked"))
+
+        monkeypatch.setattr(outbox, "forget", fails)
+        async with runtime.unit_of_work() as work:
+            row = await work.session.get(Mailbox, first.id)
+            assert row is not None
+            previous, row.status = row.status, MailboxStatus.ERROR
+            work.effects.publish(owner.workspace.id, status_event(row, previous))
+            work.effects.request_sync(first.id)
+            work.effects.request_send(uuid.UUID(int=0))
+        assert len(await _outbox_rows(runtime, first.id, owner.workspace.id)) == 2
+        monkeypatch.setattr(outbox, "forget", forget)
+
+        assert await runtime.relay_outbox(older_than=0) >= 3
+        assert await _outbox_rows(runtime, first.id, owner.workspace.id, uuid.UUID(int=0)) == []
+        jobs = await _queued_jobs(runtime.redis)
+        assert jobs.count(sync_job_id(str(first.id)).encode()) == 1
+        assert jobs.count(b"send:" + str(uuid.UUID(int=0)).encode()) == 1
+
+        # The relayed copy of the event is dropped by the hub: the next event is a later one.
+        async with runtime.unit_of_work() as work:
+            row = await work.session.get(Mailbox, second.id)
+            assert row is not None
+            previous, row.status = row.status, MailboxStatus.ERROR
+            work.effects.publish(owner.workspace.id, status_event(row, previous))
+        seen = [
+            (await statuses.next())["data"]["mailboxStatusChanged"]["mailbox"]["id"]
+            for _ in range(2)
+        ]
+    assert seen == [_gid("Mailbox", first.id), _gid("Mailbox", second.id)]
