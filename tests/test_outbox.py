@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlmodel import col, select
 
 from backend.events import outbox
@@ -32,6 +33,7 @@ from backend.settings import Settings
 from backend.sync.queue import sync_job_id
 from tests.client import GQL, subscribe
 from tests.conftest import LiveServer
+from tests.event_stream import StreamReader
 from tests.factories import Factory, Member
 from tests.sync_helpers import wait_until
 from tests.test_redis_restart import RedisServer
@@ -252,3 +254,41 @@ async def test_the_outbox_relay_repeats_what_it_cannot_confirm_without_doubling_
             for _ in range(2)
         ]
     assert seen == [_gid("Mailbox", first.id), _gid("Mailbox", second.id)]
+
+
+async def test_a_commit_whose_release_cannot_reach_redis_succeeds_and_the_relay_delivers_the_rest(
+    runtime: Runtime, factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner, (mailbox,) = await _workspace_with_mailboxes(factory, 1)
+    listen = await StreamReader(runtime.settings.redis_url, owner.workspace.id).start()
+    try:
+        down = RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+        async def unreachable(*_args: object, **_kwargs: object) -> None:
+            raise down
+
+        with monkeypatch.context() as patch:
+            patch.setattr(runtime.jobs, "enqueue_sync", unreachable)
+            async with runtime.unit_of_work() as work:  # raises nothing: the commit stands
+                row = await work.session.get(Mailbox, mailbox.id)
+                assert row is not None
+                row.status = MailboxStatus.ERROR
+                work.effects.publish(owner.workspace.id, {"type": "kept", "n": 1})
+                work.effects.request_sync(mailbox.id)
+        async with runtime.db.sessionmaker() as session:
+            stored = await session.get(Mailbox, mailbox.id)
+            assert stored is not None and stored.status == MailboxStatus.ERROR
+        assert sorted(
+            r.kind for r in await _outbox_rows(runtime, mailbox.id, owner.workspace.id)
+        ) == [
+            "event",
+            "sync",
+        ]
+        assert sync_job_id(str(mailbox.id)).encode() not in await _queued_jobs(runtime.redis)
+
+        assert await runtime.relay_outbox(older_than=0) >= 2
+        assert await _outbox_rows(runtime, mailbox.id, owner.workspace.id) == []
+        assert sync_job_id(str(mailbox.id)).encode() in await _queued_jobs(runtime.redis)
+        assert await listen.read() == [{"type": "kept", "n": 1}]
+    finally:
+        await listen.aclose()
