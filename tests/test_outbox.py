@@ -21,8 +21,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlmodel import col, select
 
-from backend.events import outbox
-from backend.events.bus import EventBus
+from backend.events import bus, outbox
+from backend.events.bus import EventBus, EventHub
 from backend.events.outbox import OutboxEntry
 from backend.graphql.relay import to_global_id
 from backend.mailboxes.service import status_event
@@ -156,6 +156,31 @@ async def test_a_mutation_committed_while_redis_is_down_succeeds_and_its_job_and
     assert hub.gaps == gaps + 1
 
 
+@contextlib.asynccontextmanager
+async def _readers_locked_out(server: RedisServer) -> AsyncIterator[Redis]:
+    """Cut every stream reader's connection and keep readers out (new connections must
+    authenticate) until the block ends; yields a client that may still publish."""
+    admin = Redis(port=server.port)
+    password = uuid.uuid4().hex
+    await admin.config_set("requirepass", password)
+    await admin.aclose()
+    publisher = Redis(port=server.port, password=password)
+    try:
+        readers = [c for c in await publisher.client_list() if c["cmd"] == "xread"]
+        assert readers
+        for reader in readers:
+            await publisher.client_kill_filter(_id=reader["id"])
+
+        async def readers_gone() -> bool:
+            return not [c for c in await publisher.client_list() if c["cmd"] == "xread"]
+
+        await wait_until(readers_gone, 60)
+        yield publisher
+        await publisher.config_set("requirepass", "")
+    finally:
+        await publisher.aclose()
+
+
 @pytest.mark.e2e  # runs its own Redis server
 async def test_an_event_published_while_the_api_has_lost_redis_reaches_subscribers_after_it_reconnects(
     stack: Stack, factory: Factory
@@ -163,45 +188,53 @@ async def test_an_event_published_while_the_api_has_lost_redis_reaches_subscribe
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
     hub = stack.api.app.state.runtime.hub
-    admin = stack.client()
-    password = uuid.uuid4().hex
-    publisher = None
-    try:
-        async with subscribe(
-            stack.api.ws_url,
-            owner.token,
-            STATUS_CHANGED,
-            subscribers=stack.api.subscribers(owner.workspace.id),
-        ) as statuses:
-            # Keep the API's reader out: new connections must authenticate, and its own is cut.
-            await admin.config_set("requirepass", password)
-            publisher = Redis(port=stack.redis.port, password=password)
-            readers = [c for c in await admin.client_list() if c["cmd"] == "xread"]
-            assert readers
-            for reader in readers:
-                await admin.client_kill_filter(_id=reader["id"])
-
-            async def reader_gone() -> bool:
-                clients = await publisher.client_list()
-                return not [c for c in clients if c["cmd"] == "xread"]
-
-            await wait_until(reader_gone, 60)
+    async with subscribe(
+        stack.api.ws_url,
+        owner.token,
+        STATUS_CHANGED,
+        subscribers=stack.api.subscribers(owner.workspace.id),
+    ) as statuses:
+        gaps = hub.gaps
+        async with _readers_locked_out(stack.redis) as publisher:
             mailbox.status = MailboxStatus.ERROR
             await EventBus(publisher).publish(
                 str(owner.workspace.id), status_event(mailbox, MailboxStatus.ACTIVE)
             )
-            gaps = hub.gaps
-            await publisher.config_set("requirepass", "")
-            event = (await statuses.next())["data"]["mailboxStatusChanged"]
-    finally:
-        if publisher is not None:
-            await publisher.aclose()
-        await admin.aclose()
+        event = (await statuses.next())["data"]["mailboxStatusChanged"]
     assert event == {
         "mailbox": {"id": _gid("Mailbox", mailbox.id), "status": "PENDING"},
         "previousStatus": "ACTIVE",
     }
     assert hub.gaps == gaps  # resumed from where it stopped: nothing was missed
+
+
+@pytest.mark.e2e  # runs its own Redis server
+async def test_subscribers_are_told_when_the_stream_was_trimmed_past_their_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = RedisServer(tmp_path)
+    await server.start()
+    hub = EventHub(f"redis://127.0.0.1:{server.port}/0")
+    client = Redis(port=server.port)
+    try:
+        await hub.start()
+        async with hub.subscribe("w") as queue:
+            await EventBus(client).publish("w", {"type": "first"})
+            assert await asyncio.wait_for(queue.get(), 30) == {"type": "first"}
+            # While the reader is away, far more is published than the stream keeps.
+            monkeypatch.setattr(bus, "STREAM_MAXLEN", 10)
+            async with _readers_locked_out(server) as publisher:
+                for n in range(1000):
+                    await EventBus(publisher).publish("w", {"type": "later", "n": n})
+                assert await publisher.xlen(bus.STREAM) < 1000
+            assert await asyncio.wait_for(queue.get(), 30) == bus.GAP
+            later = await asyncio.wait_for(queue.get(), 30)
+    finally:
+        await hub.stop()
+        await client.aclose()
+        await server.stop()
+    assert later["type"] == "later" and later["n"] > 0  # the oldest were trimmed away
+    assert hub.gaps == 1
 
 
 async def _workspace_with_mailboxes(factory: Factory, count: int) -> tuple[Member, list[Mailbox]]:
