@@ -14,6 +14,7 @@ from arq.connections import RedisSettings
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.db import Database
+from backend.db import read_only as mark_read_only
 from backend.events.bus import EventBus, EventHub
 from backend.kit.effects import AfterCommit, JobSink
 from backend.settings import Settings
@@ -71,10 +72,13 @@ class Runtime:
         await self.bus.publish(workspace_id, event)
 
     @asynccontextmanager
-    async def unit_of_work(self) -> AsyncIterator[Work]:
+    async def unit_of_work(self, *, read_only: bool = False) -> AsyncIterator[Work]:
         """Commit, then release the buffered jobs and events; on an exception or `discard()`,
-        roll back and drop them. Services inside only flush."""
+        roll back and drop them. Services inside only flush. `read_only`: the work only reads,
+        so on SQLite it takes no write lock (`db.read_only`)."""
         async with self.db.sessionmaker() as session:
+            if read_only:
+                mark_read_only(session)
             work = Work(session)
             try:
                 yield work
