@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlmodel import select
 
+from backend.auth.tables import Workspace
 from backend.graphql.relay import to_global_id
 from backend.mail.tables import Email
 from backend.mailboxes.tables import MailboxStatus
@@ -85,6 +86,27 @@ async def test_an_api_query_answers_while_a_pass_is_blocked_inside_a_provider_ca
         running.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await running
+
+
+async def test_a_graphql_query_never_waits_for_a_writer(
+    gql: GQL, factory: Factory, api: Any, runtime: Runtime
+) -> None:
+    """Reads began IMMEDIATE on SQLite like writes, so a query waited for any open write
+    transaction (up to the 30 s busy timeout, then failed). A query, its authentication and a
+    read-only unit of work now take no write lock; what they read is the last commit."""
+    owner = await factory.workspace()
+    async with runtime.unit_of_work() as writing:
+        row = await writing.session.get(Workspace, owner.workspace.id)
+        assert row is not None
+        named = row.name
+        row.name = "Not yet committed"
+        writing.session.add(row)
+        await writing.session.flush()  # SQLite's write lock is held from here to the commit
+        shown = await gql("{ viewer { workspace { name } } }", token=owner.token)
+        assert shown["viewer"]["workspace"]["name"] == named
+        async with runtime.unit_of_work(read_only=True) as reading:
+            seen = await reading.session.get(Workspace, owner.workspace.id)
+            assert seen is not None and seen.name == named
 
 
 async def test_an_idle_gmail_pass_makes_at_most_two_provider_calls_and_three_statements(
