@@ -31,6 +31,7 @@ from tests.sync_helpers import reload_mailbox, wait_until
 from tests.test_gmail import MAILBOX
 from tests.test_gmail import connected as connected_gmail
 from tests.test_microsoft import connected as connected_outlook
+from tests.worker import clear_queue, idle, live_worker
 
 # BEGIN is transaction control, not a statement of the pass (PostgreSQL's drivers send it
 # outside the cursor; SQLite's is ours, DEFERRED for the read and IMMEDIATE for the write).
@@ -185,3 +186,32 @@ async def test_r7_an_interrupted_first_sync_resumes_without_fetching_what_it_fil
     assert (await reload_mailbox(runtime, mailbox_id)).status == MailboxStatus.ACTIVE
     again = await run_pass(runtime, mailbox_id)
     assert again is not None and again.filed == 0 and again.duplicates == 0
+
+
+async def test_r14_a_pass_longer_than_the_job_lease_is_never_taken_over_by_another_worker(
+    gql: GQL, factory: Factory, microsoft: SandboxServer, runtime: Runtime
+) -> None:
+    """A live worker renews its pass's claim, so a second worker never starts the same pass
+    however long it runs (only a dead worker's claim lapses)."""
+    owner, mailbox_id, address = await connected_outlook(gql, factory, microsoft, runtime)
+    await factory.contact(owner, "kai@client.test", "Kai")
+    microsoft.microsoft.deliver(address, raw_message("kai@client.test", [address], "Slow"))
+    await microsoft.microsoft.drain_notifications()
+    await clear_queue(runtime)  # only the pass enqueued below runs
+    lease = 6
+    # The pass waits in Graph for several leases; every other delta call is only counted.
+    hang = microsoft.microsoft.faults.add(
+        Fault(delay_seconds=4 * lease, account=address, path="/delta", times=1)
+    )
+    deltas = microsoft.microsoft.faults.add(Fault(account=address, path="/delta"))
+    async with live_worker(runtime, lease) as first, live_worker(runtime, lease) as second:
+        await runtime.jobs.enqueue_sync(str(mailbox_id))
+
+        async def done() -> bool:
+            filed = await subjects_filed(runtime, owner.workspace.id)
+            return bool(filed) and await idle(runtime, first) and await idle(runtime, second)
+
+        await wait_until(done, 4 * lease + 120)
+    assert hang.hits == 1
+    assert deltas.hits == 1  # the pass's other folder: one pass, not two
+    assert await subjects_filed(runtime, owner.workspace.id) == ["Slow"]

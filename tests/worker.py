@@ -53,7 +53,9 @@ async def clear_queue(runtime: Runtime) -> None:
 
 
 @asynccontextmanager
-async def live_worker(runtime: Runtime) -> AsyncIterator[Worker]:
+async def live_worker(
+    runtime: Runtime, lease_seconds: float = WorkerSettings.lease_seconds
+) -> AsyncIterator[Worker]:
     """A worker that keeps polling, as `mailsync worker` does, inside the test's event loop."""
     worker = ResilientWorker(
         functions=WorkerSettings.functions,
@@ -62,7 +64,7 @@ async def live_worker(runtime: Runtime) -> AsyncIterator[Worker]:
         after_job_end=WorkerSettings.after_job_end,
         poll_delay=0.05,
         handle_signals=False,
-        lease_seconds=WorkerSettings.lease_seconds,
+        lease_seconds=lease_seconds,
     )
     task = asyncio.create_task(worker.async_run())
     try:
