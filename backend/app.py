@@ -37,6 +37,7 @@ from backend.api.over_http import GraphQLOverHTTP
 from backend.api.schema import build_schema, document_limits
 from backend.auth.service import authenticate
 from backend.auth.tokens import bearer_value
+from backend.db import read_only
 from backend.graphql.context import Context
 from backend.kit.errors import ErrorCode
 from backend.providers.microsoft.client import warm_up as warm_up_graph_sdk
@@ -78,6 +79,7 @@ class MailsyncGraphQL(GraphQLOverHTTP):
             token = bearer_value(request.headers.get("authorization"))
             if token:
                 async with runtime.db.sessionmaker() as session:
+                    read_only(session)
                     viewer = await authenticate(session, runtime.settings.secret, token)
         return Context(runtime, viewer, request)
 
@@ -87,6 +89,7 @@ class MailsyncGraphQL(GraphQLOverHTTP):
         token = bearer_value(header) if isinstance(header, str) else None
         runtime = self._runtime()
         async with runtime.db.sessionmaker() as session:
+            read_only(session)
             context.viewer = await authenticate(session, runtime.settings.secret, token)
         if context.viewer is None:
             raise ConnectionRejectionError(

@@ -91,7 +91,10 @@ def worker(
     from worker.settings import WorkerSettings
 
     # arq's run_worker, with a worker that rides out a Redis restart.
-    ResilientWorker(**{**get_kwargs(WorkerSettings), "burst": burst}).run()  # type: ignore[arg-type]
+    ResilientWorker(
+        **{**get_kwargs(WorkerSettings), "burst": burst},  # type: ignore[arg-type]
+        lease_seconds=WorkerSettings.lease_seconds,
+    ).run()
 
 
 @app.command()

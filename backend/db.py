@@ -67,6 +67,18 @@ def enum_type(enum_cls: type[enum.Enum]) -> sa.Enum:
     )
 
 
+# Execution option of a session that only reads (see `read_only`).
+READ_ONLY = "mailsync_read_only"
+
+
+def read_only(session: AsyncSession) -> None:
+    """Declare that `session` will only read, before its first statement: on SQLite its
+    transaction then begins DEFERRED instead of taking the write lock. Too late once the
+    session has begun (the option applies when it connects)."""
+    sync_session = session.sync_session
+    sync_session.execution_options = sync_session.execution_options.union({READ_ONLY: True})
+
+
 def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30}, **kwargs)
@@ -84,9 +96,14 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
 
         @event.listens_for(engine.sync_engine, "begin")
         def _sqlite_begin(connection: Any) -> None:
-            # IMMEDIATE takes the write lock up front; a deferred BEGIN that later writes can
-            # fail with SQLITE_BUSY when the API and a worker write at once.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # A transaction that may write takes the write lock up front (IMMEDIATE): a
+            # deferred BEGIN that later writes can fail with SQLITE_BUSY when the API and a
+            # worker write at once. One that only reads begins DEFERRED and never takes it,
+            # so in WAL mode it neither waits for a writer nor holds one up.
+            if connection.get_execution_options().get(READ_ONLY):
+                connection.exec_driver_sql("BEGIN DEFERRED")
+            else:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, **kwargs)

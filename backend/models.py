@@ -14,6 +14,7 @@ from backend.mail.tables import (
 )
 from backend.mailboxes.tables import Mailbox, SyncActivityDay, SyncErrorEntry
 from backend.sending.tables import OutgoingMessage
+from backend.sync.tables import SyncBacklog
 
 __all__ = [
     "ApiToken",
@@ -28,6 +29,7 @@ __all__ = [
     "OutgoingMessage",
     "Participant",
     "SyncActivityDay",
+    "SyncBacklog",
     "SyncErrorEntry",
     "Thread",
     "TimelineEntry",

@@ -15,6 +15,7 @@ from arq.connections import RedisSettings
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.db import Database
+from backend.db import read_only as mark_read_only
 from backend.events import outbox
 from backend.events.bus import EventBus, EventHub
 from backend.kit.effects import AfterCommit, Effect, JobSink
@@ -81,14 +82,17 @@ class Runtime:
         await self.bus.publish(workspace_id, event, event_id)
 
     @asynccontextmanager
-    async def unit_of_work(self) -> AsyncIterator[Work]:
+    async def unit_of_work(self, *, read_only: bool = False) -> AsyncIterator[Work]:
         """Commit, then release the buffered jobs and events; on an exception or `discard()`,
-        roll back and drop them. Services inside only flush.
+        roll back and drop them. Services inside only flush. `read_only`: the work only reads,
+        so on SQLite it takes no write lock (`db.read_only`).
 
         The jobs and events are written to the outbox in the transaction itself, so once the
         commit succeeded nothing here fails: a release that cannot reach Redis is logged and
         left to the relay."""
         async with self.db.sessionmaker() as session:
+            if read_only:
+                mark_read_only(session)
             work = Work(session)
             try:
                 yield work

@@ -70,8 +70,11 @@ class Settings(BaseSettings):
     sync_interval_seconds: int = 300
     # Scheduled passes start spread over this many seconds rather than all at once.
     sync_spread_seconds: int = 60
-    # A pass running longer is cancelled; one whose worker died is retried this + 10 s later.
+    # A pass running longer is cancelled (and recorded, then retried after its backoff).
     sync_pass_timeout_seconds: int = 300
+    # A running job's claim (arq's in-progress key) lasts this long and its worker renews it
+    # while the job runs: the job of a killed worker is retried by another this soon.
+    job_lease_seconds: int = Field(default=30, ge=3)
     # A send (one provider call, or a look-up and a call) running longer is cancelled.
     send_timeout_seconds: int = 120
     # A send whose answer was lost is looked up in the mailbox no sooner than this after it

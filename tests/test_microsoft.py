@@ -408,7 +408,7 @@ async def test_a_rotated_refresh_token_is_stored_before_the_pass_dies(
     async def die(*args: object) -> None:
         raise Killed
 
-    monkeypatch.setattr(service, "_renew_push", die)  # after the pass talked to Graph
+    monkeypatch.setattr(service, "renew_push", die)  # after the pass talked to Graph
     with pytest.raises(Killed):
         await run_pass(runtime, mailbox_id)
     stored = read_credentials(secret, await reload_mailbox(runtime, mailbox_id))

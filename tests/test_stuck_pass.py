@@ -1,5 +1,5 @@
-"""R14: a pass whose worker is killed mid-pass is taken over by another worker, and the mail
-it was syncing is filed exactly once."""
+"""R14: a pass whose worker is killed mid-pass is taken over by another worker within the job
+lease (not the pass timeout), and the mail it was syncing is filed exactly once."""
 
 from __future__ import annotations
 
@@ -20,12 +20,14 @@ from tests.worker import worker_process
 
 pytestmark = pytest.mark.e2e  # starts worker processes
 
-# arq retries a dead worker's job the longest job timeout (passes and sends) + 10 seconds
-# after it started.
-PASS_TIMEOUT = 3
+# A pass may run this long; its worker holds its claim on the job only for the job lease
+# (MAILSYNC_JOB_LEASE_SECONDS, 30 s), renewing it while the worker lives.
+PASS_TIMEOUT = 300
+# Well below the pass timeout: a dead worker's pass must not wait for it.
+TAKEOVER_DEADLINE = 120
 
 
-async def test_r14_a_pass_killed_mid_way_is_resumed_by_another_worker_and_files_once(
+async def test_r14_a_pass_killed_mid_way_is_resumed_by_another_worker_well_before_its_timeout(
     gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
 ) -> None:
     owner, mailbox_id, address = await connected(gql, factory, google, runtime)
@@ -52,7 +54,7 @@ async def test_r14_a_pass_killed_mid_way_is_resumed_by_another_worker_and_files_
         async def filed() -> bool:
             return bool(await emails_of(runtime, owner.workspace.id))
 
-        await wait_until(filed, PASS_TIMEOUT + 10 + 20)
+        await wait_until(filed, TAKEOVER_DEADLINE)
         # Let any second pass the takeover might start finish before counting.
         await asyncio.sleep(1)
         emails = await emails_of(runtime, owner.workspace.id)

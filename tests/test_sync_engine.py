@@ -136,7 +136,7 @@ async def test_a_pass_over_the_timeout_is_recorded_and_retried(
     owner = await factory.workspace()
     mailbox = await factory.mailbox(owner)
     contact = await factory.contact(owner, "tim@client.test", "Tim")
-    original = sync_service._file_all
+    original = sync_service.list_changes
     never = asyncio.Event()
 
     async def stuck(*args: object, **kwargs: object) -> None:
@@ -145,7 +145,7 @@ async def test_a_pass_over_the_timeout_is_recorded_and_retried(
     monkeypatch.setattr(runtime.settings, "sync_pass_timeout_seconds", 2)
     with fake_provider() as store:
         store.deliver(mailbox.email_address, raw_message("tim@client.test", [owner.email], "T"))
-        monkeypatch.setattr(sync_service, "_file_all", stuck)
+        monkeypatch.setattr(sync_service, "list_changes", stuck)
         # A generous outer bound: without its own limit the pass would wait forever.
         result = await asyncio.wait_for(run_pass(runtime, mailbox.id), 60)
         assert result is not None and result.error is not None
@@ -159,7 +159,7 @@ async def test_a_pass_over_the_timeout_is_recorded_and_retried(
         monkeypatch.setattr(sync_service, "now", lambda: row.next_attempt_at)
         async with runtime.db.sessionmaker() as session:
             assert mailbox.id in await sync_service.due_mailboxes(session, 300)
-        monkeypatch.setattr(sync_service, "_file_all", original)
+        monkeypatch.setattr(sync_service, "list_changes", original)
         retried = await run_pass(runtime, mailbox.id)
         assert retried is not None and retried.error is None and retried.filed == 1
     assert await timeline_subjects(runtime, contact.id) == ["T"]

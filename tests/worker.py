@@ -53,7 +53,9 @@ async def clear_queue(runtime: Runtime) -> None:
 
 
 @asynccontextmanager
-async def live_worker(runtime: Runtime) -> AsyncIterator[Worker]:
+async def live_worker(
+    runtime: Runtime, lease_seconds: float = WorkerSettings.lease_seconds
+) -> AsyncIterator[Worker]:
     """A worker that keeps polling, as `mailsync worker` does, inside the test's event loop."""
     worker = ResilientWorker(
         functions=WorkerSettings.functions,
@@ -62,6 +64,7 @@ async def live_worker(runtime: Runtime) -> AsyncIterator[Worker]:
         after_job_end=WorkerSettings.after_job_end,
         poll_delay=0.05,
         handle_signals=False,
+        lease_seconds=lease_seconds,
     )
     task = asyncio.create_task(worker.async_run())
     try:
@@ -88,8 +91,9 @@ async def idle(runtime: Runtime, worker: Worker) -> bool:
 
 @contextmanager
 def worker_process(job_timeout: int) -> Iterator[subprocess.Popen[bytes]]:
-    """`mailsync worker` as its own process, to be killed. arq retries a dead worker's job the
-    longest job timeout (passes and sends) + 10 seconds after it started."""
+    """`mailsync worker` as its own process, to be killed. A dead worker's job is retried
+    once its claim lapses: within the job lease (MAILSYNC_JOB_LEASE_SECONDS), or the longest
+    job timeout (passes and sends) + 10 seconds when that is shorter."""
     env = dict(
         os.environ,
         MAILSYNC_SYNC_PASS_TIMEOUT_SECONDS=str(job_timeout),

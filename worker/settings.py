@@ -60,13 +60,15 @@ async def after_job_end(ctx: dict[str, Any]) -> None:
         await jobs.after_sync(ctx["runtime"], job_id.removeprefix(SYNC_PREFIX))
 
 
-# arq keeps a running job's in-progress key for the longest job timeout (pass or send) + 10 s;
-# when a worker is killed mid-job the key expires and another worker retries it (R14, R15).
+# A running job's in-progress key is its claim: it lasts JOB_LEASE_SECONDS and the worker
+# renews it (worker/resilient.py); when a worker is killed mid-job the key lapses and another
+# worker retries the job within the lease (R14, R15), not the job's timeout.
 # A pass stops itself after SYNC_PASS_TIMEOUT_SECONDS and records the failure
 # (sync/jobs.run_pass); arq's own limit, PASS_GRACE later, only stops a pass stuck past that.
 PASS_GRACE = 5
 PASS_TIMEOUT = get_settings().sync_pass_timeout_seconds + PASS_GRACE
 SEND_TIMEOUT = get_settings().send_timeout_seconds
+LEASE_SECONDS = get_settings().job_lease_seconds
 
 
 class WorkerSettings:
@@ -95,3 +97,5 @@ class WorkerSettings:
     # Pushes enqueue a pass; polling the queue often keeps mail on the timeline within seconds.
     poll_delay = 0.1
     health_check_interval = 30
+    # Not an arq setting: ResilientWorker's (the CLI and the tests pass it).
+    lease_seconds = LEASE_SECONDS

@@ -72,7 +72,7 @@ async def _events(info: Info, kind: str) -> AsyncIterator[dict[str, Any]]:
                 return
             if event.get("type") != kind:
                 continue
-            async with context.runtime.unit_of_work() as work:
+            async with context.runtime.unit_of_work(read_only=True) as work:
                 work.discard()  # resolving an event only reads
                 current_scope.set(context.open_scope(work))
                 try:

@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from graphql import GraphQLError
 from strawberry.extensions import SchemaExtension
 from strawberry.types.graphql import OperationType
 
+from backend.db import read_only
 from backend.graphql.context import Context, current_scope
 from backend.kit.errors import ServiceError
 
+if TYPE_CHECKING:
+    from backend.runtime import Work
+
 log = logging.getLogger(__name__)
+
+READ_ONLY_TYPES = {OperationType.QUERY, OperationType.SUBSCRIPTION}
 
 
 def is_unexpected(error: GraphQLError) -> bool:
@@ -53,6 +60,15 @@ class ExpectedErrors(SchemaExtension):
 
 
 class UnitOfWork(SchemaExtension):
+    _work: Work | None = None
+
+    async def on_execute(self) -> AsyncIterator[None]:
+        # Parsed by now and no statement run yet: queries and subscriptions only read, so on
+        # SQLite they never take (or wait for) the write lock.
+        if self._work is not None and _operation_type(self.execution_context) in READ_ONLY_TYPES:
+            read_only(self._work.session)
+        yield
+
     async def on_operation(self) -> AsyncIterator[None]:
         execution = self.execution_context
         context = execution.context
@@ -62,6 +78,7 @@ class UnitOfWork(SchemaExtension):
         # The session connects on first use, so subscriptions (which resolve each event in a
         # scope of its own, see api/subscriptions.py) hold no connection through this one.
         async with context.runtime.unit_of_work() as work:
+            self._work = work
             scope = context.open_scope(work)
             token = current_scope.set(scope)
             try:

@@ -55,7 +55,8 @@ class MessageRef:
 @dataclass
 class ChangeSet:
     refs: list[MessageRef]
-    # Saved only together with the mail it covers (in the same transaction).
+    # Saved only together with the mail it covers, or with the backlog of what is left of it
+    # to file (in the same transaction).
     cursor: dict[str, Any]
     # The old cursor was too old (Gmail 404, Graph 410/syncStateNotFound, UIDVALIDITY change):
     # `refs` is a full re-list of mail since the connection, to be filed without duplicates.

@@ -26,14 +26,9 @@ class MailboxCredentialStore:
         self.unit_of_work = unit_of_work
         self.secret = secret
         self.mailbox_id = mailbox_id
-        # Set while the caller's own transaction holds SQLite's one write lock: a second
-        # transaction would wait for it, so what changes then is left to the caller's write.
-        self.deferred = False
         self.stored = 0
 
     async def save(self, credentials: dict[str, Any]) -> None:
-        if self.deferred:
-            return
         async with self.unit_of_work() as work:
             mailbox = await work.session.get(Mailbox, self.mailbox_id)
             # A mailbox disconnected meanwhile keeps no credentials.

@@ -5,33 +5,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from backend.auth.tables import Workspace
 from backend.kit.clock import now
 from backend.mailboxes.tables import Mailbox, MailboxStatus
 from backend.providers.base import (
     MailProvider,
+    MessageRef,
     ProviderError,
     SyncErrorCode,
     TransientProviderError,
 )
+from backend.sync import service
 from backend.sync.credentials import MailboxCredentialStore
+from backend.sync.filing import FilingContext
+from backend.sync.ingest import filing_context
 from backend.sync.queue import SyncQueue
 from backend.sync.service import (
+    FETCH_BATCH,
     SYNCABLE,
     PassCredentials,
     PassResult,
+    PassStart,
+    Progress,
+    batches_of,
     due_mailboxes,
-    provider_for_mailbox,
+    fetch_and_parse,
     record_failure,
-    release_provider_side,
-    sync_pass,
 )
 
 if TYPE_CHECKING:
-    from backend.runtime import Runtime
+    from backend.runtime import Runtime, Work
+    from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -46,34 +53,39 @@ async def sync_mailbox(runtime: Runtime, mailbox_id: str) -> PassResult | None:
 
 
 async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None:
-    """One pass, in its own unit of work; a failure rolls the pass back and is recorded in
-    another. The job's id guarantees one pass per mailbox at a time (R14). Only the pass's own
-    failures are recorded: one of the commit or the release after it fails the job instead,
-    and arq retries it."""
+    """One pass. No transaction is open while the provider is called: the pass reads in one
+    statement, then talks to the provider, and writes each batch (with what it moves, see
+    `sync/service`) in a short transaction of its own; a failure is recorded in another. The
+    job's id guarantees one pass per mailbox at a time (R14). A failure to record the failure
+    fails the job instead, and arq retries it."""
     started = now()
     settings = runtime.settings
+    async with runtime.unit_of_work(read_only=True) as work:
+        # Committed, not discarded: a rollback would expire the rows the pass goes on using.
+        start = await service.load_pass(work.session, mailbox_id)
+    if start is None:
+        return None
+    if start.mailbox.status == MailboxStatus.DISCONNECTED:
+        await service.stop_pushes(settings, start.mailbox)
+        async with runtime.unit_of_work() as work:
+            await service.forget_provider_side(work.session, start.mailbox)
+        return None
+    if start.mailbox.status not in SYNCABLE:
+        return None
     credentials = PassCredentials()
-    provider: MailProvider | None = None
-    async with runtime.unit_of_work() as work:
-        mailbox = await work.session.get(Mailbox, mailbox_id)
-        if mailbox is not None and mailbox.status == MailboxStatus.DISCONNECTED:
-            await release_provider_side(work.session, settings, mailbox)
-            return None
-        if mailbox is None or mailbox.status not in SYNCABLE:
-            return None
-        try:
-            provider = provider_for_mailbox(settings, mailbox)
-        except ProviderError as exc:
-            error: ProviderError = exc
-        work.discard()
-    if provider is not None:
+    progress = Progress()
+    try:
+        provider = service.provider_for_mailbox(settings, start.mailbox)
+    except ProviderError as exc:
+        error: ProviderError = exc
+    else:
         limit = settings.sync_pass_timeout_seconds
         try:
-            # Our own limit, inside arq's (PASS_GRACE longer): a pass that overruns it is
-            # rolled back, recorded like any failure (with its backoff, hence a retry) and
-            # keeps the credentials it refreshed, instead of vanishing as a cancelled job.
+            # Our own limit, inside arq's (PASS_GRACE longer): a pass that overruns it keeps
+            # the batches it filed, and is recorded like any failure (with its backoff, hence
+            # a retry) instead of vanishing as a cancelled job.
             async with asyncio.timeout(limit):
-                outcome = await _pass(runtime, mailbox_id, provider, credentials, started)
+                outcome = await _pass(runtime, start, provider, credentials, progress, started)
         except TimeoutError:
             log.warning("mailbox %s: the pass ran over %s s and was cancelled", mailbox_id, limit)
             outcome = TransientProviderError(
@@ -90,62 +102,122 @@ async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None
         if mailbox is None or mailbox.status not in SYNCABLE:
             return None  # disconnected (or gone) meanwhile: its failure is nobody's concern
         return record_failure(
-            work.session, work.effects, settings, mailbox, error, credentials, started
+            work.session, work.effects, settings, mailbox, error, credentials, started, progress
         )
 
 
 async def _pass(
     runtime: Runtime,
-    mailbox_id: uuid.UUID,
+    start: PassStart,
     provider: MailProvider,
     credentials: PassCredentials,
+    progress: Progress,
     started: datetime,
 ) -> PassResult | ProviderError | None:
-    """The pass itself; its failure is returned, for `run_pass` to record (a failure of the
-    commit itself is raised: the job fails and arq retries it)."""
-    settings = runtime.settings
-    store = MailboxCredentialStore(runtime.unit_of_work, settings.secret, mailbox_id)
-    provider.credential_store = store
-    # Credentials that would lapse during the pass are refreshed (and stored, in a
-    # transaction of their own) before the pass's transaction opens.
+    """The pass itself; its failure is returned, for `run_pass` to record."""
+    mailbox = start.mailbox
+    # What the provider refreshes is stored at once, in a transaction of its own: the pass
+    # holds none while it talks to the provider.
+    provider.credential_store = MailboxCredentialStore(
+        runtime.unit_of_work, runtime.settings.secret, mailbox.id
+    )
     try:
-        await provider.prepare(settings.sync_pass_timeout_seconds)
+        return await _list_and_file(runtime, start, provider, credentials, progress, started)
     except ProviderError as exc:
         return exc
     except Exception as exc:
-        log.exception("mailbox %s: preparing the pass failed unexpectedly", mailbox_id)
+        log.exception("mailbox %s: sync pass failed unexpectedly", mailbox.id)
         return TransientProviderError(f"unexpected: {exc!r}", SyncErrorCode.READ_FAILED)
-    error: ProviderError
-    async with runtime.unit_of_work() as work:
-        mailbox = await work.session.get(Mailbox, mailbox_id)
-        if mailbox is None or mailbox.status not in SYNCABLE:
-            return None
-        workspace = await work.session.get(Workspace, mailbox.workspace_id)
-        if workspace is None:
-            return None
-        # On SQLite the pass's transaction holds the only write lock: a refresh during the
-        # pass is stored by the pass's own writes (its commit, or `record_failure`).
-        store.deferred = settings.is_sqlite
-        try:
-            return await sync_pass(
-                work.session,
-                work.effects,
-                settings,
-                workspace,
-                mailbox,
-                credentials,
-                started,
-                provider,
+    finally:
+        credentials.refreshed = provider.updated_credentials()
+
+
+async def _list_and_file(
+    runtime: Runtime,
+    start: PassStart,
+    provider: MailProvider,
+    credentials: PassCredentials,
+    progress: Progress,
+    started: datetime,
+) -> PassResult | None:
+    settings = runtime.settings
+    mailbox, workspace = start.mailbox, start.workspace
+    await provider.prepare(settings.sync_pass_timeout_seconds)
+    changes = await service.list_changes(provider, mailbox)
+    await service.renew_push(provider, mailbox)
+    refs: Sequence[MessageRef] = changes.refs
+    positions: list[int] | None = None
+    cursor: dict[str, Any] | None = changes.cursor
+    if start.backlog or len(refs) > FETCH_BATCH:
+        async with runtime.unit_of_work() as work:
+            backlog = await service.save_backlog(work.session, mailbox, changes)
+        if backlog is None:
+            return None  # disconnected meanwhile
+        positions = [position for position, _ in backlog]
+        refs = [ref for _, ref in backlog]
+        cursor = None  # saved with the backlog
+    batches = batches_of(refs)
+    ctx: FilingContext | None = None
+    result: PassResult | None = None
+    # The next batch is fetched and parsed while this one is stored: parsing is the CPU cost
+    # of a pass and storing mostly waits on the database, so the two overlap.
+    upcoming = asyncio.ensure_future(fetch_and_parse(provider, batches[0])) if batches else None
+    try:
+        for index in range(len(batches)):
+            assert upcoming is not None
+            prepared = await upcoming
+            last = index + 1 == len(batches)
+            upcoming = (
+                None
+                if last
+                else asyncio.ensure_future(fetch_and_parse(provider, batches[index + 1]))
             )
-        except ProviderError as exc:
-            error = exc
-        except Exception as exc:
-            log.exception("mailbox %s: sync pass failed unexpectedly", mailbox_id)
-            error = TransientProviderError(f"unexpected: {exc!r}", SyncErrorCode.READ_FAILED)
-        finally:
-            store.deferred = False
-        work.discard()
-    return error
+            through = (
+                None
+                if positions is None
+                else positions[min(len(positions), (index + 1) * FETCH_BATCH) - 1]
+            )
+            async with runtime.unit_of_work() as work:
+                if ctx is None:
+                    ctx = await filing_context(work.session, workspace, mailbox)
+                await service.file_batch(
+                    work.session, work.effects, workspace, mailbox, ctx, prepared, progress, through
+                )
+                if last:
+                    # The last batch moves the cursor (and the status) with the mail it files.
+                    result = await _finish(
+                        work, settings, mailbox, cursor, credentials, provider, progress, started
+                    )
+    finally:
+        if upcoming is not None and not upcoming.done():
+            upcoming.cancel()
+    if not batches:
+        async with runtime.unit_of_work() as work:
+            result = await _finish(
+                work, settings, mailbox, cursor, credentials, provider, progress, started
+            )
+    if result is not None:
+        await service.label_synced(provider, workspace, mailbox, progress.on_timeline)
+    return result
+
+
+async def _finish(
+    work: Work,
+    settings: Settings,
+    mailbox: Mailbox,
+    cursor: dict[str, Any] | None,
+    credentials: PassCredentials,
+    provider: MailProvider,
+    progress: Progress,
+    started: datetime,
+) -> PassResult | None:
+    credentials.refreshed = provider.updated_credentials()
+    result = await service.finish_pass(
+        work.session, work.effects, settings, mailbox, cursor, credentials, progress, started
+    )
+    if result is None:
+        work.discard()  # disconnected meanwhile: nothing of this batch stays
+    return result
 
 
 async def after_sync(runtime: Runtime, mailbox_id: str) -> None:

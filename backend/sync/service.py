@@ -1,4 +1,6 @@
-"""One sync pass of one mailbox: list changes, fetch, file, then save the cursor with the mail."""
+"""The steps of a sync pass of one mailbox (`sync/jobs.run_pass` runs them, each write in a short
+transaction of its own): load, list changes, save a large change set as a backlog, file batch
+by batch, finish with the cursor and the status."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -15,11 +17,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
 from backend.auth.tables import Workspace
+from backend.db import table_of
 from backend.kit.clock import now
 from backend.kit.effects import AfterCommit
 from backend.mailboxes.service import read_credentials, set_status, write_credentials
 from backend.mailboxes.tables import Mailbox, MailboxStatus, SyncActivityDay, SyncErrorEntry
 from backend.providers.base import (
+    ChangeSet,
     CursorInvalid,
     FetchedMessage,
     MailboxAccount,
@@ -31,9 +35,10 @@ from backend.providers.base import (
 )
 from backend.providers.registry import provider_for
 from backend.sync.filing import FilingContext
-from backend.sync.ingest import Outcome, filing_context, ingest_batch
+from backend.sync.ingest import Outcome, ingest_batch
 from backend.sync.parsing import ParsedMessage, parse_message
 from backend.sync.status import MESSAGES, SUSPEND_AFTER, backoff
+from backend.sync.tables import SyncBacklog
 
 if TYPE_CHECKING:
     from backend.settings import Settings
@@ -103,90 +108,173 @@ async def count_activity(
 
 
 @dataclass
-class _Filed:
-    filed: int
-    failed: int
-    duplicates: int
-    cursor: dict[str, Any]
+class PassStart:
+    """What a pass reads before it talks to the provider, in one statement."""
+
+    mailbox: Mailbox
+    workspace: Workspace
+    # An earlier pass saved work it did not finish (see `save_backlog`).
+    backlog: bool
+
+
+async def load_pass(session: AsyncSession, mailbox_id: uuid.UUID) -> PassStart | None:
+    pending = (
+        sa.exists()
+        .where(col(SyncBacklog.mailbox_id) == col(Mailbox.id))
+        .correlate(table_of(Mailbox))
+        .label("backlog")
+    )
+    row = (
+        await session.execute(
+            select(Mailbox, Workspace, pending)
+            .join(Workspace, col(Workspace.id) == col(Mailbox.workspace_id))
+            .where(col(Mailbox.id) == mailbox_id)
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    mailbox, workspace, backlog = row
+    return PassStart(mailbox, workspace, bool(backlog))
+
+
+@dataclass
+class Progress:
+    """What a pass has done so far; batches are committed as they go, so a pass that fails
+    later still reports what it filed."""
+
+    filed: int = 0
+    failed: int = 0
+    duplicates: int = 0
     # Provider ids of this pass's messages that are on a timeline (to tag in the mailbox).
-    on_timeline: list[str]
+    on_timeline: list[str] = field(default_factory=list)
 
 
-async def _file_all(
+async def list_changes(provider: MailProvider, mailbox: Mailbox) -> ChangeSet:
+    """What changed since the mailbox's cursor; a cursor the provider no longer accepts
+    becomes a full re-list since the connection (R7 files nothing twice)."""
+    try:
+        return await provider.list_changes(mailbox.cursor, mailbox.connected_at)
+    except CursorInvalid:
+        return await provider.list_changes(None, mailbox.connected_at)
+
+
+def batches_of(refs: Sequence[MessageRef]) -> list[Sequence[MessageRef]]:
+    return [refs[start : start + FETCH_BATCH] for start in range(0, len(refs), FETCH_BATCH)]
+
+
+async def save_backlog(
+    session: AsyncSession, mailbox: Mailbox, changes: ChangeSet
+) -> list[tuple[int, MessageRef]] | None:
+    """Add the change set to what earlier passes left undone and move the cursor past it, in
+    one transaction; answer the whole backlog, in order (positions with their refs). Each
+    filed batch then deletes its rows (`file_batch`), so a pass that dies after some batches
+    is resumed by the next one where it stopped. None: the mailbox stopped syncing."""
+    rows = (
+        await session.execute(
+            select(SyncBacklog.position, SyncBacklog.provider_id, SyncBacklog.thread_id)
+            .where(col(SyncBacklog.mailbox_id) == mailbox.id)
+            .order_by(col(SyncBacklog.position))
+        )
+    ).all()
+    backlog = [(position, MessageRef(pid, thread)) for position, pid, thread in rows]
+    known = {ref.provider_id for _, ref in backlog}
+    position = backlog[-1][0] + 1 if backlog else 0
+    added: list[dict[str, Any]] = []
+    for ref in changes.refs:
+        if ref.provider_id in known:  # listed again since: fetched once
+            continue
+        known.add(ref.provider_id)
+        backlog.append((position, ref))
+        added.append(
+            {
+                "mailbox_id": mailbox.id,
+                "position": position,
+                "provider_id": ref.provider_id,
+                "thread_id": ref.thread_id,
+            }
+        )
+        position += 1
+    moved = await session.execute(
+        sa.update(Mailbox)
+        .where(col(Mailbox.id) == mailbox.id, col(Mailbox.status).in_(SYNCABLE))
+        .values(cursor=changes.cursor)
+    )
+    if _rowcount(moved) != 1:
+        return None
+    if added:
+        await session.execute(sa.insert(table_of(SyncBacklog)), added)
+    mailbox.cursor = changes.cursor
+    return backlog
+
+
+def _rowcount(result: Any) -> int:
+    count: int = result.rowcount
+    return count
+
+
+async def file_batch(
     session: AsyncSession,
     effects: AfterCommit,
-    provider: MailProvider,
     workspace: Workspace,
     mailbox: Mailbox,
-) -> _Filed:
-    try:
-        changes = await provider.list_changes(mailbox.cursor, mailbox.connected_at)
-    except CursorInvalid:
-        changes = await provider.list_changes(None, mailbox.connected_at)
-    ctx = await filing_context(session, workspace, mailbox)
-    filed = failed = duplicates = 0
-    on_timeline: list[str] = []
-    batches = [
-        changes.refs[start : start + FETCH_BATCH]
-        for start in range(0, len(changes.refs), FETCH_BATCH)
-    ]
-    # The next batch is fetched and parsed while this one is stored: parsing is the CPU
-    # cost of a pass and storing mostly waits on the database, so the two overlap.
-    upcoming = asyncio.ensure_future(_fetch_and_parse(provider, batches[0])) if batches else None
-    try:
-        for index in range(len(batches)):
-            assert upcoming is not None
-            prepared = await upcoming
-            upcoming = (
-                asyncio.ensure_future(_fetch_and_parse(provider, batches[index + 1]))
-                if index + 1 < len(batches)
-                else None
+    ctx: FilingContext,
+    prepared: list[Prepared],
+    progress: Progress,
+    backlog_through: int | None,
+) -> None:
+    """File one fetched batch and count it; `backlog_through`: the last backlog position the
+    batch covers, deleted with it."""
+    failed = filed = 0
+    parsed: list[tuple[FetchedMessage, ParsedMessage]] = []
+    for ref, item, result in prepared:
+        if isinstance(result, ParsedMessage):
+            assert item is not None
+            parsed.append((item, result))
+            continue
+        failed += 1
+        if item is None:
+            record_error(
+                session,
+                mailbox.id,
+                SyncErrorCode.READ_FAILED,
+                f"message {ref.provider_id}: {result}",
             )
-            parsed: list[tuple[FetchedMessage, ParsedMessage]] = []
-            for ref, item, result in prepared:
-                if isinstance(result, ParsedMessage):
-                    assert item is not None
-                    parsed.append((item, result))
-                    continue
-                failed += 1
-                if item is None:
-                    record_error(
-                        session,
-                        mailbox.id,
-                        SyncErrorCode.READ_FAILED,
-                        f"message {ref.provider_id}: {result}",
-                    )
-                else:
-                    _import_failed(session, mailbox, item, result)
-            outcomes = await _file_parsed(session, effects, workspace, mailbox, ctx, parsed)
-            for (fetched, _), outcome in zip(parsed, outcomes, strict=True):
-                if outcome is None:
-                    failed += 1
-                    continue
-                if outcome == Outcome.FILED:
-                    filed += 1
-                elif outcome == Outcome.DUPLICATE:
-                    duplicates += 1
-                if outcome in ON_TIMELINE:
-                    on_timeline.append(fetched.ref.provider_id)
-    finally:
-        if upcoming is not None and not upcoming.done():
-            upcoming.cancel()
-    await count_activity(session, mailbox.id, queued=len(changes.refs), synced=filed, failed=failed)
-    return _Filed(filed, failed, duplicates, changes.cursor, on_timeline)
+        else:
+            _import_failed(session, mailbox, item, result)
+    outcomes = await _file_parsed(session, effects, workspace, mailbox, ctx, parsed)
+    for (fetched, _), outcome in zip(parsed, outcomes, strict=True):
+        if outcome is None:
+            failed += 1
+            continue
+        if outcome == Outcome.FILED:
+            filed += 1
+        elif outcome == Outcome.DUPLICATE:
+            progress.duplicates += 1
+        if outcome in ON_TIMELINE:
+            progress.on_timeline.append(fetched.ref.provider_id)
+    if backlog_through is not None:
+        await session.execute(
+            sa.delete(SyncBacklog).where(
+                col(SyncBacklog.mailbox_id) == mailbox.id,
+                col(SyncBacklog.position) <= backlog_through,
+            )
+        )
+    await count_activity(session, mailbox.id, queued=len(prepared), synced=filed, failed=failed)
+    progress.filed += filed
+    progress.failed += failed
 
 
 # A fetched message and its parse, or what went wrong: a read error (no message) or the
 # exception that parsing raised.
-_Prepared = tuple[MessageRef, FetchedMessage | None, ParsedMessage | BaseException]
+Prepared = tuple[MessageRef, FetchedMessage | None, ParsedMessage | BaseException]
 
 
-async def _fetch_and_parse(provider: MailProvider, refs: Sequence[MessageRef]) -> list[_Prepared]:
+async def fetch_and_parse(provider: MailProvider, refs: Sequence[MessageRef]) -> list[Prepared]:
     """Fetch a batch and parse it in a thread, off the event loop."""
     fetched = await provider.fetch(refs)
 
-    def parse_all() -> list[_Prepared]:
-        out: list[_Prepared] = []
+    def parse_all() -> list[Prepared]:
+        out: list[Prepared] = []
         for ref, item in zip(refs, fetched, strict=True):
             if isinstance(item, ProviderError):
                 out.append((ref, None, item))
@@ -275,7 +363,7 @@ def provider_for_mailbox(settings: Settings, mailbox: Mailbox) -> MailProvider:
     return provider_for(mailbox.provider, account, credentials, settings)
 
 
-async def _renew_push(provider: MailProvider, mailbox: Mailbox) -> None:
+async def renew_push(provider: MailProvider, mailbox: Mailbox) -> None:
     """Start the provider's push on the first pass and renew it daily (Gmail asks for at
     least weekly). Push only speeds sync up, so a failure here never fails the pass."""
     moment = now()
@@ -288,7 +376,7 @@ async def _renew_push(provider: MailProvider, mailbox: Mailbox) -> None:
         log.warning("mailbox %s: could not start push notifications: %s", mailbox.id, exc)
 
 
-async def _label_synced(
+async def label_synced(
     provider: MailProvider, workspace: Workspace, mailbox: Mailbox, provider_ids: list[str]
 ) -> None:
     """Tag filed mail in the user's mailbox when the workspace asks for it. The tag is a
@@ -311,33 +399,46 @@ class PassCredentials:
     refreshed: dict[str, Any] | None = None
 
 
-async def sync_pass(
+async def finish_pass(
     session: AsyncSession,
     effects: AfterCommit,
     settings: Settings,
-    workspace: Workspace,
     mailbox: Mailbox,
+    cursor: dict[str, Any] | None,
     credentials: PassCredentials,
+    progress: Progress,
     started: datetime,
-    provider: MailProvider,
-) -> PassResult:
-    """File what changed since the cursor and move the cursor with it; raises ProviderError
-    when the pass fails (the caller rolls back and records it with `record_failure`). The
-    caller owns (and closes) the provider."""
-    try:
-        outcome = await _file_all(session, effects, provider, workspace, mailbox)
-        await _renew_push(provider, mailbox)
-        await _label_synced(provider, workspace, mailbox, outcome.on_timeline)
-    finally:
-        credentials.refreshed = provider.updated_credentials()
-    mailbox.cursor = outcome.cursor
+) -> PassResult | None:
+    """The pass succeeded: its cursor (unless the backlog already saved it), status (R13) and
+    refreshed credentials, in one statement that also checks the mailbox still syncs (None:
+    it was disconnected meanwhile, and the caller drops the transaction)."""
+    if cursor is not None:
+        mailbox.cursor = cursor
     if credentials.refreshed is not None:
         write_credentials(settings.secret, mailbox, credentials.refreshed)
-    _succeeded(mailbox, outcome.filed, effects)
-    session.add(mailbox)
-    await session.flush()
+    _succeeded(mailbox, progress.filed, effects)
+    values: dict[str, Any] = {
+        "last_synced_at": mailbox.last_synced_at,
+        "last_email_synced_at": mailbox.last_email_synced_at,
+        "failing_since": None,
+        "consecutive_failures": 0,
+        "next_attempt_at": None,
+        "status": mailbox.status,
+        "push_renewed_at": mailbox.push_renewed_at,
+    }
+    if cursor is not None:
+        values["cursor"] = cursor
+    if credentials.refreshed is not None:
+        values["credentials_encrypted"] = mailbox.credentials_encrypted
+    done = await session.execute(
+        sa.update(Mailbox)
+        .where(col(Mailbox.id) == mailbox.id, col(Mailbox.status).in_(SYNCABLE))
+        .values(**values)
+    )
+    if _rowcount(done) != 1:
+        return None
     result = PassResult(
-        mailbox.id, outcome.filed, outcome.failed, outcome.duplicates, started, now()
+        mailbox.id, progress.filed, progress.failed, progress.duplicates, started, now()
     )
     effects.publish(mailbox.workspace_id, result.event())
     return result
@@ -351,25 +452,24 @@ def record_failure(
     error: ProviderError,
     credentials: PassCredentials,
     started: datetime,
+    progress: Progress | None = None,
 ) -> PassResult:
     """A failed pass: its error, the backoff or suspension (R13), and the credentials the
-    provider refreshed before failing."""
+    provider refreshed before failing. `progress`: the batches it filed before it failed."""
     if credentials.refreshed is not None:
         write_credentials(settings.secret, mailbox, credentials.refreshed)
     _failed(session, mailbox, error, effects)
     session.add(mailbox)
-    result = PassResult(mailbox.id, 0, 0, 0, started, now(), error)
+    done = progress or Progress()
+    result = PassResult(mailbox.id, done.filed, done.failed, done.duplicates, started, now(), error)
     effects.publish(mailbox.workspace_id, result.event())
     return result
 
 
-async def release_provider_side(
-    session: AsyncSession, settings: Settings, mailbox: Mailbox
-) -> None:
-    """A disconnected mailbox: stop the provider's pushes (Gmail watch, Graph subscription),
-    then forget its credentials. Run as the mailbox's pass, so never beside one."""
-    sealed = mailbox.credentials_encrypted
-    if sealed is None:
+async def stop_pushes(settings: Settings, mailbox: Mailbox) -> None:
+    """A disconnected mailbox: stop the provider's pushes (Gmail watch, Graph subscription).
+    Run as the mailbox's pass, so never beside one, and outside any transaction."""
+    if mailbox.credentials_encrypted is None:
         return
     try:
         provider = provider_for_mailbox(settings, mailbox)
@@ -383,8 +483,15 @@ async def release_provider_side(
         log.info("mailbox %s: pushes not stopped on disconnect: %s", mailbox.id, exc.detail)
     except Exception:
         log.exception("mailbox %s: stopping pushes on disconnect failed", mailbox.id)
-    # Only if nobody reconnected the mailbox meanwhile (that writes new credentials).
-    await session.execute(
+
+
+async def forget_provider_side(session: AsyncSession, mailbox: Mailbox) -> None:
+    """After `stop_pushes`: forget the credentials and what the passes left undone, only if
+    nobody reconnected the mailbox meanwhile (that writes new credentials)."""
+    sealed = mailbox.credentials_encrypted
+    if sealed is None:
+        return
+    forgotten = await session.execute(
         sa.update(Mailbox)
         .where(
             col(Mailbox.id) == mailbox.id,
@@ -393,6 +500,10 @@ async def release_provider_side(
         )
         .values(credentials_encrypted=None)
     )
+    if _rowcount(forgotten) == 1:
+        await session.execute(
+            sa.delete(SyncBacklog).where(col(SyncBacklog.mailbox_id) == mailbox.id)
+        )
 
 
 async def due_mailboxes(session: AsyncSession, interval_seconds: int) -> list[uuid.UUID]:
