@@ -566,6 +566,11 @@ class GoogleSandbox:
             account.quota = None if units is None else (units, window_seconds)
             account.quota_spent.clear()
 
+    def spend_quota(self, address: str, units: int) -> None:
+        """Quota used by another client of the same user (the limit is per user, not per app)."""
+        with self._lock:
+            self._require(address).quota_spent.append((time.monotonic(), units))
+
     def _charge(self, account: Account, method: str, in_batch: bool = False) -> SubResponse | None:
         units, window = account.quota or (self.quota_units, self.quota_window_seconds)
         moment = time.monotonic()
