@@ -16,7 +16,7 @@ import random
 import time
 import weakref
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -37,6 +37,11 @@ def _shared(kind: str, key: str, make: Callable[[], T]) -> T:
 def mailbox_semaphore(key: str, limit: int) -> asyncio.Semaphore:
     """At most `limit` requests in flight to one mailbox from this process."""
     return _shared("semaphore", key, lambda: asyncio.Semaphore(limit))
+
+
+def mailbox_state(key: str) -> dict[str, Any]:
+    """Plain values shared by the providers of one mailbox (the newest credentials)."""
+    return _shared("state", key, dict)
 
 
 def mailbox_lock(key: str) -> asyncio.Lock:
