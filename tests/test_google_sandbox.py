@@ -560,3 +560,48 @@ async def test_per_user_quota_as_documented_without_retry_after(
         return True
 
     await wait_until(allowed_again, 30)
+
+
+async def test_pushes_above_one_a_second_per_user_are_dropped(google_server: SandboxServer) -> None:
+    """Gmail push notifications guide (developers.google.com/workspace/gmail/api/guides/push,
+    "Notification limitations"): "Each Gmail user being watched has a maximum notification
+    rate of 1 event/sec. Any user notifications above that rate will be dropped." No final
+    notification catches up: the client must not rely on every change being announced."""
+    me = address()
+    box = google_server.gmail(me)
+    sandbox = google_server.google
+    received: list[dict[str, Any]] = []
+    original = (sandbox.push_sink, sandbox.merge_pushes, sandbox.push_min_interval)
+    sandbox.push_sink = lambda endpoint, envelope: received.append(envelope)
+    sandbox.push_endpoints["projects/p/topics/drop"] = "http://app.test/push"
+    sandbox.merge_pushes, sandbox.push_min_interval = False, 1.0
+    try:
+        await call(box.users().watch(userId="me", body={"topicName": "projects/p/topics/drop"}))
+        for i in range(3):
+            await insert(box, raw_message("a@client.test", [me], f"Burst {i}"))
+        await sandbox.drain_pushes()
+        account = sandbox.account(me)
+        assert account is not None
+        assert len(received) == 1 and account.pushes_dropped == 2
+        notice = json.loads(unb64url(received[0]["message"]["data"]))
+        assert notice["historyId"] < account.history_id  # the later changes went unannounced
+    finally:
+        sandbox.push_sink, sandbox.merge_pushes, sandbox.push_min_interval = original
+
+
+async def test_watch_needs_publish_rights_on_the_topic(google_server: SandboxServer) -> None:
+    """Gmail push guide, "Grant publish rights on your topic": Gmail publishes as
+    gmail-api-push@system.gserviceaccount.com, which needs the Pub/Sub Publisher role on the
+    topic; without it `watch` fails with 403 (the sandbox: a topic in `unpublishable`)."""
+    me = address()
+    box = google_server.gmail(me)
+    google_server.google.unpublishable.add("projects/p/topics/locked")
+    try:
+        with pytest.raises(HttpError) as refused:
+            await call(
+                box.users().watch(userId="me", body={"topicName": "projects/p/topics/locked"})
+            )
+    finally:
+        google_server.google.unpublishable.discard("projects/p/topics/locked")
+    assert refused.value.status_code == 403
+    assert "projects/p/topics/locked" in json.loads(refused.value.content)["error"]["message"]

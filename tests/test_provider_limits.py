@@ -31,11 +31,13 @@ from backend.providers.microsoft.provider import MicrosoftProvider
 from backend.runtime import Runtime
 from backend.sandbox.faults import Fault
 from backend.sync.jobs import run_pass
+from backend.sync.service import due_mailboxes
 from tests.client import GQL
 from tests.factories import Factory, raw_message, unique
 from tests.sandbox import SandboxServer
 from tests.sync_helpers import error_codes, reload_mailbox
 from tests.test_gmail import connected
+from tests.worker import drain
 
 # The pass fetches in slices of this many refs (sync.service.FETCH_BATCH).
 PASS_SLICE = 50
@@ -404,3 +406,61 @@ async def test_credentials_another_process_refreshed_are_read_before_refreshing(
     assert account.refreshes == before
     assert provider.tokens.current() == fresh["access_token"]
     assert provider.updated_credentials() is not None
+
+
+async def test_r14_a_push_gmail_dropped_only_delays_the_mail_until_the_next_poll(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime
+) -> None:
+    """Gmail drops notifications above one per second per user. Mail whose push was dropped
+    is filed by the next poll (R14's interval), not lost."""
+    from tests.test_gmail import deliver, emails_of, settle
+
+    owner, mailbox_id, address = await connected(gql, factory, google, runtime)
+    await factory.contact(owner, "po@client.test", "Po")
+    sandbox = google.google
+    original = (sandbox.merge_pushes, sandbox.push_min_interval)
+    sandbox.merge_pushes, sandbox.push_min_interval = False, 600.0
+    try:
+        await deliver(google, address, raw_message("po@client.test", [address], "Announced"))
+        await settle(google)
+        await drain(runtime)
+        await deliver(google, address, raw_message("po@client.test", [address], "Dropped"))
+        await settle(google)
+        await drain(runtime)
+        account = sandbox.account(address)
+        assert account is not None and account.pushes_dropped == 1
+        assert [e.subject for e in await emails_of(runtime, owner.workspace.id)] == ["Announced"]
+    finally:
+        sandbox.merge_pushes, sandbox.push_min_interval = original
+    clock.advance(timedelta(seconds=runtime.settings.sync_interval_seconds + 1))
+    async with runtime.db.sessionmaker() as session:
+        due = await due_mailboxes(session, runtime.settings.sync_interval_seconds)
+    assert mailbox_id in due
+    await runtime.jobs.enqueue_sync(str(mailbox_id))
+    await drain(runtime)
+    subjects = {e.subject for e in await emails_of(runtime, owner.workspace.id)}
+    assert subjects == {"Announced", "Dropped"}
+
+
+async def test_a_watch_gmail_may_not_publish_for_is_reported_to_the_operator(
+    gql: GQL,
+    factory: Factory,
+    google: SandboxServer,
+    runtime: Runtime,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Gmail needs publish rights on the Pub/Sub topic; without them `watch` answers 403.
+    The operator gets an ERROR naming the topic and what to grant; the pass (and the user's
+    mailbox) carries on, mail arriving by polling."""
+    topic = runtime.settings.google_pubsub_topic
+    google.google.unpublishable.add(topic)
+    caplog.set_level(logging.ERROR, logger="backend.providers.gmail.provider")
+    try:
+        _, mailbox_id, _ = await connected(gql, factory, google, runtime)
+    finally:
+        google.google.unpublishable.discard(topic)
+    mailbox = await reload_mailbox(runtime, mailbox_id)
+    assert mailbox.status == MailboxStatus.PENDING and mailbox.push_renewed_at is None
+    assert await error_codes(runtime, mailbox_id) == []
+    (record,) = [r for r in caplog.records if "Pub/Sub Publisher" in r.getMessage()]
+    assert topic in record.getMessage() and "gmail-api-push@" in record.getMessage()

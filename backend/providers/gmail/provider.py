@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +14,7 @@ from googleapiclient.errors import HttpError, MediaUploadSizeError
 from googleapiclient.http import MediaIoBaseUpload
 
 from backend.providers.base import (
+    AccessDenied,
     ChangeSet,
     CursorInvalid,
     FetchedMessage,
@@ -20,6 +22,7 @@ from backend.providers.base import (
     MailProvider,
     MessageRef,
     PermanentProviderError,
+    ProviderConfigurationError,
     ProviderError,
     RateLimited,
     SendLimits,
@@ -38,6 +41,8 @@ from backend.providers.gmail.client import (
     unb64url,
 )
 from backend.settings import Settings
+
+log = logging.getLogger(__name__)
 
 SYNCED_LABELS = ("INBOX", "SENT")
 SKIPPED_LABELS = {"DRAFT", "SPAM", "TRASH"}
@@ -366,18 +371,36 @@ class GmailProvider(MailProvider):
         return self._label_ids[name]
 
     async def subscribe(self) -> datetime | None:
-        """Gmail `watch` on INBOX and SENT; Google asks for a renewal at least weekly."""
-        result = await self.client.execute(
-            lambda: self.client.users.watch(
-                userId="me",
-                body={
-                    "topicName": self.settings.google_pubsub_topic,
-                    "labelIds": list(SYNCED_LABELS),
-                    "labelFilterBehavior": "include",
-                },
-            ),
-            what="watch",
-        )
+        """Gmail `watch` on INBOX and SENT; Google asks for a renewal at least weekly.
+
+        Gmail publishes as gmail-api-push@system.gserviceaccount.com, which needs publish
+        rights on the topic; without them `watch` answers 403 naming the topic. That is the
+        operator's to fix (an ERROR log naming the setting, ProviderConfigurationError); mail
+        still arrives, by polling, only later."""
+        topic = self.settings.google_pubsub_topic
+        try:
+            result = await self.client.execute(
+                lambda: self.client.users.watch(
+                    userId="me",
+                    body={
+                        "topicName": topic,
+                        "labelIds": list(SYNCED_LABELS),
+                        "labelFilterBehavior": "include",
+                    },
+                ),
+                what="watch",
+            )
+        except AccessDenied as exc:
+            if topic not in exc.detail and "pubsub" not in exc.detail.lower():
+                raise
+            log.error(
+                "Gmail refused to publish to %s (MAILSYNC_GOOGLE_PUBSUB_TOPIC): grant "
+                "gmail-api-push@system.gserviceaccount.com the Pub/Sub Publisher role on it; "
+                "until then mail arrives only by polling (%s)",
+                topic,
+                exc.detail,
+            )
+            raise ProviderConfigurationError(f"configuration: {exc.detail}") from exc
         expiration = result.get("expiration")
         return datetime.fromtimestamp(int(expiration) / 1000, UTC) if expiration else None
 
