@@ -28,6 +28,7 @@ from backend.providers.base import (
 )
 from backend.providers.gmail.provider import GmailProvider
 from backend.providers.microsoft.provider import MicrosoftProvider
+from backend.providers.pacing import Backoff
 from backend.runtime import Runtime
 from backend.sandbox.faults import Fault
 from backend.sync.jobs import run_pass
@@ -64,14 +65,17 @@ async def test_gmail_fetch_paces_a_large_first_sync_within_the_per_user_quota(
     failed, and the next one listed and fetched everything again."""
     total = 2000
     address = gmail_account(google, total)
-    # 450 messages.get per 3 s: the first burst of batches uses it up.
-    google.google.set_quota(address, 2250, window_seconds=3)
+    # 750 messages.get per 3 s.
+    google.google.set_quota(address, 3750, window_seconds=3)
     token = google.google.mint_token(address)
     account = MailboxAccount(id=str(uuid.uuid4()), email_address=address)
     provider = GmailProvider(account, {"access_token": token}, runtime.settings)
     try:
         changes = await provider.list_changes(None, clock.now() - timedelta(days=1))
         assert len(changes.refs) == total
+        # Another app of the user has just used the window up: the first batch is refused
+        # however fast or slow this machine is.
+        google.google.spend_quota(address, 3750)
         read: list[str] = []
         for start in range(0, total, PASS_SLICE):
             fetched = await provider.fetch(changes.refs[start : start + PASS_SLICE])
@@ -464,3 +468,21 @@ async def test_a_watch_gmail_may_not_publish_for_is_reported_to_the_operator(
     assert await error_codes(runtime, mailbox_id) == []
     (record,) = [r for r in caplog.records if "Pub/Sub Publisher" in r.getMessage()]
     assert topic in record.getMessage() and "gmail-api-push@" in record.getMessage()
+
+
+def test_backoff_doubles_with_jitter_halves_batches_and_gives_up_past_the_cap() -> None:
+    """Google's backoff recipe: waits of 1, 2, 4 ... s plus a random part, up to 64 s."""
+    moment = [100.0]
+    pace = Backoff(clock=lambda: moment[0])
+    assert pace.batch_size == 50 and not pace.exhausted
+    waits = []
+    while not pace.exhausted:
+        waits.append(pace.rate_limited())
+    steps = [1, 2, 4, 8, 16, 32, 64, 64]
+    assert len(waits) == len(steps)
+    assert all(step / 2 <= wait <= step for wait, step in zip(waits, steps, strict=True))
+    assert pace.not_before >= moment[0] + waits[-1]
+    assert pace.batch_size == 5  # halved down to the floor
+    pace.succeeded()
+    assert pace.failures == 0 and pace.batch_size == 10
+    assert pace.rate_limited(retry_after=3.0) == 3.0  # a Retry-After is taken as said
