@@ -486,3 +486,29 @@ def test_backoff_doubles_with_jitter_halves_batches_and_gives_up_past_the_cap() 
     pace.succeeded()
     assert pace.failures == 0 and pace.batch_size == 10
     assert pace.rate_limited(retry_after=3.0) == 3.0  # a Retry-After is taken as said
+
+
+async def test_google_refusing_the_oauth_client_is_the_operators_problem(
+    google: SandboxServer, runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 6749 section 5.2: `invalid_client` is the client's authentication failing (a wrong
+    or deleted client secret), not the user's grant: logged for the operator, retried, no
+    "reconnect" (before: ACCESS_REVOKED)."""
+    address = gmail_account(google, 0)
+    token = google.google.mint_token(address)
+    grant = next(g for g in google.google.grants.values() if g.email == address)
+    google.google.expire_access_tokens(address)
+    google.google.faults.add(
+        Fault(status=401, reason="invalid_client", account=address, path="/token", times=1)
+    )
+    credentials = {"access_token": token, "refresh_token": grant.refresh_token}
+    account = MailboxAccount(id=str(uuid.uuid4()), email_address=address)
+    provider = GmailProvider(account, credentials, runtime.settings)
+    caplog.set_level(logging.ERROR, logger="backend.providers.gmail.client")
+    try:
+        with pytest.raises(ProviderConfigurationError) as refused:
+            await provider.profile()
+    finally:
+        await provider.close()
+    assert refused.value.code == "PROVIDER_UNAVAILABLE"
+    assert any("OAuth client" in r.getMessage() for r in caplog.records)

@@ -32,6 +32,7 @@ from backend.providers.base import (
     AccessRevoked,
     MailboxNotFound,
     PermanentProviderError,
+    ProviderConfigurationError,
     ProviderError,
     RateLimited,
     SendRejected,
@@ -188,7 +189,17 @@ def send_failure(exc: HttpError, *, what: str) -> ProviderError:
 
 
 def refresh_failure(exc: RefreshError, *, what: str) -> ProviderError:
+    """Google's token endpoint refusing a refresh (RFC 6749 section 5.2 errors): the OAuth
+    client itself refused is the operator's to fix, a refused grant the user's."""
     text = str(exc)
+    if "invalid_client" in text or "unauthorized_client" in text:
+        log.error(
+            "Google refuses mailsync's OAuth client (%s): check MAILSYNC_GOOGLE_CLIENT_ID / "
+            "MAILSYNC_GOOGLE_CLIENT_SECRET; mailboxes keep retrying and are not asked to "
+            "reconnect",
+            text,
+        )
+        return ProviderConfigurationError(f"configuration: {what}: {text}")
     if "invalid_grant" in text or not getattr(exc, "retryable", True):
         return AccessRevoked(f"{what}: {text}")
     return TransientProviderError(f"{what}: {text}")
