@@ -137,6 +137,13 @@ def sandbox(
             help="Where Gmail push notifications go, e.g. the API's /webhooks/google URL."
         ),
     ] = None,
+    drop_pushes: Annotated[
+        bool,
+        typer.Option(
+            help="Drop Gmail pushes above one a second per user, as Gmail does (mail they "
+            "would announce waits for the next poll); by default they ride on the next push."
+        ),
+    ] = False,
 ) -> None:
     """Run the provider sandbox in memory: Google OAuth and the Gmail API, and the
     Microsoft identity platform and Graph mail (under /{tenant}/oauth2/v2.0 and /v1.0).
@@ -148,7 +155,7 @@ def sandbox(
     from backend.sandbox.app import create_sandbox_app
     from backend.sandbox.google import GoogleSandbox
 
-    google = GoogleSandbox()
+    google = GoogleSandbox(merge_pushes=not drop_pushes)
     if push_endpoint:
         google.push_endpoints["*"] = push_endpoint
     typer.echo(

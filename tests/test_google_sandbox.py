@@ -21,6 +21,7 @@ from backend.sandbox.google import MAX_SEND_BYTES, unb64url
 from backend.sandbox.wire import SubRequest
 from tests.factories import raw_message, unique
 from tests.sandbox import SandboxServer, call, raw_b64
+from tests.sync_helpers import wait_until
 
 
 def address(prefix: str = "user") -> str:
@@ -488,3 +489,119 @@ async def test_r15_an_after_delay_fault_accepts_the_send_then_answers_late(
             await http.delete("/_sandbox/faults")
     theirs = google_server.google.account(friend)
     assert theirs is not None and len(theirs.messages) == 1
+
+
+async def test_per_user_quota_as_documented_without_retry_after(
+    google_server: SandboxServer,
+) -> None:
+    """Gmail API "Usage limits" (developers.google.com/workspace/gmail/api/reference/quota):
+    15,000 quota units per user per minute, exceeded reason `userRateLimitExceeded`;
+    messages.get 5 units, messages.delete 10, stop 50, getProfile 1. "Resolve errors" (guides/
+    handle-errors): a rate-limited call answers 403 `userRateLimitExceeded` or 429 "Too many
+    requests" and is to be retried with exponential backoff: no Retry-After is sent. Batching
+    guide: calls inside a batch are counted one by one. The window is shortened here, the
+    rule is the same."""
+    me = address()
+    sandbox = google_server.google
+    assert (sandbox.quota_units, sandbox.quota_window_seconds) == (15_000, 60.0)
+    box = google_server.gmail(me)
+    ids = [(await insert(box, raw_message("a@b.test", [me], f"M{i}")))["id"] for i in range(4)]
+    sandbox.set_quota(me, 20, window_seconds=600)
+    answers: dict[str, Any] = {}
+    batch = box.new_batch_http_request()
+    for message_id in ids:
+        batch.add(
+            box.users().messages().get(userId="me", id=message_id),
+            request_id=message_id,
+            callback=lambda rid, response, exc: answers.__setitem__(rid, exc or response),
+        )
+    await asyncio.to_thread(batch.execute)
+    assert all(isinstance(answers[i], dict) for i in ids)  # 4 x 5 units: the whole quota
+    with pytest.raises(HttpError) as lone:
+        await call(box.users().getProfile(userId="me"))
+    assert lone.value.status_code == 403 and "retry-after" not in lone.value.resp
+    assert json.loads(lone.value.content)["error"]["errors"][0]["reason"] == (
+        "userRateLimitExceeded"
+    )
+    answers.clear()
+    batch = box.new_batch_http_request()
+    batch.add(
+        box.users().messages().get(userId="me", id=ids[0]),
+        request_id="one",
+        callback=lambda rid, response, exc: answers.__setitem__(rid, exc or response),
+    )
+    await asyncio.to_thread(batch.execute)
+    assert isinstance(answers["one"], HttpError) and answers["one"].status_code == 429
+    assert "retry-after" not in answers["one"].resp
+    # Costs: a delete is 10 units, stop 50 (more than this quota holds, so refused).
+    sandbox.set_quota(me, 15, window_seconds=600)
+    await call(box.users().messages().delete(userId="me", id=ids[0]))
+    with pytest.raises(HttpError):
+        await call(box.users().messages().delete(userId="me", id=ids[1]))
+    sandbox.set_quota(me, 49, window_seconds=600)
+    with pytest.raises(HttpError) as stop:
+        await call(box.users().stop(userId="me"))
+    assert stop.value.status_code == 403
+    sandbox.set_quota(me, 50, window_seconds=600)
+    await call(box.users().stop(userId="me"))
+    # The window moves: what was spent more than a window ago counts no more.
+    sandbox.set_quota(me, 5, window_seconds=0.5)
+    await call(box.users().messages().get(userId="me", id=ids[1]))
+    with pytest.raises(HttpError):
+        await call(box.users().messages().get(userId="me", id=ids[1]))
+    refused = sandbox.account(me).rate_limited  # type: ignore[union-attr]
+    assert refused == 5
+
+    async def allowed_again() -> bool:
+        try:
+            await call(box.users().messages().get(userId="me", id=ids[1]))
+        except HttpError:
+            return False
+        return True
+
+    await wait_until(allowed_again, 30)
+
+
+async def test_pushes_above_one_a_second_per_user_are_dropped(google_server: SandboxServer) -> None:
+    """Gmail push notifications guide (developers.google.com/workspace/gmail/api/guides/push,
+    "Notification limitations"): "Each Gmail user being watched has a maximum notification
+    rate of 1 event/sec. Any user notifications above that rate will be dropped." No final
+    notification catches up: the client must not rely on every change being announced."""
+    me = address()
+    box = google_server.gmail(me)
+    sandbox = google_server.google
+    received: list[dict[str, Any]] = []
+    original = (sandbox.push_sink, sandbox.merge_pushes, sandbox.push_min_interval)
+    sandbox.push_sink = lambda endpoint, envelope: received.append(envelope)
+    sandbox.push_endpoints["projects/p/topics/drop"] = "http://app.test/push"
+    sandbox.merge_pushes, sandbox.push_min_interval = False, 1.0
+    try:
+        await call(box.users().watch(userId="me", body={"topicName": "projects/p/topics/drop"}))
+        for i in range(3):
+            await insert(box, raw_message("a@client.test", [me], f"Burst {i}"))
+        await sandbox.drain_pushes()
+        account = sandbox.account(me)
+        assert account is not None
+        assert len(received) == 1 and account.pushes_dropped == 2
+        notice = json.loads(unb64url(received[0]["message"]["data"]))
+        assert notice["historyId"] < account.history_id  # the later changes went unannounced
+    finally:
+        sandbox.push_sink, sandbox.merge_pushes, sandbox.push_min_interval = original
+
+
+async def test_watch_needs_publish_rights_on_the_topic(google_server: SandboxServer) -> None:
+    """Gmail push guide, "Grant publish rights on your topic": Gmail publishes as
+    gmail-api-push@system.gserviceaccount.com, which needs the Pub/Sub Publisher role on the
+    topic; without it `watch` fails with 403 (the sandbox: a topic in `unpublishable`)."""
+    me = address()
+    box = google_server.gmail(me)
+    google_server.google.unpublishable.add("projects/p/topics/locked")
+    try:
+        with pytest.raises(HttpError) as refused:
+            await call(
+                box.users().watch(userId="me", body={"topicName": "projects/p/topics/locked"})
+            )
+    finally:
+        google_server.google.unpublishable.discard("projects/p/topics/locked")
+    assert refused.value.status_code == 403
+    assert "projects/p/topics/locked" in json.loads(refused.value.content)["error"]["message"]

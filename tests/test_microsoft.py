@@ -389,9 +389,9 @@ async def test_a_rotated_refresh_token_is_stored_before_the_pass_dies(
     runtime: Runtime,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Microsoft rotates the refresh token on each refresh and the old one stops working: kept
-    in memory until the pass's commit, it was lost when the worker died (ACCESS_REVOKED until
-    the user reconnected)."""
+    """Microsoft rotates the refresh token on each refresh and asks clients to replace the
+    stored one (the used one is not revoked, but lapses on its own): kept in memory until the
+    pass's commit, the new one was lost when the worker died."""
     from backend.sync import service
     from backend.sync.jobs import run_pass
 
@@ -415,7 +415,7 @@ async def test_a_rotated_refresh_token_is_stored_before_the_pass_dies(
     assert stored["refresh_token"] != lapsing["refresh_token"]
     assert stored["expires_at"] > lapsing["expires_at"]
 
-    # The next pass works with what was stored (the old refresh token no longer would).
+    # The next pass works with what was stored.
     monkeypatch.undo()
     microsoft.microsoft.expire_access_tokens(address)
     result = await run_pass(runtime, mailbox_id)

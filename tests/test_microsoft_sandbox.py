@@ -101,6 +101,10 @@ async def sandbox(google_server: SandboxServer) -> AsyncIterator[SandboxServer]:
 async def test_oauth_code_then_refresh_rotates_and_revocation_is_aadsts(
     sandbox: SandboxServer,
 ) -> None:
+    """ "Refresh tokens in the Microsoft identity platform" (learn.microsoft.com/entra/
+    identity-platform/refresh-tokens): refresh tokens replace themselves with a fresh token
+    on every use, and the platform does not revoke the old one when it is used; revoking the
+    grant ends them all (AADSTS50173)."""
     user = address()
     async with httpx.AsyncClient(base_url=sandbox.url, trust_env=False) as http:
         consent = await http.get(
@@ -142,7 +146,7 @@ async def test_oauth_code_then_refresh_rotates_and_revocation_is_aadsts(
             )
         ).json()
         assert refreshed["refresh_token"] != token["refresh_token"]
-        spent = await http.post(
+        used = await http.post(
             f"/{TENANT}/oauth2/v2.0/token",
             data={
                 "grant_type": "refresh_token",
@@ -150,7 +154,15 @@ async def test_oauth_code_then_refresh_rotates_and_revocation_is_aadsts(
                 "refresh_token": token["refresh_token"],
             },
         )
-        assert spent.status_code == 400 and spent.json()["error_codes"] == [70008]
+        assert used.status_code == 200 and used.json()["refresh_token"] not in (
+            token["refresh_token"],
+            refreshed["refresh_token"],
+        )
+        unknown = await http.post(
+            f"/{TENANT}/oauth2/v2.0/token",
+            data={"grant_type": "refresh_token", "client_id": "app", "refresh_token": "0.AR-x"},
+        )
+        assert unknown.status_code == 400 and unknown.json()["error_codes"] == [70008]
         sandbox.microsoft.revoke_account(user)
         revoked = await http.post(
             f"/{TENANT}/oauth2/v2.0/token",
@@ -453,3 +465,88 @@ async def test_r15_an_after_delay_fault_accepts_send_mail_then_answers_late(
         await http.delete("/_sandbox/faults")
     bob_box = sandbox.microsoft.account(bob)
     assert bob_box is not None and len(bob_box.messages) == 1
+
+
+async def test_outlook_service_limits_four_concurrent_requests_and_a_request_window(
+    sandbox: SandboxServer,
+) -> None:
+    """Graph throttling limits, "Outlook service limits" (learn.microsoft.com/graph/
+    throttling-limits#outlook-service-limits): per app ID and mailbox, 4 concurrent requests
+    (MailboxConcurrency) and 10,000 requests per 10 minutes; past either Graph answers 429
+    with a Retry-After (Graph "throttling" guidance). Here the window is shortened for the
+    test, the rule is the same."""
+    user = address()
+    account = sandbox.microsoft.ensure_account(user)
+    account.latency = 0.3  # each request takes time, so six of them overlap
+    graph, http = sandbox.graph(user)
+    try:
+        token = sandbox.microsoft.mint_token(user)
+
+        async def me(limit: str = "MailboxConcurrency") -> int:
+            response = await http.get(
+                sandbox.url + "/v1.0/me", headers={"Authorization": f"Bearer {token}"}
+            )
+            if response.status_code == 429:
+                assert response.json()["error"]["code"] == "ApplicationThrottled"
+                assert limit in response.json()["error"]["message"]
+                assert float(response.headers["retry-after"]) > 0
+            return response.status_code
+
+        statuses = await asyncio.gather(*(me() for _ in range(6)))
+        assert sorted(statuses) == [200, 200, 200, 200, 429, 429]
+        assert account.most_in_flight == 4 and account.throttled == 2
+
+        account.latency = 0.0
+        account.request_limit = (3, 600.0)
+        sandbox.microsoft._recent.clear()
+        assert [await me("MailboxRequestLimit") for _ in range(4)] == [200, 200, 200, 429]
+        refused = await http.get(
+            sandbox.url + "/v1.0/me", headers={"Authorization": f"Bearer {token}"}
+        )
+        assert refused.status_code == 429 and 500 < float(refused.headers["retry-after"]) <= 601
+    finally:
+        account.request_limit = None
+        await http.aclose()
+        del graph
+
+
+@pytest.mark.parametrize(
+    ("reason", "message", "codes"),
+    [
+        ("invalid_client", None, [7000215]),
+        (
+            "invalid_client",
+            "AADSTS7000222: The provided client secret keys are expired.",
+            [7000222],
+        ),
+        ("temporarily_unavailable", "The server is temporarily too busy.", []),
+        ("interaction_required", None, [50076]),
+    ],
+)
+async def test_token_endpoint_faults_answer_oauth_errors_with_aadsts_codes(
+    sandbox: SandboxServer, reason: str, message: str | None, codes: list[int]
+) -> None:
+    """The identity platform's error shape ("Microsoft identity platform and OAuth 2.0
+    authorization code flow", error response; "Microsoft Entra authentication and
+    authorization error codes"): `error` is the OAuth name, `error_codes` the AADSTS codes,
+    `error_description` starts with "AADSTS<code>:"."""
+    user = address()
+    sandbox.microsoft.ensure_account(user)
+    sandbox.microsoft.mint_token(user)
+    grant = next(g for g in sandbox.microsoft.grants.values() if g.email == user)
+    sandbox.microsoft.faults.add(
+        Fault(status=400, reason=reason, message=message, account=user, path="/token", times=1)
+    )
+    async with httpx.AsyncClient(base_url=sandbox.url, trust_env=False) as http:
+        answer = await http.post(
+            f"/{TENANT}/oauth2/v2.0/token",
+            data={
+                "grant_type": "refresh_token",
+                "client_id": "sandbox-admin",
+                "refresh_token": grant.refresh_token,
+            },
+        )
+    body = answer.json()
+    assert answer.status_code == 400 and body["error"] == reason
+    assert body["error_codes"] == codes
+    assert body["error_description"].startswith(f"AADSTS{codes[0]}:" if codes else "The server")

@@ -124,6 +124,17 @@ class RateLimited(TransientProviderError):
     code = SyncErrorCode.RATE_LIMITED
 
 
+class ProviderConfigurationError(TransientProviderError):
+    """The provider refuses mailsync itself (an expired or wrong app secret, an app not
+    registered, a bad scope): the operator must fix the settings, the user can do nothing.
+    The mailbox shows PROVIDER_UNAVAILABLE and keeps retrying with backoff, never "reconnect";
+    the operator learns of it from the log (an ERROR naming the setting) and from the
+    mailbox's error entry, whose detail starts with "configuration:"."""
+
+    def __init__(self, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(detail, SyncErrorCode.PROVIDER_UNAVAILABLE, retry_after)
+
+
 class PermanentProviderError(ProviderError):
     """Retrying will not help until the user acts (reconnect, grant access, fix the address)."""
 
@@ -181,6 +192,11 @@ class CredentialStore(Protocol):
     database."""
 
     async def save(self, credentials: dict[str, Any]) -> None: ...
+
+    async def load(self) -> dict[str, Any] | None:
+        """The credentials stored now (another process may have refreshed them since this
+        provider was built); None when they cannot be read at the moment."""
+        ...
 
 
 class MailProvider(abc.ABC):

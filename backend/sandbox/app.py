@@ -327,6 +327,14 @@ def create_sandbox_app(
             google.expire_history(address)
         elif action == "send-limit":
             google.ensure_account(address).daily_send_limit = int((await request.json())["limit"])
+        elif action == "quota":
+            data = await request.json()
+            units = data.get("units")
+            google.set_quota(
+                address,
+                None if units is None else int(units),
+                float(data.get("windowSeconds", 60)),
+            )
         else:
             return JSONResponse({"error": f"unknown action {action}"}, status_code=404)
         return JSONResponse({"ok": True})

@@ -20,6 +20,7 @@ import re
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -65,17 +66,29 @@ SYSTEM_LABELS = (
 COSTS = {
     "profile": 1,
     "history": 2,
+    "labels.get": 1,
     "labels.list": 1,
     "labels.create": 5,
+    "settings.sendAs.list": 1,
+    "messages.attachments.get": 5,
     "messages.get": 5,
     "messages.list": 5,
     "messages.modify": 5,
+    "messages.trash": 5,
+    "messages.delete": 10,
     "messages.batchModify": 50,
     "messages.send": 100,
     "messages.insert": 25,
     "messages.import": 25,
+    "stop": 50,
     "watch": 100,
 }
+# The per-user rate limit of the same page: 15,000 units per user per minute. Exceeding it
+# answers `userRateLimitExceeded` (a lone call: 403) or 429 "Too many requests" (a call
+# inside a batch: Gmail's batching guide warns that large batches trigger rate limiting),
+# without a Retry-After: the error guide asks clients for exponential backoff.
+QUOTA_UNITS = 15_000
+QUOTA_WINDOW_SECONDS = 60.0
 # Sending limits (docs/providers.md, "Sending"): the discovery document's maxSize for
 # messages.send uploads; "Gmail sending limits in Google Workspace" for the rest.
 MAX_SEND_BYTES = 36_700_160
@@ -234,9 +247,15 @@ class Account:
     watch: Watch | None = None
     daily_send_limit: int = DAILY_SEND_LIMIT
     sent_at: list[float] = field(default_factory=list)  # send times in the last 24 hours
-    quota_window: tuple[int, int] = (0, 0)  # (minute, units used)
-    last_push: float = 0.0
+    # (time, units) charged within the last quota window, oldest first.
+    quota_spent: deque[tuple[float, int]] = field(default_factory=deque)
+    # A per-account quota (units per window of seconds), set by the admin action `quota`;
+    # None: the sandbox's own.
+    quota: tuple[int, float] | None = None
+    rate_limited: int = 0  # calls refused for quota, for tests
+    last_push: float = float("-inf")
     push_pending: bool = False
+    pushes_dropped: int = 0
     # False: history records name their messages without `labelIds`, as Gmail sometimes
     # answers (clients are to look the message up).
     history_labels: bool = True
@@ -281,11 +300,18 @@ class GoogleSandbox:
         *,
         access_token_ttl: int = 3600,
         push_min_interval: float = 1.0,
-        quota_per_user_minute: int | None = None,
+        quota_units: int = QUOTA_UNITS,
+        quota_window_seconds: float = QUOTA_WINDOW_SECONDS,
+        merge_pushes: bool = False,
     ) -> None:
         self.access_token_ttl = access_token_ttl
         self.push_min_interval = push_min_interval
-        self.quota_per_user_minute = quota_per_user_minute
+        self.merge_pushes = merge_pushes
+        # Topics gmail-api-push@system.gserviceaccount.com may not publish to: watch → 403.
+        self.unpublishable: set[str] = set()
+        # Per user: `quota_units` within any `quota_window_seconds` (Gmail: 15,000 a minute).
+        self.quota_units = quota_units
+        self.quota_window_seconds = quota_window_seconds
         self.accounts: dict[str, Account] = {}
         self.access_tokens: dict[str, AccessToken] = {}
         self.grants: dict[str, Grant] = {}
@@ -538,22 +564,33 @@ class GoogleSandbox:
             return None
         return self.access_tokens.get(header[7:].strip())
 
-    def _charge(self, account: Account, method: str) -> SubResponse | None:
-        if self.quota_per_user_minute is None:
-            return None
-        minute = int(time.time() // 60)
-        window, used = account.quota_window
-        used = used if window == minute else 0
-        cost = COSTS.get(method, 5)
-        if used + cost > self.quota_per_user_minute:
+    def set_quota(self, address: str, units: int | None, window_seconds: float = 60.0) -> None:
+        """A quota of its own for one account (tests: the same rule over a shorter window)."""
+        with self._lock:
+            account = self._require(address)
+            account.quota = None if units is None else (units, window_seconds)
+            account.quota_spent.clear()
+
+    def spend_quota(self, address: str, units: int) -> None:
+        """Quota used by another client of the same user (the limit is per user, not per app)."""
+        with self._lock:
+            self._require(address).quota_spent.append((time.monotonic(), units))
+
+    def _charge(self, account: Account, method: str, in_batch: bool = False) -> SubResponse | None:
+        units, window = account.quota or (self.quota_units, self.quota_window_seconds)
+        moment = time.monotonic()
+        spent = account.quota_spent
+        while spent and spent[0][0] <= moment - window:
+            spent.popleft()
+        cost = COSTS[method]
+        if sum(c for _, c in spent) + cost > units:
+            account.rate_limited += 1
+            if in_batch:
+                return error(429, "Too many requests", "rateLimitExceeded", domain="usageLimits")
             return error(
-                403,
-                "User-rate limit exceeded.",
-                "userRateLimitExceeded",
-                domain="usageLimits",
-                **{"Retry-After": str(60 - int(time.time()) % 60)},
+                403, "User-rate limit exceeded.", "userRateLimitExceeded", domain="usageLimits"
             )
-        account.quota_window = (minute, used + cost)
+        spent.append((moment, cost))
         return None
 
     def _route(
@@ -572,19 +609,27 @@ class GoogleSandbox:
         def charged(
             name: str, allowed: set[str], handler: Callable[[], SubResponse]
         ) -> SubResponse:
-            return need(allowed) or self._charge(account, name) or handler()
+            return (
+                need(allowed)
+                or self._charge(account, name, in_batch=req.content_id is not None)
+                or handler()
+            )
 
         if rest == "profile" and method == "GET":
             return charged("profile", READ_SCOPES | SEND_SCOPES, lambda: self._profile(account))
         if rest == "settings/sendAs" and method == "GET":
-            return charged("labels.list", READ_SCOPES, lambda: self._send_as(account))
+            return charged("settings.sendAs.list", READ_SCOPES, lambda: self._send_as(account))
         if rest == "history" and method == "GET":
             return charged("history", READ_SCOPES, lambda: self._history(account, req.query))
         if rest == "watch" and method == "POST":
             return charged("watch", READ_SCOPES, lambda: self._watch(account, req.body))
         if rest == "stop" and method == "POST":
-            account.watch = None
-            return SubResponse(204, b"")
+
+            def stop() -> SubResponse:
+                account.watch = None
+                return SubResponse(204, b"")
+
+            return charged("stop", READ_SCOPES, stop)
         if parts[0] == "labels":
             if len(parts) == 1 and method == "GET":
                 return charged(
@@ -598,10 +643,14 @@ class GoogleSandbox:
                 )
             if len(parts) == 2 and method == "GET":
                 label = account.labels.get(parts[1])
-                return (
-                    ok(label)
-                    if label
-                    else error(404, "Requested entity was not found.", "notFound")
+                return charged(
+                    "labels.get",
+                    READ_SCOPES | LABEL_SCOPES,
+                    lambda: (
+                        ok(label)
+                        if label
+                        else error(404, "Requested entity was not found.", "notFound")
+                    ),
                 )
         if parts[0] != "messages":
             return error(404, f"Not found: {req.path}", "notFound")
@@ -638,7 +687,7 @@ class GoogleSandbox:
                 "messages.get", READ_SCOPES, lambda: ok(self._render(message, req.query))
             )
         if len(parts) == 2 and method == "DELETE":
-            return charged("messages.modify", FULL_ACCESS, lambda: self._delete(account, message))
+            return charged("messages.delete", FULL_ACCESS, lambda: self._delete(account, message))
         if len(parts) == 3 and method == "POST" and parts[2] == "modify":
             return charged(
                 "messages.modify",
@@ -647,12 +696,14 @@ class GoogleSandbox:
             )
         if len(parts) == 3 and method == "POST" and parts[2] == "trash":
             return charged(
-                "messages.modify",
+                "messages.trash",
                 FULL_ACCESS,
                 lambda: self._relabel(account, message, ["TRASH"], ["INBOX"]),
             )
         if len(parts) == 4 and parts[2] == "attachments" and method == "GET":
-            return charged("messages.get", READ_SCOPES, lambda: self._attachment(message, parts[3]))
+            return charged(
+                "messages.attachments.get", READ_SCOPES, lambda: self._attachment(message, parts[3])
+            )
         return error(404, f"Not found: {req.path}", "notFound")
 
     # ------------------------------------------------------------------ handlers
@@ -725,6 +776,13 @@ class GoogleSandbox:
         ).lower()
         if behavior not in ("include", "exclude"):
             raise BadRequest("Invalid labelFilterBehavior")
+        if topic in self.unpublishable:
+            return error(
+                403,
+                f"Error sending test message to Cloud PubSub {topic} : User not authorized to "
+                "perform this action.",
+                "forbidden",
+            )
         expiration = int((time.time() + 7 * 86400) * 1000)
         account.watch = Watch(topic, list(data.get("labelIds") or []), behavior, expiration)
         return ok({"historyId": str(account.history_id), "expiration": str(expiration)})
@@ -1031,13 +1089,24 @@ class GoogleSandbox:
 
     # ------------------------------------------------------------------ push
     def _schedule_push(self, account: Account) -> None:
-        if account.push_pending or self.push_sink is None:
+        """Gmail's push guide: "Each Gmail user being watched has a maximum notification rate
+        of 1 event/sec. Any user notifications above that rate will be dropped." A change
+        within `push_min_interval` of the last notification sends none (`merge_pushes`:
+        it rides on a later one instead, the older, kinder behaviour)."""
+        if self.push_sink is None:
+            return
+        if account.push_pending:
+            return  # the notification on its way carries the newest history id
+        if not self.merge_pushes and time.monotonic() - account.last_push < self.push_min_interval:
+            account.pushes_dropped += 1
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
         account.push_pending = True
+        if not self.merge_pushes:
+            account.last_push = time.monotonic()
         task = loop.create_task(self._push(account))
         self._push_tasks.add(task)
         task.add_done_callback(self._push_tasks.discard)
@@ -1048,13 +1117,14 @@ class GoogleSandbox:
             await asyncio.gather(*list(self._push_tasks), return_exceptions=True)
 
     async def _push(self, account: Account) -> None:
-        # At most one notification per user per second; later changes ride on the next one.
-        wait = account.last_push + self.push_min_interval - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
+        if self.merge_pushes:
+            wait = account.last_push + self.push_min_interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
         with self._lock:
             account.push_pending = False
-            account.last_push = time.monotonic()
+            if self.merge_pushes:
+                account.last_push = time.monotonic()
             watch = account.watch
             if watch is None:
                 return

@@ -22,6 +22,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -33,6 +34,7 @@ from urllib.parse import quote, unquote, urlencode
 from backend.sandbox.faults import Fault, FaultTable
 from backend.sandbox.wire import SubRequest, SubResponse, prepend_headers, strip_header
 
+_AADSTS = re.compile(r"^AADSTS(\d+):")
 GRAPH_PREFIX = "/v1.0/"
 WELL_KNOWN = {"inbox": "Inbox", "sentitems": "Sent Items", "drafts": "Drafts"}
 DEFAULT_PAGE = 10
@@ -48,6 +50,20 @@ _MSGID = re.compile(r"<[^<>\s]+>")
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 _FILTER_MESSAGE_ID = re.compile(r"internetMessageId\s+eq\s+'((?:[^']|'')*)'", re.IGNORECASE)
 _FILTER_SINCE = re.compile(r"receivedDateTime\s+(ge|gt)\s+(\S+)", re.IGNORECASE)
+# Outlook service limits of Graph's throttling guide (learn.microsoft.com/graph/
+# throttling-limits#outlook-service-limits), per app ID and mailbox: 4 concurrent requests
+# (MailboxConcurrency) and 10,000 requests per 10 minutes; past either, 429 with Retry-After.
+MAILBOX_CONCURRENCY = 4
+MAILBOX_REQUESTS = 10_000
+MAILBOX_WINDOW_SECONDS = 600.0
+# The AADSTS code a token-endpoint fault carries when its message names none.
+FAULT_AADSTS = {
+    "invalid_grant": 50173,
+    "interaction_required": 50076,
+    "invalid_client": 7000215,
+    "unauthorized_client": 700016,
+    "invalid_scope": 70011,
+}
 
 
 def graph_error(status: int, code: str, message: str, **headers: str) -> SubResponse:
@@ -244,6 +260,13 @@ class MsAccount:
     # Sync states older than this answer 410 syncStateNotFound (the tokens were evicted).
     delta_floor: int = 0
     enabled: bool = True  # False: MailboxNotEnabledForRESTAPI
+    # How long each Graph request takes here (requests overlap only if they take time), and
+    # an own request limit (requests per window of seconds) for tests; None: the documented.
+    latency: float = 0.0
+    request_limit: tuple[int, float] | None = None
+    refreshes: int = 0  # refresh-token grants answered, for tests
+    throttled: int = 0  # requests refused by the Outlook service limits
+    most_in_flight: int = 0
 
     def __post_init__(self) -> None:
         for name, display in WELL_KNOWN.items():
@@ -307,6 +330,9 @@ class MicrosoftSandbox:
         self.notifications_sent = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = threading.RLock()
+        # Per (app, mailbox): requests in flight, and the times of the recent ones.
+        self._in_flight: dict[tuple[str, str], int] = {}
+        self._recent: dict[tuple[str, str], deque[float]] = {}
 
     # ------------------------------------------------------------------ accounts (admin)
     def account(self, address: str) -> MsAccount | None:
@@ -430,8 +456,9 @@ class MicrosoftSandbox:
         def aad_error(name: str, code: int, description: str, status: int = 400) -> SubResponse:
             body = {
                 "error": name,
-                "error_description": f"AADSTS{code}: {description}",
-                "error_codes": [code],
+                # Code 0: an OAuth error the platform names without an AADSTS number.
+                "error_description": f"AADSTS{code}: {description}" if code else description,
+                "error_codes": [code] if code else [],
                 "timestamp": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ"),
                 "trace_id": str(uuid.uuid4()),
                 "correlation_id": str(uuid.uuid4()),
@@ -474,10 +501,14 @@ class MicrosoftSandbox:
                     )
                 if found.client_id not in (client_id, "sandbox-admin"):
                     return aad_error("unauthorized_client", 700016, "Application not found.")
-                # Rotation: the refresh token used here is spent; the answer carries the next.
-                del self.grants[found.refresh_token]
+                # Rotation as documented ("Refresh tokens in the Microsoft identity platform"):
+                # the answer carries a new refresh token, but the one used is not revoked;
+                # both work until they lapse or the grant is revoked.
                 found.refresh_token = "0.ARsandbox-" + secrets.token_urlsafe(32)
                 self.grants[found.refresh_token] = found
+                account = self.accounts.get(found.email)
+                if account is not None:
+                    account.refreshes += 1
                 grant = found
             else:
                 return aad_error(
@@ -487,12 +518,13 @@ class MicrosoftSandbox:
                 )
             fault = self.faults.take(grant.email, "POST", "/oauth2/v2.0/token")
             if fault is not None and fault.status:
-                return aad_error(
-                    fault.reason or "invalid_grant",
-                    50173,
-                    fault.message or "The grant was revoked.",
-                    fault.status,
-                )
+                # The identity platform's answer: `error` (the OAuth name) and the AADSTS
+                # code, taken from a message written as "AADSTS<code>: ...".
+                name = fault.reason or "invalid_grant"
+                named = _AADSTS.match(fault.message or "")
+                code = int(named.group(1)) if named else FAULT_AADSTS.get(name, 0)
+                text = (fault.message or "").split(":", 1)[1].strip() if named else None
+                return aad_error(name, code, text or fault.message or name, fault.status)
             granted = [
                 s for s in grant.scopes if s.lower() not in ("offline_access", "openid", "profile")
             ]
@@ -530,7 +562,49 @@ class MicrosoftSandbox:
                 return self._fault_response(fault) if fault.status else answer
             if fault.status:
                 return self._fault_response(fault)
-        return await self._answer(request, base_url, path, found)
+        account = self.accounts.get(found[0].email) if found else None
+        if found is None or account is None:
+            return await self._answer(request, base_url, path, found)
+        key = (found[0].client_id, account.email)
+        refused = self._over_limits(account, key)
+        if refused is not None:
+            return refused
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        account.most_in_flight = max(account.most_in_flight, self._in_flight[key])
+        try:
+            if account.latency:
+                await asyncio.sleep(account.latency)
+            return await self._answer(request, base_url, path, found)
+        finally:
+            self._in_flight[key] -= 1
+
+    def _over_limits(self, account: MsAccount, key: tuple[str, str]) -> SubResponse | None:
+        """The Outlook service limits, per app and mailbox: a 429 with Retry-After past
+        MailboxConcurrency or the requests of the window; None when the request may run."""
+        limit, window = account.request_limit or (MAILBOX_REQUESTS, MAILBOX_WINDOW_SECONDS)
+        moment = time.monotonic()
+        recent = self._recent.setdefault(key, deque())
+        while recent and recent[0] <= moment - window:
+            recent.popleft()
+        if self._in_flight.get(key, 0) >= MAILBOX_CONCURRENCY:
+            account.throttled += 1
+            return graph_error(
+                429,
+                "ApplicationThrottled",
+                "Application is over its MailboxConcurrency limit.",
+                **{"Retry-After": "1"},
+            )
+        if len(recent) >= limit:
+            account.throttled += 1
+            wait = max(1, int(recent[0] + window - moment) + 1)
+            return graph_error(
+                429,
+                "ApplicationThrottled",
+                "Application is over its MailboxRequestLimit.",
+                **{"Retry-After": str(wait)},
+            )
+        recent.append(moment)
+        return None
 
     async def _answer(
         self,

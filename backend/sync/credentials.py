@@ -9,7 +9,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
-from backend.mailboxes.service import write_credentials
+from backend.mailboxes.service import read_credentials, write_credentials
 from backend.mailboxes.tables import Mailbox, MailboxStatus
 
 if TYPE_CHECKING:
@@ -37,3 +37,12 @@ class MailboxCredentialStore:
             write_credentials(self.secret, mailbox, credentials)
             work.session.add(mailbox)
         self.stored += 1
+
+    async def load(self) -> dict[str, Any] | None:
+        """The stored credentials, which another process may have refreshed."""
+        async with self.unit_of_work() as work:
+            mailbox = await work.session.get(Mailbox, self.mailbox_id)
+            work.discard()
+            if mailbox is None or mailbox.credentials_encrypted is None:
+                return None
+            return read_credentials(self.secret, mailbox)

@@ -32,6 +32,7 @@ from backend.providers.base import (
     AccessRevoked,
     MailboxNotFound,
     PermanentProviderError,
+    ProviderConfigurationError,
     ProviderError,
     RateLimited,
     SendRejected,
@@ -39,6 +40,7 @@ from backend.providers.base import (
     SyncErrorCode,
     TransientProviderError,
 )
+from backend.providers.pacing import Backoff, mailbox_backoff
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,9 @@ RATE_REASONS = {
 # A token without the scopes mailsync asked for: the user must grant them again.
 SCOPE_REASONS = {"insufficientPermissions", "ACCESS_TOKEN_SCOPE_INSUFFICIENT"}
 INLINE_RETRIES = 2
+# Gmail's batching guide: at most 100 calls per batch, and more than 50 is discouraged
+# (large batches trigger rate limiting); the batch size adapts below this.
+MAX_BATCH = 50
 
 
 @functools.cache
@@ -184,15 +189,38 @@ def send_failure(exc: HttpError, *, what: str) -> ProviderError:
 
 
 def refresh_failure(exc: RefreshError, *, what: str) -> ProviderError:
+    """Google's token endpoint refusing a refresh (RFC 6749 section 5.2 errors): the OAuth
+    client itself refused is the operator's to fix, a refused grant the user's."""
     text = str(exc)
+    if "invalid_client" in text or "unauthorized_client" in text:
+        log.error(
+            "Google refuses mailsync's OAuth client (%s): check MAILSYNC_GOOGLE_CLIENT_ID / "
+            "MAILSYNC_GOOGLE_CLIENT_SECRET; mailboxes keep retrying and are not asked to "
+            "reconnect",
+            text,
+        )
+        return ProviderConfigurationError(f"configuration: {what}: {text}")
     if "invalid_grant" in text or not getattr(exc, "retryable", True):
         return AccessRevoked(f"{what}: {text}")
     return TransientProviderError(f"{what}: {text}")
 
 
+def give_up(error: ProviderError, pace: Backoff) -> RateLimited:
+    """The per-user quota kept refusing through waits up to the cap: the pass ends, its
+    progress kept, and the next one starts after another wait of the same length."""
+    return RateLimited(
+        f"{error.detail} (still refused after {pace.failures} waits)",
+        retry_after=pace.next_delay(),
+    )
+
+
 class GmailClient:
-    def __init__(self, settings: Settings, credentials: dict[str, Any]) -> None:
+    def __init__(
+        self, settings: Settings, credentials: dict[str, Any], mailbox_id: str | None = None
+    ) -> None:
         endpoints = settings.google
+        # Quota is per user: every client of this mailbox in the process paces together.
+        self._pace_key = mailbox_id or f"unshared:{id(self)}"
         expiry = credentials.get("expiry")
         self.creds = Credentials(  # type: ignore[no-untyped-call]
             token=credentials.get("access_token"),
@@ -215,6 +243,10 @@ class GmailClient:
     def users(self) -> Any:
         return self.service.users()
 
+    @property
+    def pace(self) -> Backoff:
+        return mailbox_backoff("gmail", self._pace_key, lambda: Backoff(max_batch=MAX_BATCH))
+
     async def execute(
         self,
         build: Callable[[], Any],
@@ -223,34 +255,51 @@ class GmailClient:
         retries: int = INLINE_RETRIES,
         translator: Callable[..., ProviderError] = translate,
     ) -> Any:
-        """Run one API call, waiting out short rate limits and blips inside the pass.
+        """Run one API call, waiting out rate limits and blips inside the pass.
 
-        `retries=0` for calls that must not be repeated blindly (a send the provider may
-        have accepted before the answer failed)."""
-        for attempt in range(retries + 1):
+        A quota refusal (no Retry-After, as Gmail sends them) is retried after the mailbox's
+        shared backoff until the waits reach the cap; one with a Retry-After is waited out
+        when that is short. `retries=0` for calls that must not be repeated blindly (a send
+        the provider may have accepted before the answer failed)."""
+        attempt = 0
+        while True:
+            await self.pace.wait()
             try:
-                return await asyncio.to_thread(lambda: build().execute(num_retries=0))
+                result = await asyncio.to_thread(lambda: build().execute(num_retries=0))
             except HttpError as exc:
                 error = translator(exc, what=what)
             except RefreshError as exc:
                 raise refresh_failure(exc, what=what) from exc
             except (httplib2.HttpLib2Error, TransportError, OSError, TimeoutError) as exc:
                 error = TransientProviderError(f"{what}: {exc!r}")
-            if not self._worth_waiting(error, attempt, retries):
+            else:
+                if self.pace.failures:
+                    self.pace.succeeded()
+                return result
+            if isinstance(error, RateLimited) and self.short_wait(error):
+                self.pace.rate_limited(error.retry_after)
+                if retries == 0:
+                    raise error
+                if self.pace.exhausted:
+                    raise give_up(error, self.pace) from error
+                continue
+            if not isinstance(error, TransientProviderError) or attempt >= retries:
                 raise error
-            assert isinstance(error, TransientProviderError)
+            if not self.short_wait(error):
+                raise error
             await asyncio.sleep(error.retry_after if error.retry_after is not None else attempt + 1)
-        raise AssertionError("unreachable")
+            attempt += 1
 
-    def _worth_waiting(self, error: ProviderError, attempt: int, retries: int) -> bool:
-        if not isinstance(error, TransientProviderError) or attempt >= retries:
-            return False
+    def short_wait(self, error: TransientProviderError) -> bool:
+        """No Retry-After (quota), or one short enough to wait out inside the pass."""
         return error.retry_after is None or error.retry_after <= self.inline_wait
 
     async def batch_get(
         self, ids: list[str], **params: Any
     ) -> dict[str, dict[str, Any] | HttpError]:
-        """messages.get for many ids in one HTTP request (Gmail allows 100; we send ≤ 50)."""
+        """messages.get for many ids in one HTTP request (Gmail allows 100; callers send at
+        most `pace.batch_size`, ≤ 50). Each call answers on its own: the results hold an
+        HttpError for each refused one."""
         results: dict[str, dict[str, Any] | HttpError] = {}
 
         def run() -> None:

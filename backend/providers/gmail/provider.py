@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +14,7 @@ from googleapiclient.errors import HttpError, MediaUploadSizeError
 from googleapiclient.http import MediaIoBaseUpload
 
 from backend.providers.base import (
+    AccessDenied,
     ChangeSet,
     CursorInvalid,
     FetchedMessage,
@@ -20,7 +22,9 @@ from backend.providers.base import (
     MailProvider,
     MessageRef,
     PermanentProviderError,
+    ProviderConfigurationError,
     ProviderError,
+    RateLimited,
     SendLimits,
     SendRejected,
     SendRejection,
@@ -29,13 +33,21 @@ from backend.providers.base import (
     TransientProviderError,
     bare_message_id,
 )
-from backend.providers.gmail.client import GmailClient, send_failure, translate, unb64url
+from backend.providers.gmail.client import (
+    GmailClient,
+    give_up,
+    send_failure,
+    translate,
+    unb64url,
+)
 from backend.settings import Settings
+
+log = logging.getLogger(__name__)
 
 SYNCED_LABELS = ("INBOX", "SENT")
 SKIPPED_LABELS = {"DRAFT", "SPAM", "TRASH"}
 PAGE = 500
-FETCH_BATCH = 50
+# Rounds a message refused for another transient reason (5xx, no answer) is asked for.
 FETCH_ROUNDS = 3
 BATCH_MODIFY_LIMIT = 1000
 # Gmail API `messages.send`: uploads up to 35 MB (the discovery document's `maxSize`,
@@ -63,7 +75,7 @@ class GmailProvider(MailProvider):
     def __init__(
         self, mailbox: MailboxAccount, credentials: dict[str, Any], settings: Settings
     ) -> None:
-        self.client = GmailClient(settings, credentials)
+        self.client = GmailClient(settings, credentials, mailbox.id or None)
         self.settings = settings
         self.address = mailbox.email_address
         self._label_ids: dict[str, str] = {}
@@ -171,56 +183,100 @@ class GmailProvider(MailProvider):
 
     async def _unsyncable(self, ids: list[str]) -> set[str]:
         """Of messages named without labels, those not in INBOX/SENT (or gone): one
-        `messages.get` (format=metadata) each, batched."""
+        `messages.get` (format=metadata) each, batched and paced like `fetch`."""
         skip: set[str] = set()
-        for start in range(0, len(ids), FETCH_BATCH):
-            chunk = ids[start : start + FETCH_BATCH]
-            results = await self.client.batch_get(chunk, format="metadata", fields="id,labelIds")
-            for message_id in chunk:
-                result = results.get(message_id)
-                if isinstance(result, dict):
-                    if not _syncable(result.get("labelIds", [])):
-                        skip.add(message_id)
-                elif isinstance(result, HttpError) and result.status_code == 404:
-                    skip.add(message_id)  # deleted since: nothing to file
-                # Any other failure: keep it; fetching it will tell.
+        results = await self._batched(ids, format="metadata", fields="id,labelIds")
+        for message_id, result in results.items():
+            if isinstance(result, dict):
+                if not _syncable(result.get("labelIds", [])):
+                    skip.add(message_id)
+            elif isinstance(result, HttpError) and result.status_code == 404:
+                skip.add(message_id)  # deleted since: nothing to file
+            # Any other failure: keep it; fetching it will tell.
         return skip
+
+    async def _batched(
+        self, ids: list[str], **params: Any
+    ) -> dict[str, dict[str, Any] | HttpError]:
+        """`messages.get` for every id, in batches sized and paced by the mailbox's backoff.
+
+        Calls refused for quota (429 or 403 `userRateLimitExceeded` inside the batch) are asked
+        for again after the shared backoff, the batch halved; a clean batch lets it grow back.
+        Other transient failures are asked for again up to FETCH_ROUNDS times. Gives up
+        (RateLimited) only when the waits reach their cap or Gmail names a long Retry-After."""
+        pace = self.client.pace
+        results: dict[str, dict[str, Any] | HttpError] = {}
+        rounds: dict[str, int] = {}
+        pending = list(ids)
+        while pending:
+            await pace.wait()
+            chunk, pending = pending[: pace.batch_size], pending[pace.batch_size :]
+            try:
+                answers = await self.client.batch_get(chunk, **params)
+            except RateLimited as exc:  # the whole batch refused
+                if not self.client.short_wait(exc):
+                    raise
+                pace.rate_limited(exc.retry_after)
+                if pace.exhausted:
+                    raise give_up(exc, pace) from exc
+                pending = chunk + pending
+                continue
+            limited: list[str] = []
+            again: list[str] = []
+            longest: float | None = None
+            for message_id in chunk:
+                answer = answers.get(message_id)
+                error = (
+                    translate(answer, what=f"messages.get {message_id}")
+                    if isinstance(answer, HttpError)
+                    else None
+                    if answer is not None
+                    else TransientProviderError(f"messages.get {message_id}: no answer")
+                )
+                if isinstance(error, RateLimited):
+                    if not self.client.short_wait(error):
+                        raise error
+                    limited.append(message_id)
+                    if error.retry_after is not None:
+                        longest = max(longest or 0.0, error.retry_after)
+                    continue
+                if isinstance(error, TransientProviderError):
+                    rounds[message_id] = rounds.get(message_id, 0) + 1
+                    if rounds[message_id] < FETCH_ROUNDS:
+                        again.append(message_id)
+                        continue
+                    # The pass fails and its next attempt asks for these again.
+                    raise TransientProviderError(
+                        f"message {message_id} could not be read yet: {error.detail}",
+                        retry_after=error.retry_after,
+                    )
+                assert answer is not None
+                results[message_id] = answer
+            if limited:
+                pace.rate_limited(longest)
+                if pace.exhausted:
+                    raise give_up(RateLimited(f"{len(limited)} messages refused for quota"), pace)
+            else:
+                pace.succeeded()
+            if again:
+                await asyncio.sleep(0.5 * max(rounds[i] for i in again))
+            pending = limited + again + pending
+        return results
 
     async def fetch(self, refs: Sequence[MessageRef]) -> list[FetchedMessage | ProviderError]:
         found: dict[str, FetchedMessage | ProviderError] = {}
-        pending = [ref.provider_id for ref in refs]
-        for round_ in range(FETCH_ROUNDS):
-            results = await self.client.batch_get(pending, format="raw")
-            retry: list[str] = []
-            wait = 0.0
-            for message_id in pending:
-                result = results.get(message_id)
-                if isinstance(result, dict):
-                    found[message_id] = self._fetched(result)
-                    continue
-                error = (
-                    translate(result, what=f"messages.get {message_id}")
-                    if isinstance(result, HttpError)
-                    else TransientProviderError(f"messages.get {message_id}: no answer")
+        results = await self._batched(
+            list(dict.fromkeys(ref.provider_id for ref in refs)), format="raw"
+        )
+        for message_id, result in results.items():
+            if isinstance(result, dict):
+                found[message_id] = self._fetched(result)
+            elif result.status_code == 404:
+                found[message_id] = PermanentProviderError(
+                    f"message {message_id} was deleted before it could be read"
                 )
-                if isinstance(error, TransientProviderError):
-                    retry.append(message_id)
-                    wait = max(wait, error.retry_after or 0.5 * (round_ + 1))
-                elif isinstance(result, HttpError) and result.status_code == 404:
-                    found[message_id] = PermanentProviderError(
-                        f"message {message_id} was deleted before it could be read"
-                    )
-                else:
-                    found[message_id] = error
-            if not retry:
-                break
-            if round_ == FETCH_ROUNDS - 1 or wait > self.client.inline_wait:
-                # Not saving the cursor means the next pass asks for these again.
-                raise TransientProviderError(
-                    f"{len(retry)} messages could not be read yet", retry_after=wait or None
-                )
-            await asyncio.sleep(wait)
-            pending = retry
+            else:
+                found[message_id] = translate(result, what=f"messages.get {message_id}")
         return [found[ref.provider_id] for ref in refs]
 
     def _fetched(self, result: dict[str, Any]) -> FetchedMessage:
@@ -315,18 +371,36 @@ class GmailProvider(MailProvider):
         return self._label_ids[name]
 
     async def subscribe(self) -> datetime | None:
-        """Gmail `watch` on INBOX and SENT; Google asks for a renewal at least weekly."""
-        result = await self.client.execute(
-            lambda: self.client.users.watch(
-                userId="me",
-                body={
-                    "topicName": self.settings.google_pubsub_topic,
-                    "labelIds": list(SYNCED_LABELS),
-                    "labelFilterBehavior": "include",
-                },
-            ),
-            what="watch",
-        )
+        """Gmail `watch` on INBOX and SENT; Google asks for a renewal at least weekly.
+
+        Gmail publishes as gmail-api-push@system.gserviceaccount.com, which needs publish
+        rights on the topic; without them `watch` answers 403 naming the topic. That is the
+        operator's to fix (an ERROR log naming the setting, ProviderConfigurationError); mail
+        still arrives, by polling, only later."""
+        topic = self.settings.google_pubsub_topic
+        try:
+            result = await self.client.execute(
+                lambda: self.client.users.watch(
+                    userId="me",
+                    body={
+                        "topicName": topic,
+                        "labelIds": list(SYNCED_LABELS),
+                        "labelFilterBehavior": "include",
+                    },
+                ),
+                what="watch",
+            )
+        except AccessDenied as exc:
+            if topic not in exc.detail and "pubsub" not in exc.detail.lower():
+                raise
+            log.error(
+                "Gmail refused to publish to %s (MAILSYNC_GOOGLE_PUBSUB_TOPIC): grant "
+                "gmail-api-push@system.gserviceaccount.com the Pub/Sub Publisher role on it; "
+                "until then mail arrives only by polling (%s)",
+                topic,
+                exc.detail,
+            )
+            raise ProviderConfigurationError(f"configuration: {exc.detail}") from exc
         expiration = result.get("expiration")
         return datetime.fromtimestamp(int(expiration) / 1000, UTC) if expiration else None
 

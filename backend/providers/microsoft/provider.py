@@ -47,12 +47,15 @@ from backend.providers.base import (
 )
 from backend.providers.microsoft.client import build_graph_client
 from backend.providers.microsoft.tokens import EARLY, TokenKeeper
+from backend.providers.pacing import Backoff, mailbox_backoff, mailbox_semaphore
 from backend.settings import Settings
 
 T = TypeVar("T")
 SYNCED_FOLDERS = ("inbox", "sentitems")
 PAGE = 100
-# Outlook allows four concurrent requests per mailbox and app.
+# Graph's Outlook service limits, per app and mailbox: 4 concurrent requests
+# (MailboxConcurrency), 10,000 requests per 10 minutes (learn.microsoft.com/graph/
+# throttling-limits#outlook-service-limits). The 4 hold per mailbox across the process.
 CONCURRENCY = 4
 INLINE_RETRIES = 2
 RESYNC_CODES = {"syncStateNotFound", "resyncRequired", "SyncStateNotFound"}
@@ -161,14 +164,31 @@ class MicrosoftProvider(MailProvider):
         self.settings = settings
         self.mailbox_id = str(mailbox.id) if mailbox.id else ""
         self.address = mailbox.email_address
-        self.tokens = TokenKeeper(settings, credentials, on_rotate=self._store_credentials)
+        self.tokens = TokenKeeper(
+            settings,
+            credentials,
+            on_rotate=self._store_credentials,
+            mailbox_id=self.mailbox_id or None,
+            load=self._load_credentials,
+        )
         self.graph, self._http = build_graph_client(
             settings.microsoft.graph_url, self.tokens.current, retries=False
         )
         self.inline_wait = settings.provider_inline_wait_seconds
         # What delta told us of each message: conversation, folder, received time.
         self._seen: dict[str, tuple[str | None, str, datetime | None]] = {}
-        self._limit = asyncio.Semaphore(CONCURRENCY)
+        self._limit_key = self.mailbox_id or f"unshared:{id(self)}"
+
+    @property
+    def _limit(self) -> asyncio.Semaphore:
+        """MailboxConcurrency, shared by every provider of this mailbox in the process (a
+        pass, a send job, the disconnect's release)."""
+        return mailbox_semaphore(self._limit_key, CONCURRENCY)
+
+    @property
+    def pace(self) -> Backoff:
+        """The mailbox's backoff after 429s, shared like the concurrency limit."""
+        return mailbox_backoff("graph", self._limit_key)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -179,6 +199,11 @@ class MicrosoftProvider(MailProvider):
     async def _store_credentials(self, credentials: dict[str, Any]) -> None:
         if self.credential_store is not None:
             await self.credential_store.save(credentials)
+
+    async def _load_credentials(self) -> dict[str, Any] | None:
+        if self.credential_store is None:
+            return None
+        return await self.credential_store.load()
 
     async def prepare(self, seconds: float) -> None:
         await self.tokens.ensure_fresh(timedelta(seconds=seconds) + EARLY)
@@ -191,27 +216,48 @@ class MicrosoftProvider(MailProvider):
         retries: int = INLINE_RETRIES,
         translator: Callable[..., ProviderError] = translate,
     ) -> T:
-        """One Graph call: a fresh token first, one refresh on 401, short waits inline.
+        """One Graph call: a fresh token first, one refresh on 401, 429s and blips waited out.
+
+        At most CONCURRENCY calls per mailbox run at once in the process; a 429 rests every
+        caller of the mailbox for its Retry-After (or the shared backoff without one), and
+        the call is made again until the waits reach their cap. A Retry-After longer than
+        the inline wait ends the pass instead (retried then, its progress kept).
 
         `retries=0` for calls that must not be repeated blindly (a send Graph may have
         accepted before its answer was lost); a 401 is still retried once after a refresh,
-        since Graph did nothing with the request."""
+        and a 429 too, since Graph did nothing with the request."""
         refreshed = False
         attempt = 0
         while True:
             await self.tokens.ensure_fresh()
+            await self.pace.wait()
+            token = self.tokens.current()
             try:
                 async with self._limit:
-                    return await make()
+                    result = await make()
             except APIError as exc:
                 error = translator(exc, what=what)
                 status = int(getattr(exc, "response_status_code", 0) or 0)
                 if status == 401 and not refreshed:
                     refreshed = True
-                    await self.tokens.refresh()
+                    await self.tokens.refresh(stale=token)
                     continue
             except httpx.HTTPError as exc:
                 error = TransientProviderError(f"{what}: {exc!r}")
+            else:
+                if self.pace.failures:
+                    self.pace.succeeded()
+                return result
+            if isinstance(error, RateLimited) and (
+                error.retry_after is None or error.retry_after <= self.inline_wait
+            ):
+                self.pace.rate_limited(error.retry_after)
+                if self.pace.exhausted:
+                    raise RateLimited(
+                        f"{error.detail} (still throttled after {self.pace.failures} waits)",
+                        retry_after=self.pace.next_delay(),
+                    ) from error
+                continue
             if not isinstance(error, TransientProviderError) or attempt >= retries:
                 raise error
             wait = error.retry_after if error.retry_after is not None else 0.5 * (attempt + 1)
