@@ -105,7 +105,7 @@ class Runtime:
                 await session.rollback()
                 return
             pending = work.effects.take()
-            session.add_all(outbox.entries_for(pending))
+            session.add_all(outbox.entries_for([e for e in pending if e.durable]))
             await session.commit()
         await self.release(pending)
 
@@ -119,7 +119,8 @@ class Runtime:
             async with asyncio.timeout(RELEASE_TIMEOUT_SECONDS):
                 for effect in effects:
                     await effect.release(self.bus, self.jobs)
-                    released.append(effect.id)
+                    if effect.durable:
+                        released.append(effect.id)
         except Exception as exc:
             log.warning(
                 "released %d of %d committed jobs and events (%r); the outbox relay has the rest",

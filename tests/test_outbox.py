@@ -325,3 +325,28 @@ async def test_a_commit_whose_release_cannot_reach_redis_succeeds_and_the_relay_
         assert await listen.read() == [{"type": "kept", "n": 1}]
     finally:
         await listen.aclose()
+
+
+async def test_a_notice_is_released_after_the_commit_without_an_outbox_row(
+    runtime: Runtime, factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner, (mailbox,) = await _workspace_with_mailboxes(factory, 1)
+    listen = await StreamReader(runtime.settings.redis_url, owner.workspace.id).start()
+    try:
+
+        async def unreachable(*_args: object, **_kwargs: object) -> None:
+            raise RedisConnectionError("Connection refused.")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(runtime.bus, "publish", unreachable)
+            async with runtime.unit_of_work() as work:
+                work.effects.notify(owner.workspace.id, {"type": "syncPassCompleted", "n": 1})
+        # Unlike an event, a notice that Redis did not take leaves nothing for the relay.
+        assert await _outbox_rows(runtime, mailbox.id, owner.workspace.id) == []
+
+        async with runtime.unit_of_work() as work:
+            work.effects.notify(owner.workspace.id, {"type": "syncPassCompleted", "n": 2})
+        assert await listen.read() == [{"type": "syncPassCompleted", "n": 2}]
+        assert await _outbox_rows(runtime, mailbox.id, owner.workspace.id) == []
+    finally:
+        await listen.aclose()

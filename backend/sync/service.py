@@ -440,7 +440,7 @@ async def finish_pass(
     result = PassResult(
         mailbox.id, progress.filed, progress.failed, progress.duplicates, started, now()
     )
-    effects.publish(mailbox.workspace_id, result.event())
+    effects.notify(mailbox.workspace_id, result.event())
     return result
 
 
@@ -462,7 +462,7 @@ def record_failure(
     session.add(mailbox)
     done = progress or Progress()
     result = PassResult(mailbox.id, done.filed, done.failed, done.duplicates, started, now(), error)
-    effects.publish(mailbox.workspace_id, result.event())
+    effects.notify(mailbox.workspace_id, result.event())
     return result
 
 
