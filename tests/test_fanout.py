@@ -284,3 +284,30 @@ async def test_deflate_is_negotiated_only_when_set(settings: Settings, api: Live
         assert "permessage-deflate" in (await extensions(server) or "")
     finally:
         await server.stop()
+
+
+async def test_an_unexpected_error_in_a_shared_execution_is_masked_and_the_subscription_lives(
+    api: LiveServer, factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner = await factory.workspace()
+    mailbox = await factory.mailbox(owner)
+    await factory.contact(owner, "err@client.test", "Err")
+    query = "subscription { emailReceived { email { subject bodyHtml } } }"
+
+    def broken(html: str) -> str:
+        raise RuntimeError("sanitizer exploded")
+
+    monkeypatch.setattr("backend.timeline.types.without_remote_images", broken)
+    async with subscribers(api, [owner, owner], query, owner.workspace.id) as subs:
+        for subject in ("First", "Second"):
+            await factory.email(
+                owner,
+                mailbox,
+                raw_message("err@client.test", [owner.email], subject, html="<p>Hi</p>"),
+            )
+            for sub in subs:
+                payload = await sub.next(WAIT)
+                email = payload["data"]["emailReceived"]["email"]
+                assert email == {"subject": subject, "bodyHtml": None}
+                assert [e["message"] for e in payload["errors"]] == ["Unexpected error."]
+                assert "sanitizer" not in json.dumps(payload)

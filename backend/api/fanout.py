@@ -280,7 +280,10 @@ class WorkspaceFanout:
             token = current_scope.set(Context(runtime, someone).open_scope(work))
             try:
                 for group in groups:
-                    await self._dispatch_group(group, event)
+                    try:
+                        await self._dispatch_group(group, event)
+                    except Exception:  # one group's failure is no reason to skip the others
+                        log.exception("event %s failed for one subscription", event.get("type"))
             finally:
                 current_scope.reset(token)
 
