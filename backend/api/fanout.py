@@ -307,8 +307,13 @@ class WorkspaceFanout:
                 classes.setdefault(visibility, []).append(member)
         for same in classes.values():
             payload = await self._execute(group, root, same[0].viewer)
+            # Clients often number their operations alike ("1"): those share the frame too.
+            frames: dict[str, str] = {}
             for member in same:
-                member.outbox.push(member.prefix + payload + "}")
+                frame = frames.get(member.prefix)
+                if frame is None:
+                    frame = frames[member.prefix] = member.prefix + payload + "}"
+                member.outbox.push(frame)
 
     async def _execute(self, group: Group, root: object, viewer: Viewer) -> str:
         result = execute(
