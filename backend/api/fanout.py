@@ -22,7 +22,7 @@ import logging
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -127,8 +127,9 @@ class FanoutWSHandler(BaseGraphQLWSHandler[Context, None]):
 
 
 class Outbox:
-    """A connection's frames not yet handed to the server, at most `limit` of them. A writer
-    task runs only while frames wait, so an idle connection holds no task."""
+    """A connection's frames not yet handed to the server, at most `limit` of them, behind
+    the one being written. A writer task runs only while a send waits for the transport, so
+    an idle connection holds no task."""
 
     __slots__ = ("__weakref__", "closed", "frames", "limit", "websocket", "writer")
 
@@ -142,15 +143,31 @@ class Outbox:
     def push(self, frame: str) -> None:
         if self.closed:
             return
+        if self.writer is None:
+            self._send_now(frame)
+            return
         if len(self.frames) >= self.limit:
             self.overflow()
             return
         self.frames.append(frame)
-        if self.writer is None:
-            self.writer = asyncio.create_task(self._write())
 
-    async def _write(self) -> None:
+    def _send_now(self, frame: str) -> None:
+        """Run the send inline as far as it goes: a transport that is not paused takes the
+        frame at once, with no task per connection and event (most of a large fan-out's
+        cost otherwise); a send that has to wait finishes in the writer task."""
+        send = self.websocket.send_text(frame)
         try:
+            waiting = send.send(None)
+        except StopIteration:
+            return
+        except Exception:
+            self._gone()
+            return
+        self.writer = asyncio.create_task(self._write(send, waiting))
+
+    async def _write(self, send: Coroutine[Any, Any, None], waiting: object) -> None:
+        try:
+            await _resume(send, waiting)
             while self.frames and not self.closed:
                 # Waits while the transport is paused (the client reads slower than we write).
                 await self.websocket.send_text(self.frames[0])
@@ -158,11 +175,15 @@ class Outbox:
                     self.frames.popleft()
         except asyncio.CancelledError:
             raise
-        except Exception:  # the client went away; the handler notices and ends its operations
-            self.closed = True
-            self.frames.clear()
+        except Exception:
+            self._gone()
         finally:
             self.writer = None
+
+    def _gone(self) -> None:
+        """The client went away; the handler notices and ends its operations."""
+        self.closed = True
+        self.frames.clear()
 
     def overflow(self) -> None:
         """Close the connection with a code rather than let it hold memory or anyone else."""
@@ -188,6 +209,22 @@ class Outbox:
         writer = self.writer
         if writer is not None:
             await asyncio.wait({writer}, timeout=FLUSH_SECONDS)
+
+
+async def _resume(send: Coroutine[Any, Any, None], waiting: object) -> None:
+    """Drive a coroutine started by hand (`send.send(None)` returned `waiting`, what it
+    awaits) to its end, as a task would have."""
+    try:
+        while True:
+            if asyncio.isfuture(waiting):
+                await asyncio.wait((waiting,))
+            else:  # a bare yield, as `asyncio.sleep(0)` makes
+                await asyncio.sleep(0)
+            waiting = send.send(None)
+    except StopIteration:
+        return
+    finally:
+        send.close()  # a no-op once it ended; unwinds it when we are cancelled
 
 
 _closing: set[asyncio.Task[None]] = set()
