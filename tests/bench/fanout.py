@@ -88,6 +88,7 @@ class Receivers:
         self.count = 0
         self.all_in = asyncio.Event()
         self.measuring = False
+        self.last: list[float] = []  # per event: when its last frame was read
 
     def expect(self) -> None:
         self.count = 0
@@ -138,6 +139,8 @@ async def _measure(
             await publish()
             try:
                 await asyncio.wait_for(receivers.all_in.wait(), DEADLINE)
+                if receivers.measuring:
+                    receivers.last.append(time.perf_counter() - receivers.published_at)
             except TimeoutError:
                 raise SystemExit(
                     f"only {receivers.count} of {receivers.subscribers} subscribers got event {index}"
@@ -247,6 +250,7 @@ async def run_mailsync(
                 await EventBus(redis).publish(workspace_id, event)
 
             await _measure(connections, receivers, is_frame, publish, events)
+            print("mailsync, last frame per event (ms):", [round(t * 1000) for t in receivers.last])
             return receivers.latencies, rss_per_subscriber, sample[0]
     finally:
         _stop(process)
@@ -319,6 +323,7 @@ async def run_baseline(
             await redis.publish(BASELINE_CHANNEL, frame)
 
         await _measure(connections, receivers, lambda m: True, publish, events)
+        print("baseline, last frame per event (ms):", [round(t * 1000) for t in receivers.last])
         return receivers.latencies, rss_per_subscriber
     finally:
         _stop(process, signal.SIGKILL)
