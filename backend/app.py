@@ -33,6 +33,7 @@ from strawberry.types.unset import UnsetType
 
 from backend import graphiql
 from backend.api import http as routes
+from backend.api.fanout import FanoutTransportWSHandler, FanoutWSHandler
 from backend.api.over_http import GraphQLOverHTTP
 from backend.api.schema import build_schema, document_limits
 from backend.auth.service import authenticate
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 
 
 class MailsyncGraphQL(GraphQLOverHTTP):
+    # Their subscriptions go through the fan-out (api/fanout.py).
+    graphql_transport_ws_handler_class = FanoutTransportWSHandler
+    graphql_ws_handler_class = FanoutWSHandler
+
     def __init__(self, settings: Settings) -> None:
         super().__init__(
             build_schema(settings),
@@ -99,6 +104,17 @@ class MailsyncGraphQL(GraphQLOverHTTP):
 
     async def render_graphql_ide(self, request: Request) -> HTMLResponse:
         return HTMLResponse(graphiql.page())
+
+
+def websocket_options(settings: Settings) -> dict[str, Any]:
+    """Uvicorn's websocket configuration, for `mailsync serve` and the tests' servers alike."""
+    return {
+        "ws": "websockets-sansio",
+        # A websocket message is held to the same size as a request body (uvicorn: 16 MiB).
+        "ws_max_size": settings.max_request_bytes,
+        # Uvicorn's default is on, at about 42 KB per connection (docs/performance.md).
+        "ws_per_message_deflate": settings.ws_per_message_deflate,
+    }
 
 
 # A refused body up to this many times its limit is read and dropped before the 413.

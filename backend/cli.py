@@ -62,6 +62,8 @@ def serve(
     """Run the GraphQL API (HTTP and websockets) with uvicorn."""
     import uvicorn
 
+    from backend.app import websocket_options
+
     settings = _settings()
     uvicorn.run(
         "backend.app:create_app",
@@ -71,9 +73,7 @@ def serve(
         workers=workers,
         log_level=settings.log_level.lower(),
         access_log=access_log,
-        ws="websockets-sansio",
-        # A websocket message is held to the same size as a request body (uvicorn: 16 MiB).
-        ws_max_size=settings.max_request_bytes,
+        **websocket_options(settings),
         # Open subscriptions would otherwise hold a restart forever; clients reconnect.
         timeout_graceful_shutdown=10,
     )

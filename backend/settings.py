@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     # Origin check of websocket handshakes. Comma-separated, e.g.
     # `https://app.example.com,http://localhost:5173`; `*` allows any. Empty: same origin only.
     cors_origins: str = ""
+    # Per-message deflate on websockets: about 42 KB more per connection for frames that are
+    # mostly small JSON; off unless a deployment pays for bandwidth more than memory.
+    ws_per_message_deflate: bool = False
+    # Frames a websocket may have waiting to be written; a client that lets more pile up is
+    # closed with code 1013 (try again later) instead of holding memory.
+    ws_send_queue: int = Field(default=256, ge=1)
     sync_interval_seconds: int = 300
     # Scheduled passes start spread over this many seconds rather than all at once.
     sync_spread_seconds: int = 60

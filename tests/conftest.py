@@ -21,7 +21,7 @@ import uvicorn
 from redis.asyncio import Redis
 
 from backend import migrations
-from backend.app import create_app
+from backend.app import create_app, websocket_options
 from backend.kit import clock
 from backend.runtime import Runtime
 from backend.sandbox.google import GoogleSandbox
@@ -127,6 +127,7 @@ class LiveServer:
                 log_level="warning",
                 lifespan="on",
                 timeout_graceful_shutdown=2,
+                **websocket_options(settings),
             )
         )
         self.task: asyncio.Task[None] | None = None

@@ -1,15 +1,18 @@
-"""Live events: delivered from the process's EventHub, each resolved in a fresh scope."""
+"""Live events from the process's EventHub: on websockets through the fan-out (api/fanout.py),
+elsewhere each resolved in a fresh scope."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
 import strawberry
 
+from backend.api import fanout
+from backend.api.fanout import Prepare
 from backend.contacts import loaders as contact_loaders
 from backend.contacts.types import Contact
 from backend.graphql.context import Info, current_scope
@@ -21,6 +24,7 @@ from backend.mailboxes.tables import Mailbox as MailboxRow
 from backend.mailboxes.types import Mailbox, MailboxStatus
 from backend.timeline import loaders as timeline_loaders
 from backend.timeline import queries as timeline_queries
+from backend.timeline.access import Access, access_for
 from backend.timeline.types import Email
 
 # A subscription ends after this long; clients reconnect (and re-authenticate).
@@ -52,13 +56,17 @@ class SyncPassEvent:
     finished_at: datetime
 
 
-async def _events(info: Info, kind: str) -> AsyncIterator[dict[str, Any]]:
-    """Events of one kind for the viewer's workspace, each resolved in a scope of its own."""
+async def _stream(info: Info, prepare: Prepare) -> AsyncIterator[Any]:
+    """The viewer's workspace's events as `prepare` makes them ready. On a websocket they go
+    through the fan-out (one resolution per event and group, api/fanout.py) and nothing is
+    yielded here; elsewhere (multipart over HTTP) each event is resolved in a scope of its own."""
     viewer = require_viewer(info)
     context = info.context
     hub = context.runtime.hub
     if hub is None:
         raise RuntimeError("this process has no event hub")
+    if await fanout.serve(info, prepare, MAX_LIFETIME_SECONDS):
+        return
     loop = asyncio.get_running_loop()
     deadline = loop.time() + MAX_LIFETIME_SECONDS
     async with hub.subscribe(str(viewer.workspace_id)) as queue:
@@ -70,13 +78,13 @@ async def _events(info: Info, kind: str) -> AsyncIterator[dict[str, Any]]:
                 event = await asyncio.wait_for(queue.get(), timeout=remaining)
             except TimeoutError:
                 return
-            if event.get("type") != kind:
-                continue
             async with context.runtime.unit_of_work(read_only=True) as work:
                 work.discard()  # resolving an event only reads
                 current_scope.set(context.open_scope(work))
                 try:
-                    yield event
+                    prepared = await prepare(event, info)
+                    if prepared is not None and prepared[1](viewer) is not None:
+                        yield prepared[0]
                 finally:
                     current_scope.set(None)
 
@@ -88,50 +96,87 @@ def _uuid(value: object) -> uuid.UUID | None:
         return None
 
 
-async def _email_events(
-    info: Info,
+def _email_events(
     kind: str,
     contact_id: strawberry.ID | None,
     thread_id: strawberry.ID | None,
     mailbox_id: strawberry.ID | None,
-) -> AsyncIterator[EmailEvent]:
-    """Events about one email, narrowed by contact, thread and mailbox when given."""
+) -> Prepare:
+    """Events about one email, narrowed by contact, thread and mailbox when given; a viewer's
+    class is what R17 lets them read of it and whether they manage its mailbox."""
     want_contact = id_of(contact_id, "Contact")
     want_thread = id_of(thread_id, "Thread")
     want_mailbox = id_of(mailbox_id, "Mailbox")
-    async for event in _events(info, kind):
+
+    async def prepare(event: dict[str, Any], info: Info) -> fanout.Prepared:
+        if event.get("type") != kind:
+            return None
         contact_ids = [c for c in (_uuid(v) for v in event.get("contactIds", [])) if c]
         if contact_id is not None and want_contact not in contact_ids:
-            continue
+            return None
         if thread_id is not None and _uuid(event.get("threadId")) != want_thread:
-            continue
+            return None
         if mailbox_id is not None and _uuid(event.get("mailboxId")) != want_mailbox:
-            continue
+            return None
         email_id = _uuid(event.get("emailId"))
         email = await timeline_loaders.email(info).load(email_id) if email_id else None
         if email is None:
-            continue  # deleted again before we got to it
+            return None  # deleted again before we got to it
         contacts = await contact_loaders.contacts(info, contact_ids)
-        yield EmailEvent(
+        root = EmailEvent(
             email=Email(row=email),
             contacts=[Contact(row=c) for c in contacts],
             cursor=timeline_queries.timeline_cursor(email),
         )
+        mailbox = (
+            await mailbox_loaders.mailbox(info).load(email.mailbox_id) if email.mailbox_id else None
+        )
+        if mailbox is None:
+            return root, lambda viewer: Access.ALL
+        return root, lambda viewer: (
+            access_for(viewer, mailbox.visibility, mailbox.owner_id),
+            can_manage(viewer, mailbox),
+        )
+
+    return prepare
 
 
-async def _mailbox_events(
-    info: Info, kind: str, mailbox_id: strawberry.ID | None
-) -> AsyncIterator[tuple[dict[str, Any], MailboxRow]]:
-    """Events about a mailbox the viewer manages, narrowed to one mailbox when given."""
-    viewer = require_viewer(info)
+def _mailbox_events(
+    kind: str,
+    mailbox_id: strawberry.ID | None,
+    root: Callable[[dict[str, Any], MailboxRow], object],
+) -> Prepare:
+    """Events about a mailbox, for those who manage it, narrowed to one mailbox when given."""
     want = id_of(mailbox_id, "Mailbox")
-    async for event in _events(info, kind):
+
+    async def prepare(event: dict[str, Any], info: Info) -> fanout.Prepared:
+        if event.get("type") != kind:
+            return None
         row_id = _uuid(event.get("mailboxId"))
         if row_id is None or (mailbox_id is not None and row_id != want):
-            continue
+            return None
         mailbox = await mailbox_loaders.mailbox(info).load(row_id)
-        if mailbox is not None and can_manage(viewer, mailbox):
-            yield event, mailbox
+        if mailbox is None:
+            return None
+        return root(event, mailbox), lambda viewer: True if can_manage(viewer, mailbox) else None
+
+    return prepare
+
+
+def _status_event(event: dict[str, Any], mailbox: MailboxRow) -> MailboxStatusEvent:
+    return MailboxStatusEvent(
+        mailbox=Mailbox(row=mailbox), previous_status=MailboxStatus(event["previousStatus"])
+    )
+
+
+def _pass_event(event: dict[str, Any], mailbox: MailboxRow) -> SyncPassEvent:
+    return SyncPassEvent(
+        mailbox=Mailbox(row=mailbox),
+        filed=int(event.get("filed", 0)),
+        failed=int(event.get("failed", 0)),
+        started_at=datetime.fromisoformat(event["startedAt"]),
+        finished_at=datetime.fromisoformat(event["finishedAt"]),
+    )
 
 
 @strawberry.type
@@ -146,7 +191,9 @@ class Subscription:
         thread_id: strawberry.ID | None = None,
         mailbox_id: strawberry.ID | None = None,
     ) -> AsyncGenerator[EmailEvent, None]:
-        async for event in _email_events(info, "emailReceived", contact_id, thread_id, mailbox_id):
+        async for event in _stream(
+            info, _email_events("emailReceived", contact_id, thread_id, mailbox_id)
+        ):
             yield event
 
     @strawberry.subscription(
@@ -159,8 +206,8 @@ class Subscription:
         mailbox_id: strawberry.ID | None = None,
         contact_id: strawberry.ID | None = None,
     ) -> AsyncGenerator[EmailEvent, None]:
-        async for event in _email_events(
-            info, "emailDeliveryChanged", contact_id, None, mailbox_id
+        async for event in _stream(
+            info, _email_events("emailDeliveryChanged", contact_id, None, mailbox_id)
         ):
             yield event
 
@@ -168,7 +215,9 @@ class Subscription:
         description="Captured mail matched no contact and waits in the unassigned list (R16)."
     )
     async def unassigned_email_received(self, info: Info) -> AsyncGenerator[EmailEvent, None]:
-        async for event in _email_events(info, "unassignedEmailReceived", None, None, None):
+        async for event in _stream(
+            info, _email_events("unassignedEmailReceived", None, None, None)
+        ):
             yield event
 
     @strawberry.subscription(
@@ -177,20 +226,16 @@ class Subscription:
     async def mailbox_status_changed(
         self, info: Info, mailbox_id: strawberry.ID | None = None
     ) -> AsyncGenerator[MailboxStatusEvent, None]:
-        async for event, mailbox in _mailbox_events(info, "mailboxStatusChanged", mailbox_id):
-            yield MailboxStatusEvent(
-                mailbox=Mailbox(row=mailbox), previous_status=MailboxStatus(event["previousStatus"])
-            )
+        async for event in _stream(
+            info, _mailbox_events("mailboxStatusChanged", mailbox_id, _status_event)
+        ):
+            yield event
 
     @strawberry.subscription(description='A sync pass finished (so "last synced" can update live).')
     async def sync_pass_completed(
         self, info: Info, mailbox_id: strawberry.ID | None = None
     ) -> AsyncGenerator[SyncPassEvent, None]:
-        async for event, mailbox in _mailbox_events(info, "syncPassCompleted", mailbox_id):
-            yield SyncPassEvent(
-                mailbox=Mailbox(row=mailbox),
-                filed=int(event.get("filed", 0)),
-                failed=int(event.get("failed", 0)),
-                started_at=datetime.fromisoformat(event["startedAt"]),
-                finished_at=datetime.fromisoformat(event["finishedAt"]),
-            )
+        async for event in _stream(
+            info, _mailbox_events("syncPassCompleted", mailbox_id, _pass_event)
+        ):
+            yield event

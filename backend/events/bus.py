@@ -21,7 +21,7 @@ import logging
 import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
@@ -68,12 +68,38 @@ class EventBus:
         )
 
 
+class Subscriber(Protocol):
+    """Takes a workspace's events from the hub; must not block (it runs in the listener)."""
+
+    def deliver(self, event: dict[str, Any]) -> None: ...
+
+    def __len__(self) -> int:
+        """How many subscriptions it stands for (the websocket fan-out holds many)."""
+        ...
+
+
+class _QueueSubscriber:
+    """One subscription reading its own queue (Apollo's multipart subscriptions over HTTP)."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=QUEUE_SIZE)
+
+    def deliver(self, event: dict[str, Any]) -> None:
+        if self.queue.full():
+            # A stalled subscriber loses its oldest events rather than growing memory.
+            self.queue.get_nowait()
+        self.queue.put_nowait(event)
+
+    def __len__(self) -> int:
+        return 1
+
+
 class EventHub:
     """The receiving side: one Redis listener per process, in-memory fan-out per workspace."""
 
     def __init__(self, redis_url: str) -> None:
         self._redis_url = redis_url
-        self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = defaultdict(set)
+        self._subscribers: dict[str, set[Subscriber]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         # Where the reader resumes, and the Redis data set (epoch) that position belongs to.
@@ -97,30 +123,38 @@ class EventHub:
 
     @property
     def subscriber_count(self) -> int:
-        return sum(len(queues) for queues in self._subscribers.values())
+        return sum(len(s) for subscribers in self._subscribers.values() for s in subscribers)
 
     def subscribers_of(self, workspace_id: str) -> int:
         """Subscriptions of one workspace registered here (a subscribe is not acknowledged on
         the wire, so tests wait for this before publishing)."""
-        return len(self._subscribers.get(workspace_id, ()))
+        return sum(len(s) for s in self._subscribers.get(workspace_id, ()))
 
     @contextlib.asynccontextmanager
     async def subscribe(self, workspace_id: str) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=QUEUE_SIZE)
-        self._subscribers[workspace_id].add(queue)
+        subscriber = _QueueSubscriber()
+        self.attach(workspace_id, subscriber)
         try:
-            yield queue
+            yield subscriber.queue
         finally:
-            self._subscribers[workspace_id].discard(queue)
-            if not self._subscribers[workspace_id]:
+            self.detach(workspace_id, subscriber)
+
+    def attach(self, workspace_id: str, subscriber: Subscriber) -> None:
+        self._subscribers[workspace_id].add(subscriber)
+
+    def detach(self, workspace_id: str, subscriber: Subscriber) -> None:
+        subscribers = self._subscribers.get(workspace_id)
+        if subscribers is not None:
+            subscribers.discard(subscriber)
+            if not subscribers:
                 del self._subscribers[workspace_id]
 
     def _deliver(self, workspace_id: str, event: dict[str, Any]) -> None:
-        for queue in list(self._subscribers.get(workspace_id, ())):
-            if queue.full():
-                # A stalled subscriber loses its oldest events rather than growing memory.
-                queue.get_nowait()
-            queue.put_nowait(event)
+        for subscriber in list(self._subscribers.get(workspace_id, ())):
+            try:
+                subscriber.deliver(event)
+            except Exception:
+                log.exception("a subscriber of %s failed to take an event", workspace_id)
 
     def notify_gap(self) -> None:
         """Tell every subscriber that events may have been missed."""
