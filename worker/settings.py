@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from arq import cron, func
@@ -13,16 +15,25 @@ from backend.sending.jobs import MAX_SEND_ATTEMPTS
 from backend.sending.queue import SEND_FUNCTION, JobQueue
 from backend.settings import configure_logging, get_settings
 from backend.sync import jobs
+from backend.sync.idle import IdleSupervisor
 from backend.sync.queue import SYNC_FUNCTION, SYNC_PREFIX
 
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings = get_settings()
     configure_logging(settings)
-    ctx["runtime"] = await Runtime.create(settings, jobs=JobQueue)
+    ctx["runtime"] = runtime = await Runtime.create(settings, jobs=JobQueue)
+    if settings.imap_idle:
+        # IMAP push (R14): the IDLE connections live in this process, beside the jobs.
+        ctx["idle"] = asyncio.create_task(IdleSupervisor(runtime).run(), name="imap-idle")
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    idle = ctx.pop("idle", None)
+    if idle is not None:
+        idle.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await idle
     await ctx["runtime"].close()
 
 

@@ -4,7 +4,7 @@ from backend.graphql.context import Info
 from backend.graphql.errors import UserError, attempt, require_viewer, user_errors
 from backend.graphql.inputs import required_id
 from backend.graphql.relay import id_of
-from backend.kit.errors import ErrorCode, ServiceError
+from backend.kit.errors import ServiceError
 from backend.mailboxes import access, connect, service, tables
 from backend.mailboxes import loaders as mailbox_loaders
 from backend.mailboxes.types import EmailVisibility, Mailbox, Provider, SyncMode
@@ -75,16 +75,6 @@ def authorization_payload(
     return ConnectMailboxPayload(authorization_url=result, user_errors=[])
 
 
-def not_implemented(what: str) -> list[UserError]:
-    return [
-        UserError(
-            field=None,
-            code=ErrorCode.NOT_IMPLEMENTED,
-            message=f"{what} is not available in this version of mailsync yet.",
-        )
-    ]
-
-
 @strawberry.type
 class MailboxQuery:
     @strawberry.field(description="the viewer's; OWNER/ADMIN: the workspace's")
@@ -135,14 +125,32 @@ class MailboxMutation:
         )
         return authorization_payload(result, None)
 
-    @strawberry.mutation
+    @strawberry.mutation(
+        description="logs in to IMAP and SMTP before storing anything; an address already "
+        "connected (or disconnected) by the viewer gets the new settings and keeps its history"
+    )
     async def connect_imap_mailbox(
         self, info: Info, input: ConnectImapMailboxInput
     ) -> MailboxPayload:
-        require_viewer(info)
-        return MailboxPayload(
-            mailbox=None, user_errors=not_implemented("Connecting an IMAP mailbox")
+        viewer = require_viewer(info)
+        scope = info.context.scope
+        settings = info.context.runtime.settings
+        given = connect.ImapInput(
+            email_address=input.email_address,
+            username=input.username,
+            password=input.password,
+            imap_host=input.imap_host,
+            imap_port=input.imap_port if input.imap_port is not None else 993,
+            smtp_host=input.smtp_host,
+            smtp_port=input.smtp_port if input.smtp_port is not None else 465,
+            security=input.security or "TLS",
+            sync_mode=tables.SyncMode((input.sync_mode or SyncMode.TWO_WAY).value),
         )
+        result = await attempt(
+            info,
+            lambda: connect.connect_imap(scope.session, scope.effects, settings, viewer, given),
+        )
+        return mailbox_payload(result, ["input"])
 
     @strawberry.mutation
     async def update_mailbox(self, info: Info, input: UpdateMailboxInput) -> MailboxPayload:

@@ -109,8 +109,10 @@ class MailServer:
         self.dir.chmod(0o755)
         self.ports = Ports(*(_free_port() for _ in range(6)))
         self.cert, self.key = make_certificate(self.dir)
-        self.passwd = self.dir / "passwd"
-        self.passwd.write_text("")
+        # One passwd-file per user: Dovecot may not notice a change to a shared one made
+        # within the second of its last read, while a new user's file is read afresh.
+        self.users = self.dir / "users"
+        self.users.mkdir()
         self.dovecot_conf = self.dir / "dovecot.conf"
         self.postfix_dir = self.dir / "postfix"
         self._dovecot: subprocess.Popen[bytes] | None = None
@@ -148,7 +150,7 @@ mail_max_userip_connections = 10000
 imap_idle_notify_interval = 1 secs
 passdb {{
   driver = passwd-file
-  args = scheme=PLAIN username_format=%u {self.passwd}
+  args = scheme=PLAIN username_format=%u {self.users}/%u
 }}
 userdb {{
   driver = static
@@ -341,17 +343,14 @@ postlog   unix-dgram n  -       n       -       1       postlogd
     # --- users and mailboxes -------------------------------------------------------------
 
     def add_user(self, address: str, password: str) -> None:
-        with self.passwd.open("a") as f:
-            f.write(f"{address}:{{PLAIN}}{password}::::::\n")
+        (self.users / address).write_text(f"{address}:{{PLAIN}}{password}::::::\n")
 
     def set_password(self, address: str, password: str) -> None:
-        lines = [
-            line
-            for line in self.passwd.read_text().splitlines()
-            if not line.startswith(f"{address}:")
-        ]
-        lines.append(f"{address}:{{PLAIN}}{password}::::::")
-        self.passwd.write_text("\n".join(lines) + "\n")
+        # Dovecot looks at a passwd-file again only in a later second than its last look (and
+        # by its mtime): a change within the same second would go unseen. This waits for the
+        # clock, whatever the machine's load, not for the server.
+        time.sleep(1.1)
+        self.add_user(address, password)
 
     def doveadm(self, *args: str) -> str:
         done = subprocess.run(  # noqa: S603 (our own fixed command)
