@@ -470,3 +470,74 @@ async def test_r12_synced_mail_gets_the_crm_keyword(
         assert b"CRM" in b" ".join(bytes(line) for line in flags.lines)
     finally:
         await client.logout()
+
+
+# --- sending -------------------------------------------------------------------------------
+
+SEND = """mutation($input: SendEmailInput!) {
+  sendEmail(input: $input) {
+    email { id deliveryStatus deliveryError direction }
+    userErrors { field code message }
+  }
+}"""
+
+
+async def _folder_messages(server: MailServer, address: str, folder: str) -> list[bytes]:
+    client = await imap_session(server, address)
+    try:
+        response = await client.select(folder)
+        assert response.result == "OK"
+        if not any(
+            b" EXISTS" in bytes(line) and not bytes(line).startswith(b"0 ")
+            for line in response.lines
+        ):
+            return []
+        fetched = await client.fetch("1:*", "(BODY.PEEK[])")
+        return [bytes(line) for line in fetched.lines if isinstance(line, bytearray)]
+    finally:
+        await client.logout()
+
+
+async def test_r15_crm_mail_is_sent_through_smtp_and_appended_to_sent_once(
+    gql: GQL, factory: Factory, mail: MailServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected_imap(gql, factory, mail)
+    contact = f"{unique('pat')}@client.test"
+    mail.add_user(contact, PASSWORD)  # every address has a mailbox there; this one can log in
+    await factory.contact(owner, contact, "Pat")
+    from backend.graphql.relay import to_global_id
+
+    sent = await gql(
+        SEND,
+        {
+            "input": {
+                "mailboxId": to_global_id("Mailbox", mailbox_id),
+                "to": [contact],
+                "bcc": ["audit@client.test"],
+                "subject": "Sent through SMTP",
+                "bodyText": "Hello Pat",
+            }
+        },
+        token=owner.token,
+    )
+    assert sent["sendEmail"]["userErrors"] == [], sent
+    await drain(runtime)
+    email_id = parse_global_id(sent["sendEmail"]["email"]["id"])
+    assert email_id is not None
+    async with runtime.db.sessionmaker() as session:
+        row = await session.get(Email, email_id[1])
+        assert row is not None
+        assert row.delivery_status == "SENT"
+    # Delivered by Postfix to the contact's mailbox, without the Bcc header; the Sent copy
+    # keeps it.
+    received = await wait_until(
+        lambda: _folder_messages(mail, contact, "INBOX"), lambda found: len(found) == 1
+    )
+    assert b"Sent through SMTP" in received[0]
+    assert b"audit@client.test" not in received[0]
+    copies = await _folder_messages(mail, address, "Sent")
+    assert len(copies) == 1 and b"audit@client.test" in copies[0]
+    # The Sent copy that sync brings back is the same email (R7).
+    await drain_passes(runtime, mailbox_id)
+    emails = await emails_of(runtime, owner.workspace.id)
+    assert [(e.subject, e.direction) for e in emails] == [("Sent through SMTP", "OUTGOING")]
