@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import ssl
 from dataclasses import dataclass
@@ -97,9 +98,11 @@ class AuthFailed(AccessDenied):
     connect_code = "AUTH_FAILED"
 
 
+@functools.lru_cache(maxsize=4)
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
     """The system's trust store, plus the operator's CA for private servers: certificates
-    and host names are always verified."""
+    and host names are always verified. One context serves every connection (loading the
+    trust store per connection would cost each held IDLE connection its own copy)."""
     context = ssl.create_default_context()
     if ca_file:
         context.load_verify_locations(cafile=ca_file)
