@@ -36,9 +36,13 @@ from tests.test_gmail import deliver as gmail_deliver
 from tests.test_gmail import settle
 from tests.worker import drain, live_worker
 
-pytestmark = pytest.mark.skipif(
-    not mailserver.available(), reason="Dovecot and Postfix are installed by scripts/test"
-)
+# The fixture starts Dovecot and Postfix: these tests run with the e2e ones.
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not mailserver.available(), reason="Dovecot and Postfix are installed by scripts/test"
+    ),
+]
 
 T = TypeVar("T")
 PASSWORD = "correct horse battery"
