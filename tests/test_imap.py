@@ -114,12 +114,14 @@ async def emails_of(runtime: Runtime, workspace_id: uuid.UUID) -> list[Email]:
         )
 
 
-async def imap_session(server: MailServer, address: str) -> aioimaplib.IMAP4:
+async def imap_session(
+    server: MailServer, address: str, password: str = PASSWORD
+) -> aioimaplib.IMAP4:
     """The user's own mail program."""
     context = ssl.create_default_context(cafile=str(server.cert))
     client = aioimaplib.IMAP4_SSL("127.0.0.1", server.ports.imaps, ssl_context=context)
     await client.wait_hello_from_server()
-    assert (await client.login(address, PASSWORD)).result == "OK"
+    assert (await client.login(address, password)).result == "OK"
     return client
 
 
@@ -309,8 +311,8 @@ async def test_connecting_the_same_address_again_takes_the_new_password_and_keep
     assert [e.subject for e in await emails_of(runtime, owner.workspace.id)] == ["Before"]
 
 
-async def _inbox_count(server: MailServer, address: str) -> int:
-    client = await imap_session(server, address)
+async def _inbox_count(server: MailServer, address: str, password: str = PASSWORD) -> int:
+    client = await imap_session(server, address, password)
     try:
         response = await client.select("INBOX")
         return next(
@@ -545,3 +547,56 @@ async def test_r15_crm_mail_is_sent_through_smtp_and_appended_to_sent_once(
     await drain_passes(runtime, mailbox_id)
     emails = await emails_of(runtime, owner.workspace.id)
     assert [(e.subject, e.direction) for e in emails] == [("Sent through SMTP", "OUTGOING")]
+
+
+RECONNECT = """mutation($id: ID!, $imap: ConnectImapMailboxInput) {
+  reconnectMailbox(id: $id, imap: $imap) { authorizationUrl userErrors { field code } }
+}"""
+
+
+async def test_r6_reconnect_mailbox_takes_new_imap_settings_and_keeps_history(
+    gql: GQL, factory: Factory, mail: MailServer, runtime: Runtime
+) -> None:
+    owner, mailbox_id, address = await connected_imap(gql, factory, mail)
+    await factory.contact(owner, "ula@client.test", "Ula")
+    await mail.deliver(
+        "ula@client.test", [address], raw_message("ula@client.test", [address], "Kept")
+    )
+    await wait_until(lambda: _inbox_count(mail, address), lambda n: n >= 1)
+    await drain_passes(runtime, mailbox_id)
+    from backend.graphql.relay import to_global_id
+
+    global_id = to_global_id("Mailbox", mailbox_id)
+    mail.set_password(address, "rotated app password")
+    wrong = await gql(
+        RECONNECT,
+        {"id": global_id, "imap": imap_input(mail, address, password="old one")},
+        token=owner.token,
+    )
+    assert wrong["reconnectMailbox"]["userErrors"][0]["code"] == "AUTH_FAILED"
+    done = await gql(
+        RECONNECT,
+        {
+            "id": global_id,
+            "imap": imap_input(
+                mail,
+                address,
+                password="rotated app password",
+                imapPort=mail.ports.imap,
+                smtpPort=mail.ports.submission,
+                security="STARTTLS",
+            ),
+        },
+        token=owner.token,
+    )
+    assert done["reconnectMailbox"] == {"authorizationUrl": None, "userErrors": []}
+    async with runtime.db.sessionmaker() as session:
+        mailbox = await session.get(Mailbox, mailbox_id)
+        assert mailbox is not None and mailbox.cursor is not None
+    await mail.deliver(
+        "ula@client.test", [address], raw_message("ula@client.test", [address], "New")
+    )
+    await wait_until(lambda: _inbox_count(mail, address, "rotated app password"), lambda n: n >= 2)
+    await drain_passes(runtime, mailbox_id)
+    emails = await emails_of(runtime, owner.workspace.id)
+    assert sorted(e.subject or "" for e in emails) == ["Kept", "New"]

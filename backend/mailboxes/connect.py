@@ -393,3 +393,23 @@ async def connect_imap(
         credentials=account.credentials,
         sync_mode=given.sync_mode,
     )
+
+
+async def reconnect_imap(
+    session: AsyncSession,
+    effects: AfterCommit,
+    settings: Settings,
+    viewer: Viewer,
+    mailbox_id: uuid.UUID | None,
+    given: ImapInput,
+) -> Mailbox:
+    """`reconnectMailbox` with new IMAP settings: the same mailbox (R6), its history kept."""
+    mailbox = await service.get_managed(session, viewer, mailbox_id)
+    if mailbox.provider != Provider.IMAP:
+        raise ServiceError(
+            ErrorCode.UNSUPPORTED_PROVIDER,
+            "Only IMAP mailboxes take settings; this one reconnects through its provider's "
+            "consent screen.",
+            ["imap"],
+        )
+    return await connect_imap(session, effects, settings, viewer, given, mailbox=mailbox)

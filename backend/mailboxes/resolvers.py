@@ -65,8 +65,22 @@ def mailbox_payload(
     return MailboxPayload(mailbox=Mailbox(row=result), user_errors=[])
 
 
+def imap_input(given: ConnectImapMailboxInput) -> connect.ImapInput:
+    return connect.ImapInput(
+        email_address=given.email_address,
+        username=given.username,
+        password=given.password,
+        imap_host=given.imap_host,
+        imap_port=given.imap_port if given.imap_port is not None else 993,
+        smtp_host=given.smtp_host,
+        smtp_port=given.smtp_port if given.smtp_port is not None else 465,
+        security=given.security or "TLS",
+        sync_mode=tables.SyncMode((given.sync_mode or SyncMode.TWO_WAY).value),
+    )
+
+
 def authorization_payload(
-    result: str | ServiceError, prefix: list[str] | None
+    result: str | ServiceError | None, prefix: list[str] | None
 ) -> ConnectMailboxPayload:
     if isinstance(result, ServiceError):
         return ConnectMailboxPayload(
@@ -112,18 +126,27 @@ class MailboxMutation:
 
         return authorization_payload(await attempt(info, begin), ["input"])
 
-    @strawberry.mutation(description="same account or a new address, keeping history")
-    async def reconnect_mailbox(self, info: Info, id: strawberry.ID) -> ConnectMailboxPayload:
+    @strawberry.mutation(
+        description="same account or a new address, keeping history; an IMAP mailbox takes "
+        "its new settings in `imap` (logged in to before they are stored) and answers no URL"
+    )
+    async def reconnect_mailbox(
+        self, info: Info, id: strawberry.ID, imap: ConnectImapMailboxInput | None = None
+    ) -> ConnectMailboxPayload:
         viewer = require_viewer(info)
-        session = info.context.session
+        scope = info.context.scope
         settings = info.context.runtime.settings
-        result = await attempt(
-            info,
-            lambda: connect.begin_reconnect(
-                session, settings, viewer, required_id(id, "Mailbox", ["id"])
-            ),
-        )
-        return authorization_payload(result, None)
+
+        async def reconnect() -> str | None:
+            mailbox_id = required_id(id, "Mailbox", ["id"])
+            if imap is not None:
+                await connect.reconnect_imap(
+                    scope.session, scope.effects, settings, viewer, mailbox_id, imap_input(imap)
+                )
+                return None
+            return await connect.begin_reconnect(scope.session, settings, viewer, mailbox_id)
+
+        return authorization_payload(await attempt(info, reconnect), None)
 
     @strawberry.mutation(
         description="logs in to IMAP and SMTP before storing anything; an address already "
@@ -135,17 +158,7 @@ class MailboxMutation:
         viewer = require_viewer(info)
         scope = info.context.scope
         settings = info.context.runtime.settings
-        given = connect.ImapInput(
-            email_address=input.email_address,
-            username=input.username,
-            password=input.password,
-            imap_host=input.imap_host,
-            imap_port=input.imap_port if input.imap_port is not None else 993,
-            smtp_host=input.smtp_host,
-            smtp_port=input.smtp_port if input.smtp_port is not None else 465,
-            security=input.security or "TLS",
-            sync_mode=tables.SyncMode((input.sync_mode or SyncMode.TWO_WAY).value),
-        )
+        given = imap_input(input)
         result = await attempt(
             info,
             lambda: connect.connect_imap(scope.session, scope.effects, settings, viewer, given),
