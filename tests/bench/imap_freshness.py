@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -229,6 +230,7 @@ async def run(count: int, interval: float, connections: int) -> None:
     finally:
         await runtime.close()
         server.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
     if not fresh:
         raise SystemExit("no emailReceived event arrived")
     print(summary("baseline (SMTP to IDLE EXISTS)", base))
