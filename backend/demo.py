@@ -5,19 +5,22 @@ and otherwise starts a private `redis-server`, starts the Google sandbox, the AP
 worker and the capture address's SMTP receiver, seeds a workspace, connects each user's Gmail through the real OAuth flow against
 the sandbox (Max's mailbox is Outlook, through the Microsoft identity platform), prints the
 GraphiQL link and then generates mail traffic, some of it crossing between Gmail and Outlook,
-until interrupted.
+until interrupted. When Dovecot and Postfix are installed (`scripts/demo` installs them) it
+also starts them and Ines connects her mailbox by IMAP/SMTP; its traffic goes through them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import imaplib
 import os
 import random
 import shutil
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -40,12 +43,17 @@ from backend.auth.tables import Role
 from backend.contacts import service as contacts_service
 from backend.db import Database
 from backend.exclusions import service as exclusions_service
+from backend.sandbox import mailserver
+from backend.sandbox.mailserver import MailServer
 from backend.settings import Settings
 from backend.workspaces import service as workspace_service
 
 DEMO_WORKSPACE = "Demo Co"
 OWNER_EMAIL = "olivia@demo.mailsync.test"
 OUTLOOK_EMAIL = "max@demo.mailsync.test"
+# Connected by IMAP/SMTP to a real Dovecot and Postfix started by the demo, when installed.
+IMAP_EMAIL = "ines@demo.mailsync.test"
+IMAP_PASSWORD = "ines-app-password"  # noqa: S105 (the demo mail server's account)
 TEAM = [
     ("sam@demo.mailsync.test", Role.USER, "Sam Seller"),
     (OUTLOOK_EMAIL, Role.USER, "Max Manager"),
@@ -79,7 +87,37 @@ mutation($provider: Provider!, $hint: String) {
 
 
 def provider_of(address: str) -> str:
+    if address == IMAP_EMAIL:
+        return "IMAP"
     return "MICROSOFT" if address == OUTLOOK_EMAIL else "GMAIL"
+
+
+CONNECT_IMAP = """
+mutation($input: ConnectImapMailboxInput!) {
+  connectImapMailbox(input: $input) { mailbox { id } userErrors { code message } }
+}"""
+
+
+def connect_imap_mailbox(api: str, token: str, address: str, mail: MailServer) -> None:
+    """What a user does in the app for a mailbox without OAuth: its servers and password."""
+    given = {
+        "emailAddress": address,
+        "password": IMAP_PASSWORD,
+        "imapHost": "127.0.0.1",
+        "imapPort": mail.ports.imaps,
+        "smtpHost": "127.0.0.1",
+        "smtpPort": mail.ports.submissions,
+        "security": "TLS",
+    }
+    with httpx.Client(trust_env=False, timeout=60) as http:
+        answer = http.post(
+            f"{api}/graphql",
+            json={"query": CONNECT_IMAP, "variables": {"input": given}},
+            headers={"Authorization": f"Bearer {token}"},
+        ).json()
+    connected = answer["data"]["connectImapMailbox"]
+    if connected["mailbox"] is None:
+        raise SystemExit(f"connecting {address} failed: {connected['userErrors']}")
 
 
 def _free_port() -> int:
@@ -121,7 +159,7 @@ def ensure_redis(url: str, workdir: Path) -> tuple[str, subprocess.Popen[bytes] 
     raise SystemExit("redis-server did not start")
 
 
-async def seed(settings: Settings) -> tuple[dict[str, str], str]:
+async def seed(settings: Settings, imap: bool = False) -> tuple[dict[str, str], str]:
     """Create the demo workspace; return an API token per user and its capture address."""
     db = Database(settings.database_url)
     try:
@@ -130,7 +168,8 @@ async def seed(settings: Settings) -> tuple[dict[str, str], str]:
                 session, DEMO_WORKSPACE, OWNER_EMAIL, "Olivia Owner"
             )
             users = [owner]
-            for address, role, name in TEAM:
+            team = [*TEAM, (IMAP_EMAIL, Role.USER, "Ines Imap")] if imap else TEAM
+            for address, role, name in team:
                 users.append(
                     await workspace_service.add_user(session, workspace, address, role, name)
                 )
@@ -206,6 +245,7 @@ class Stack:
     children: list[subprocess.Popen[bytes]]
     capture_port: int = 0  # the SMTP receiver of capture addresses (R16)
     capture_address: str = ""
+    mail: MailServer | None = None  # Dovecot and Postfix, when installed
 
     def alive(self) -> bool:
         return all(child.poll() is None for child in self.children)
@@ -235,14 +275,21 @@ def running_stack(
         "MAILSYNC_GOOGLE_BASE_URL": sandbox,
         "MAILSYNC_MICROSOFT_BASE_URL": sandbox,
     }
+    mail = MailServer() if mailserver.available() else None
+    if mail is not None:
+        # Its certificate comes from a private CA, as a company mail server's would.
+        env["MAILSYNC_IMAP_CA_FILE"] = str(mail.cert)
     settings = Settings(
         **{**settings.model_dump(), "database_url": database_url, "public_url": api}
     )
     children: list[subprocess.Popen[bytes]] = []
     output = subprocess.DEVNULL if quiet else None
     try:
+        if mail is not None:
+            mail.start()
+            mail.add_user(IMAP_EMAIL, IMAP_PASSWORD)
         migrations.upgrade(database_url)
-        tokens, capture_address = asyncio.run(seed(settings))
+        tokens, capture_address = asyncio.run(seed(settings, imap=mail is not None))
         push = f"{api}/webhooks/google?token={settings.push_token}"
         cli = [sys.executable, "-m", "backend.cli"]
         for command in (
@@ -258,9 +305,20 @@ def running_stack(
         _wait_for(f"{api}/healthz", children)
         _wait_for_port(capture_port, children)
         for address, token in tokens.items():
-            connect_mailbox(api, token, address)
+            if provider_of(address) == "IMAP" and mail is not None:
+                connect_imap_mailbox(api, token, address, mail)
+            else:
+                connect_mailbox(api, token, address)
         yield Stack(
-            api, sandbox, database_url, redis_url, tokens, children, capture_port, capture_address
+            api,
+            sandbox,
+            database_url,
+            redis_url,
+            tokens,
+            children,
+            capture_port,
+            capture_address,
+            mail,
         )
     finally:
         for child in children:
@@ -273,6 +331,8 @@ def running_stack(
         if redis_proc is not None:
             redis_proc.terminate()
             redis_proc.wait(5)
+        if mail is not None:
+            mail.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -295,7 +355,14 @@ def run(settings: Settings, host: str, port: int) -> None:
             f"  Mailboxes: {', '.join(f'{a} ({provider_of(a).title()})' for a in stack.tokens)}\n"
             f"  Capture address (Bcc it; SMTP on 127.0.0.1:{stack.capture_port}): "
             f"{stack.capture_address}\n"
-            f"  Gmail and Outlook sandbox: {stack.sandbox}   Database: {stack.database_url}"
+            + (
+                f"  IMAP/SMTP (Dovecot, Postfix): imaps 127.0.0.1:{stack.mail.ports.imaps}, "
+                f"submissions 127.0.0.1:{stack.mail.ports.submissions}, "
+                f"{IMAP_EMAIL} / {IMAP_PASSWORD}\n"
+                if stack.mail
+                else ""
+            )
+            + f"  Gmail and Outlook sandbox: {stack.sandbox}   Database: {stack.database_url}"
             f"   Redis: {stack.redis_url}\n"
             "Press Ctrl+C to stop.\n",
             flush=True,
@@ -307,6 +374,7 @@ def run(settings: Settings, host: str, port: int) -> None:
             stack.api,
             stack.tokens,
             capture=(stack.capture_port, stack.capture_address),
+            mail=stack.mail,
         )
         while not stopping and stack.alive():
             traffic.tick()
@@ -333,8 +401,12 @@ class Traffic:
         api: str,
         tokens: dict[str, str],
         capture: tuple[int, str] | None = None,
+        mail: MailServer | None = None,
     ) -> None:
         self.capture = capture
+        self.mail = mail
+        # An IMAP mailbox gets traffic only through its mail server.
+        users = [u for u in users if provider_of(u) != "IMAP" or mail is not None]
         self.prospect_written = False
         self.sandbox = sandbox
         self.api = api
@@ -436,6 +508,12 @@ class Traffic:
         return self.random.choice(others) if others else None
 
     def fail(self, user: str) -> None:
+        if provider_of(user) == "IMAP":
+            assert self.mail is not None
+            # The server drops the connections: IDLE reconnects, the next pass catches up.
+            self.mail.kick(user)
+            print(f"  ! the IMAP server dropped {user}'s connections", flush=True)
+            return
         # The first calls of the next pass fail; the pass retries and catches up.
         path = "/delta" if provider_of(user) == "MICROSOFT" else "/history"
         self.http.post(
@@ -514,6 +592,11 @@ class Traffic:
         raw = {"rawBase64": base64.b64encode(message.as_bytes()).decode()}
         # What the sender's mail server does: one copy into each recipient's mailbox.
         for user in users:
+            if provider_of(user) == "IMAP":
+                assert self.mail is not None
+                with smtplib.SMTP("127.0.0.1", self.mail.ports.smtp, timeout=30) as smtp:
+                    smtp.sendmail(sender.split("<")[-1].rstrip(">"), [user], message.as_bytes())
+                continue
             side = "microsoft" if provider_of(user) == "MICROSOFT" else "google"
             self.http.post(
                 f"{self.sandbox}/_sandbox/{side}/accounts/{user}/messages", json=raw
@@ -524,6 +607,8 @@ class Traffic:
     ) -> None:
         if provider_of(user) == "MICROSOFT":
             self._reply_from_outlook(user, message_id, cc)
+        elif provider_of(user) == "IMAP":
+            self._reply_from_mail_program(user, contact, subject, message_id, cc)
         else:
             self._reply_from_gmail(user, contact, subject, message_id, cc)
 
@@ -545,6 +630,45 @@ class Traffic:
             f"{self.sandbox}/gmail/v1/users/me/messages/send",
             json={"raw": raw},
             headers={"Authorization": f"Bearer {token['access_token']}"},
+        ).raise_for_status()
+
+    def _reply_from_mail_program(
+        self, user: str, contact: str, subject: str, message_id: str, cc: str | None
+    ) -> None:
+        """What a mail program does: SMTP submission, then a copy in the Sent folder."""
+        assert self.mail is not None
+        message = EmailMessage()
+        message["From"] = user
+        message["To"] = contact
+        if cc:
+            message["Cc"] = cc
+        message["Subject"] = f"Re: {subject}"
+        message["Message-ID"] = make_msgid(domain=user.partition("@")[2])
+        message["Date"] = formatdate(usegmt=True)
+        message["In-Reply-To"] = message_id
+        message["References"] = message_id
+        message.set_content("Thanks, I'll get back to you today.")
+        context = ssl.create_default_context(cafile=str(self.mail.cert))
+        with smtplib.SMTP_SSL(
+            "127.0.0.1", self.mail.ports.submissions, context=context, timeout=30
+        ) as smtp:
+            smtp.login(user, IMAP_PASSWORD)
+            smtp.send_message(message)
+        with imaplib.IMAP4_SSL("127.0.0.1", self.mail.ports.imaps, ssl_context=context) as imap:
+            imap.login(user, IMAP_PASSWORD)
+            imap.append("Sent", "(\\Seen)", None, message.as_bytes())
+        if cc:
+            self._deliver_copy_to_colleague(cc, message)
+
+    def _deliver_copy_to_colleague(self, cc: str, message: EmailMessage) -> None:
+        """Postfix delivers every address to Dovecot; a colleague on Gmail or Outlook gets
+        the copy through the sandbox, as that provider's MX would."""
+        if provider_of(cc) == "IMAP":
+            return
+        side = "microsoft" if provider_of(cc) == "MICROSOFT" else "google"
+        raw = {"rawBase64": base64.b64encode(message.as_bytes()).decode()}
+        self.http.post(
+            f"{self.sandbox}/_sandbox/{side}/accounts/{cc}/messages", json=raw
         ).raise_for_status()
 
     def _reply_from_outlook(self, user: str, message_id: str, cc: str | None) -> None:

@@ -126,6 +126,19 @@ class Settings(BaseSettings):
     microsoft_subscription_minutes: int = Field(default=4200, ge=1500, le=10080)
     # A rate limit asking for at most this many seconds is waited out inside the pass.
     provider_inline_wait_seconds: float = 5.0
+    # IMAP/SMTP: a PEM file of CA certificates trusted besides the system's, for private mail
+    # servers; certificates are always verified.
+    imap_ca_file: str | None = None
+    # connectImapMailbox refuses hosts that resolve to private, loopback or link-local
+    # addresses in production (the API must not probe the operator's network) unless set.
+    imap_allow_private_hosts: bool = False
+    # The IDLE supervisor: IDLE is re-issued this often (RFC 2177: servers may drop an IDLE
+    # after 30 minutes), and servers without IDLE are polled this often instead.
+    # Whether this worker process holds the IMAP IDLE connections; with several workers,
+    # set it on one of them (or on a worker of its own) so each mailbox has one connection.
+    imap_idle: bool = True
+    imap_idle_seconds: int = Field(default=25 * 60, ge=10, le=29 * 60)
+    imap_poll_seconds: int = Field(default=60, ge=5)
 
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> Settings:

@@ -47,3 +47,14 @@ ensure_test_js() {
 redis_answers() {
   uv run --quiet python -c "import redis,sys; sys.exit(0 if redis.Redis.from_url('$1', socket_connect_timeout=1).ping() else 1)" 2>/dev/null
 }
+
+ensure_mail_servers() {
+  # Dovecot and Postfix for the IMAP/SMTP tests and the demo's IMAP mailbox; they are started
+  # on free ports from generated configuration (backend/sandbox/mailserver.py), never as the
+  # machine's services. Debian's postfix asks questions at install time: none here.
+  if [ ! -x /usr/lib/dovecot/imap ] || [ ! -x /usr/lib/dovecot/lmtp ] \
+    || [ ! -x /usr/lib/dovecot/submission ] || ! command -v postfix >/dev/null 2>&1; then
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections 2>/dev/null || true
+    apt_install dovecot-imapd dovecot-lmtpd dovecot-submissiond postfix
+  fi
+}

@@ -16,7 +16,8 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from backend.demo import OUTLOOK_EMAIL, OWNER_EMAIL, Traffic, running_stack
+from backend.demo import IMAP_EMAIL, OUTLOOK_EMAIL, OWNER_EMAIL, Traffic, running_stack
+from backend.sandbox import mailserver
 from backend.settings import Settings
 from tests.browser import chromium
 from tests.conftest import REDIS_URL, free_port
@@ -215,3 +216,42 @@ def _until(condition: Callable[[], bool], seconds: float = 30) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.2)
+
+
+@pytest.mark.skipif(not mailserver.available(), reason="scripts/test installs Dovecot, Postfix")
+def test_the_demo_connects_an_imap_mailbox_whose_traffic_is_filed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in [k for k in os.environ if k.startswith("MAILSYNC_")]:
+        monkeypatch.delenv(name)
+    asyncio.run(_flush(DEMO_REDIS_URL))
+    settings = Settings(redis_url=DEMO_REDIS_URL, log_level="WARNING")
+    with (
+        running_stack(settings, "127.0.0.1", free_port(), quiet=True) as stack,
+        httpx.Client(base_url=stack.api, trust_env=False, timeout=30) as http,
+    ):
+        token = stack.tokens[IMAP_EMAIL]
+        query = """{ mailboxes { provider emailAddress }
+          emails(first: 10) { edges { node { subject mailbox { provider } } } } }"""
+
+        def mine() -> dict[str, Any]:
+            answer = http.post(
+                "/graphql", json={"query": query}, headers={"Authorization": f"Bearer {token}"}
+            ).json()
+            assert "errors" not in answer, answer
+            return dict(answer["data"])
+
+        assert mine()["mailboxes"] == [{"provider": "IMAP", "emailAddress": IMAP_EMAIL}]
+        traffic = Traffic(
+            stack.sandbox, list(stack.tokens), 0, stack.api, stack.tokens, mail=stack.mail
+        )
+        assert IMAP_EMAIL in traffic.users
+        traffic.contact_writes("Ada Lovelace", "ada@analytical.example", IMAP_EMAIL, "By IMAP")
+        # Through Postfix and Dovecot, then IDLE (or the first scheduled pass) and the worker.
+        _until(
+            lambda: (
+                {"subject": "By IMAP", "mailbox": {"provider": "IMAP"}}
+                in [e["node"] for e in mine()["emails"]["edges"]]
+            ),
+            seconds=120,
+        )

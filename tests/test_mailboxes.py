@@ -187,15 +187,3 @@ async def test_raising_the_limit_starts_waiting_mailboxes(gql: GQL, factory: Fac
     assert raised["updateWorkspaceSettings"]["settings"] == {"mailboxLimit": None}
     started = await gql("{ mailboxes { status } }", token=owner.token)
     assert started["mailboxes"] == [{"status": "PENDING"}]
-
-
-async def test_not_yet_available_mutations_say_so(gql: GQL, factory: Factory) -> None:
-    owner = await factory.workspace()
-    result = await gql(
-        """mutation { connectImapMailbox(input: {emailAddress: "me@imap.test", password: "pw",
-             imapHost: "imap.test", smtpHost: "smtp.test"}) {
-           mailbox { id } userErrors { code message } } }""",
-        token=owner.token,
-    )
-    assert result["connectImapMailbox"]["mailbox"] is None
-    assert result["connectImapMailbox"]["userErrors"][0]["code"] == "NOT_IMPLEMENTED"

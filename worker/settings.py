@@ -15,6 +15,7 @@ from backend.sending.jobs import MAX_SEND_ATTEMPTS
 from backend.sending.queue import SEND_FUNCTION, JobQueue
 from backend.settings import configure_logging, get_settings
 from backend.sync import jobs
+from backend.sync.idle import IdleSupervisor
 from backend.sync.queue import SYNC_FUNCTION, SYNC_PREFIX
 from worker.relay import relay_forever
 
@@ -22,18 +23,22 @@ from worker.relay import relay_forever
 async def startup(ctx: dict[str, Any]) -> None:
     settings = get_settings()
     configure_logging(settings)
-    ctx["runtime"] = await Runtime.create(settings, jobs=JobQueue)
+    ctx["runtime"] = runtime = await Runtime.create(settings, jobs=JobQueue)
     ctx["relay"] = asyncio.create_task(
-        relay_forever(ctx["runtime"], settings.outbox_relay_seconds), name="outbox-relay"
+        relay_forever(runtime, settings.outbox_relay_seconds), name="outbox-relay"
     )
+    if settings.imap_idle:
+        # IMAP push (R14): the IDLE connections live in this process, beside the jobs.
+        ctx["idle"] = asyncio.create_task(IdleSupervisor(runtime).run(), name="imap-idle")
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    relay: asyncio.Task[None] | None = ctx.get("relay")
-    if relay is not None:
-        relay.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await relay
+    for name in ("idle", "relay"):
+        task: asyncio.Task[None] | None = ctx.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     await ctx["runtime"].close()
 
 

@@ -83,6 +83,15 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "RATE_LIMITED", "The provider asked us to slow down; try again shortly."
     PROVIDER_UNAVAILABLE = "PROVIDER_UNAVAILABLE", "The provider is unreachable; try again."
     PROVIDER_ERROR = "PROVIDER_ERROR", "The provider answered with an error of its own."
+    # Connecting an IMAP/SMTP mailbox
+    AUTH_FAILED = "AUTH_FAILED", "The mail server refused the user name or password."
+    HOST_UNREACHABLE = "HOST_UNREACHABLE", "The mail server could not be reached at that port."
+    TLS_FAILED = "TLS_FAILED", "A secure connection could not be made (certificate, TLS, STARTTLS)."
+    NOT_IMAP = "NOT_IMAP", "Something answers at that host and port, but not an IMAP/SMTP server."
+    HOST_NOT_ALLOWED = (
+        "HOST_NOT_ALLOWED",
+        "The host resolves to a private, loopback or link-local address, refused here.",
+    )
 
 
 def catalogue() -> str:

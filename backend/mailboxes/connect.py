@@ -6,7 +6,11 @@ to the user who asked (and, for a reconnect, to the mailbox).
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import socket
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -16,11 +20,18 @@ from backend.auth.service import Viewer
 from backend.auth.tables import User, Workspace
 from backend.kit.addresses import validate_address
 from backend.kit.effects import AfterCommit
-from backend.kit.errors import ErrorCode, ServiceError
+from backend.kit.errors import ErrorCode, ServiceError, in_range
 from backend.kit.signing import sign, unsign
 from backend.mailboxes import access, service
 from backend.mailboxes.tables import Mailbox, MailboxStatus, SyncMode
 from backend.providers.base import Provider, ProviderError
+from backend.providers.imap.client import (
+    ImapConfig,
+    close_imap,
+    close_smtp,
+    open_imap,
+    open_smtp,
+)
 from backend.providers.oauth import ConnectedAccount, connector_for
 from backend.settings import Settings
 
@@ -211,3 +222,194 @@ def redirect_params(result: Mailbox | ServiceError, global_id: Any) -> dict[str,
     if isinstance(result, ServiceError):
         return {"error": result.code, "message": result.message}
     return {"mailboxId": str(global_id), "status": result.status.value}
+
+
+# --- IMAP/SMTP: a password instead of a consent screen ------------------------------------
+
+# Providers that refuse the account password over IMAP and want an app password instead:
+# the hint names the one whose host or address the user gave.
+APP_PASSWORD_PROVIDERS = (
+    (("gmail.com", "googlemail.com"), "Gmail", "a Google app password (2-Step Verification)"),
+    (
+        ("outlook.com", "office365.com", "hotmail.com", "live.com"),
+        "Outlook.com",
+        "a Microsoft app password (advanced security options)",
+    ),
+    (("yahoo.com", "yahoo.co.uk", "ymail.com"), "Yahoo", "a Yahoo app password"),
+    (("icloud.com", "me.com", "mac.com"), "iCloud", "an app-specific password for iCloud"),
+    (("zoho.com", "zoho.eu", "zoho.in"), "Zoho", "a Zoho application-specific password"),
+    (("fastmail.com", "messagingengine.com"), "Fastmail", "a Fastmail app password"),
+)
+SECURITIES = ("TLS", "STARTTLS", "NONE")
+
+
+@dataclass(frozen=True)
+class ImapInput:
+    email_address: str
+    password: str
+    imap_host: str
+    smtp_host: str
+    imap_port: int = 993
+    smtp_port: int = 465
+    username: str | None = None
+    security: str = "TLS"
+    sync_mode: SyncMode = SyncMode.TWO_WAY
+
+
+def app_password_hint(*names: str) -> str:
+    for name in names:
+        name = name.lower().strip().rstrip(".")
+        for domains, label, what in APP_PASSWORD_PROVIDERS:
+            if any(name == d or name.endswith("." + d) or name.endswith("@" + d) for d in domains):
+                return f" {label} accepts only {what} here, not the account's password."
+    return " If the provider asks for an app password for mail programs, use one."
+
+
+def _not_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return (
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_reserved
+        or address.is_unspecified
+    )
+
+
+async def _resolve(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return []
+    return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+
+
+async def _check_host(settings: Settings, host: str, port: int, field: str, security: str) -> None:
+    in_range(field.replace("Host", "Port"), port, 1, 65535)
+    if not host or len(host) > 253 or any(c.isspace() or c in "/@" for c in host):
+        raise ServiceError(ErrorCode.INVALID_DOMAIN, f"{host!r} is not a host name.", [field])
+    addresses = await _resolve(host, port)
+    if security == "NONE" and not (addresses and all(a.is_loopback for a in addresses)):
+        raise ServiceError(
+            ErrorCode.INVALID_ARGUMENT,
+            "security NONE sends the password in clear: it is allowed only for loopback hosts.",
+            ["security"],
+        )
+    if not addresses:
+        raise ServiceError(
+            ErrorCode.HOST_UNREACHABLE, f"{host} does not resolve to any address.", [field]
+        )
+    if (
+        settings.env == "production"
+        and not settings.imap_allow_private_hosts
+        and any(_not_public(a) for a in addresses)
+    ):
+        raise ServiceError(
+            ErrorCode.HOST_NOT_ALLOWED,
+            f"{host} resolves to a private, loopback or link-local address, "
+            "which this server does not connect to.",
+            [field],
+        )
+
+
+def _connect_error(exc: ProviderError, config: ImapConfig, smtp: bool) -> ServiceError:
+    field = "smtpHost" if smtp else "imapHost"
+    code = getattr(exc, "connect_code", None)
+    if code == "AUTH_FAILED":
+        return ServiceError(
+            ErrorCode.AUTH_FAILED,
+            f"The {'SMTP' if smtp else 'IMAP'} server refused the user name or password."
+            + app_password_hint(config.imap_host, config.smtp_host, config.email_address),
+            ["password"],
+        )
+    if code in ("HOST_UNREACHABLE", "TLS_FAILED", "NOT_IMAP"):
+        return ServiceError(ErrorCode[code], exc.detail, [field])
+    return ServiceError(ErrorCode.PROVIDER_ERROR, exc.detail, [field])
+
+
+async def probe_imap(config: ImapConfig, settings: Settings) -> None:
+    """Log in to IMAP and SMTP with `config`, or the user error that says what is wrong."""
+    try:
+        imap = await open_imap(config, settings.imap_ca_file)
+    except ProviderError as exc:
+        raise _connect_error(exc, config, smtp=False) from exc
+    await close_imap(imap)
+    try:
+        smtp = await open_smtp(config, settings.imap_ca_file)
+    except ProviderError as exc:
+        raise _connect_error(exc, config, smtp=True) from exc
+    await close_smtp(smtp)
+
+
+async def connect_imap(
+    session: AsyncSession,
+    effects: AfterCommit,
+    settings: Settings,
+    viewer: Viewer,
+    given: ImapInput,
+    *,
+    mailbox: Mailbox | None = None,
+) -> Mailbox:
+    """Connect an IMAP mailbox, or give an existing one new settings (R6: same history).
+    Nothing is stored before both servers accepted the login."""
+    address = validate_address(given.email_address.strip(), ["emailAddress"])
+    security = (given.security or "TLS").upper()
+    if security not in SECURITIES:
+        raise ServiceError(
+            ErrorCode.INVALID_ARGUMENT, "security must be TLS, STARTTLS or NONE.", ["security"]
+        )
+    if not given.password:
+        raise ServiceError(ErrorCode.AUTH_FAILED, "A password is required.", ["password"])
+    imap_host, smtp_host = given.imap_host.strip().lower(), given.smtp_host.strip().lower()
+    await _check_host(settings, imap_host, given.imap_port, "imapHost", security)
+    await _check_host(settings, smtp_host, given.smtp_port, "smtpHost", security)
+    config = ImapConfig(
+        email_address=address,
+        username=(given.username or "").strip() or address,
+        password=given.password,
+        imap_host=imap_host,
+        imap_port=given.imap_port,
+        smtp_host=smtp_host,
+        smtp_port=given.smtp_port,
+        security=security,
+    )
+    await probe_imap(config, settings)
+    account = ConnectedAccount(
+        email_address=address, credentials=config.credentials(), aliases=[], cursor=None
+    )
+    if mailbox is None:
+        mailbox = await _same_account(session, viewer, Provider.IMAP, address) or (
+            await _disconnected_account(session, viewer.user, Provider.IMAP, address)
+        )
+    if mailbox is not None:
+        return await _reconnect(session, effects, settings, viewer, mailbox, account)
+    return await service.connect_mailbox(
+        session,
+        effects,
+        settings.secret,
+        owner=viewer.user,
+        provider=Provider.IMAP,
+        email_address=address,
+        credentials=account.credentials,
+        sync_mode=given.sync_mode,
+    )
+
+
+async def reconnect_imap(
+    session: AsyncSession,
+    effects: AfterCommit,
+    settings: Settings,
+    viewer: Viewer,
+    mailbox_id: uuid.UUID | None,
+    given: ImapInput,
+) -> Mailbox:
+    """`reconnectMailbox` with new IMAP settings: the same mailbox (R6), its history kept."""
+    mailbox = await service.get_managed(session, viewer, mailbox_id)
+    if mailbox.provider != Provider.IMAP:
+        raise ServiceError(
+            ErrorCode.UNSUPPORTED_PROVIDER,
+            "Only IMAP mailboxes take settings; this one reconnects through its provider's "
+            "consent screen.",
+            ["imap"],
+        )
+    return await connect_imap(session, effects, settings, viewer, given, mailbox=mailbox)

@@ -4,7 +4,7 @@ from backend.graphql.context import Info
 from backend.graphql.errors import UserError, attempt, require_viewer, user_errors
 from backend.graphql.inputs import required_id
 from backend.graphql.relay import id_of
-from backend.kit.errors import ErrorCode, ServiceError
+from backend.kit.errors import ServiceError
 from backend.mailboxes import access, connect, service, tables
 from backend.mailboxes import loaders as mailbox_loaders
 from backend.mailboxes.types import EmailVisibility, Mailbox, Provider, SyncMode
@@ -65,24 +65,28 @@ def mailbox_payload(
     return MailboxPayload(mailbox=Mailbox(row=result), user_errors=[])
 
 
+def imap_input(given: ConnectImapMailboxInput) -> connect.ImapInput:
+    return connect.ImapInput(
+        email_address=given.email_address,
+        username=given.username,
+        password=given.password,
+        imap_host=given.imap_host,
+        imap_port=given.imap_port if given.imap_port is not None else 993,
+        smtp_host=given.smtp_host,
+        smtp_port=given.smtp_port if given.smtp_port is not None else 465,
+        security=given.security or "TLS",
+        sync_mode=tables.SyncMode((given.sync_mode or SyncMode.TWO_WAY).value),
+    )
+
+
 def authorization_payload(
-    result: str | ServiceError, prefix: list[str] | None
+    result: str | ServiceError | None, prefix: list[str] | None
 ) -> ConnectMailboxPayload:
     if isinstance(result, ServiceError):
         return ConnectMailboxPayload(
             authorization_url=None, user_errors=user_errors(result, prefix)
         )
     return ConnectMailboxPayload(authorization_url=result, user_errors=[])
-
-
-def not_implemented(what: str) -> list[UserError]:
-    return [
-        UserError(
-            field=None,
-            code=ErrorCode.NOT_IMPLEMENTED,
-            message=f"{what} is not available in this version of mailsync yet.",
-        )
-    ]
 
 
 @strawberry.type
@@ -122,27 +126,44 @@ class MailboxMutation:
 
         return authorization_payload(await attempt(info, begin), ["input"])
 
-    @strawberry.mutation(description="same account or a new address, keeping history")
-    async def reconnect_mailbox(self, info: Info, id: strawberry.ID) -> ConnectMailboxPayload:
+    @strawberry.mutation(
+        description="same account or a new address, keeping history; an IMAP mailbox takes "
+        "its new settings in `imap` (logged in to before they are stored) and answers no URL"
+    )
+    async def reconnect_mailbox(
+        self, info: Info, id: strawberry.ID, imap: ConnectImapMailboxInput | None = None
+    ) -> ConnectMailboxPayload:
         viewer = require_viewer(info)
-        session = info.context.session
+        scope = info.context.scope
         settings = info.context.runtime.settings
-        result = await attempt(
-            info,
-            lambda: connect.begin_reconnect(
-                session, settings, viewer, required_id(id, "Mailbox", ["id"])
-            ),
-        )
-        return authorization_payload(result, None)
 
-    @strawberry.mutation
+        async def reconnect() -> str | None:
+            mailbox_id = required_id(id, "Mailbox", ["id"])
+            if imap is not None:
+                await connect.reconnect_imap(
+                    scope.session, scope.effects, settings, viewer, mailbox_id, imap_input(imap)
+                )
+                return None
+            return await connect.begin_reconnect(scope.session, settings, viewer, mailbox_id)
+
+        return authorization_payload(await attempt(info, reconnect), None)
+
+    @strawberry.mutation(
+        description="logs in to IMAP and SMTP before storing anything; an address already "
+        "connected (or disconnected) by the viewer gets the new settings and keeps its history"
+    )
     async def connect_imap_mailbox(
         self, info: Info, input: ConnectImapMailboxInput
     ) -> MailboxPayload:
-        require_viewer(info)
-        return MailboxPayload(
-            mailbox=None, user_errors=not_implemented("Connecting an IMAP mailbox")
+        viewer = require_viewer(info)
+        scope = info.context.scope
+        settings = info.context.runtime.settings
+        given = imap_input(input)
+        result = await attempt(
+            info,
+            lambda: connect.connect_imap(scope.session, scope.effects, settings, viewer, given),
         )
+        return mailbox_payload(result, ["input"])
 
     @strawberry.mutation
     async def update_mailbox(self, info: Info, input: UpdateMailboxInput) -> MailboxPayload:

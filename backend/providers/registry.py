@@ -26,6 +26,7 @@ def _load_builtin() -> None:
     if not _builtin_loaded:
         _builtin_loaded = True
         import backend.providers.gmail
+        import backend.providers.imap
         import backend.providers.microsoft  # noqa: F401
 
 
