@@ -41,3 +41,8 @@ def thread_subject_viewers(
     scope: LoaderScope,
 ) -> DataLoader[uuid.UUID, list[tuple[str | None, uuid.UUID | None]]]:
     return batch(lambda ids: queries.thread_subject_viewers(scope.session, ids), list)
+
+
+@loader
+def timeline_count(scope: LoaderScope) -> DataLoader[uuid.UUID, int]:
+    return batch(lambda ids: queries.timeline_counts(scope.session, ids), int)

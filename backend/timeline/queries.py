@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
+from backend.contacts.tables import Contact
 from backend.kit.pagination import Page, PageRequest, encode_cursor, keyset_page
 from backend.kit.text import LIKE_ESCAPE, contains_pattern
 from backend.mail.tables import Email as EmailRow
@@ -85,6 +86,18 @@ async def contact_ids_by_email(
     for email_id, contact_id in rows:
         grouped[email_id].append(contact_id)
     return grouped
+
+
+async def timeline_counts(
+    session: AsyncSession, contact_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, int]:
+    """Each contact's timeline total: the counter the triggers keep (migration 0007), so it
+    costs one row however long the timeline. A column read, not the entity, so a contact
+    loaded earlier in the transaction cannot answer a stale count."""
+    rows = await session.execute(
+        select(Contact.id, Contact.timeline_count).where(col(Contact.id).in_(contact_ids))
+    )
+    return {contact_id: int(total) for contact_id, total in rows}
 
 
 async def thread_email_ids(

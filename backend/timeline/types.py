@@ -289,9 +289,12 @@ async def contact_timeline(
     """`Contact.timeline`: emails filed on the contact, newest first."""
     session = info.context.session
     request = page_request(first, after, 20, info.context.runtime.settings.max_page_size)
-    page, stmt = await queries.timeline_page(session, contact.id, request)
+    page, _ = await queries.timeline_page(session, contact.id, request)
     return connection(
-        EmailConnection, [Email(row=e) for e in page.items], page, lambda: count(session, stmt)
+        EmailConnection,
+        [Email(row=e) for e in page.items],
+        page,
+        lambda: timeline_loaders.timeline_count(info).load(contact.id),
     )
 
 
