@@ -11,6 +11,7 @@ from backend.contacts import loaders as contact_loaders
 from backend.contacts.tables import Contact as ContactRow
 from backend.contacts.types import Contact
 from backend.graphql.context import Info
+from backend.graphql.fields import from_row
 from backend.graphql.loaders import then
 from backend.graphql.relay import Connection, Node, connection, page_request, to_global_id
 from backend.kit.html import without_remote_images
@@ -74,9 +75,18 @@ class Attachment:
     size: int = strawberry.field(description="bytes; content is not stored")
 
 
+def _email_id(row_id: uuid.UUID) -> strawberry.ID:
+    return to_global_id("Email", row_id)
+
+
+def _thread_id(row_id: uuid.UUID) -> strawberry.ID:
+    return to_global_id("Thread", row_id)
+
+
 @strawberry.type
 class Email(Node):
     row: strawberry.Private[tables.Email]
+    id: strawberry.ID = from_row(convert=_email_id)  # type: ignore[assignment]
 
     def _gated(self, info: Info, needed: Access, value: Callable[[], T], otherwise: T) -> Any:
         """`value()` where the viewer's access (R17) is at least `needed`, else `otherwise`;
@@ -99,10 +109,6 @@ class Email(Node):
                 Participant(email=p.address, name=p.name) for p in rows if p.role == role
             ],
         )
-
-    @strawberry.field
-    def id(self) -> strawberry.ID:
-        return to_global_id("Email", self.row.id)
 
     @strawberry.field
     def thread(self, info: Info) -> Annotated["Thread", strawberry.lazy("backend.timeline.types")]:
@@ -134,13 +140,8 @@ class Email(Node):
             ),
         )
 
-    @strawberry.field
-    def direction(self) -> EmailDirection:
-        return self.row.direction
-
-    @strawberry.field
-    def source(self) -> EmailSource:
-        return self.row.source
+    direction: EmailDirection = from_row()
+    source: EmailSource = from_row()
 
     @strawberry.field(name="from")
     def from_(self, info: Info) -> Participant:
@@ -203,9 +204,7 @@ class Email(Node):
             info, Access.ALL, lambda: html if remote_images else without_remote_images(html), None
         )
 
-    @strawberry.field
-    def sent_at(self) -> datetime.datetime:
-        return self.row.sent_at
+    sent_at: datetime.datetime = from_row()
 
     @strawberry.field(description="the CRM user whose mailbox synced or sent it")
     def sent_by(self, info: Info) -> User | None:
@@ -241,19 +240,11 @@ class Email(Node):
 
         return then(timeline_loaders.email_contact_ids(info).load(self.row.id), filed)  # type: ignore[no-any-return]
 
-    @strawberry.field(
+    message_id: str = from_row(
         description="The RFC 5322 Message-ID: the same email in any mail system; replies name it."
     )
-    def message_id(self) -> str:
-        return self.row.message_id
-
-    @strawberry.field
-    def delivery_status(self) -> DeliveryStatus | None:
-        return self.row.delivery_status
-
-    @strawberry.field
-    def delivery_error(self) -> str | None:
-        return self.row.delivery_error
+    delivery_status: DeliveryStatus | None = from_row()
+    delivery_error: str | None = from_row()
 
 
 @strawberry.type
@@ -264,10 +255,7 @@ class EmailConnection(Connection[Email]):
 @strawberry.type
 class Thread(Node):
     row: strawberry.Private[tables.Thread]
-
-    @strawberry.field
-    def id(self) -> strawberry.ID:
-        return to_global_id("Thread", self.row.id)
+    id: strawberry.ID = from_row(convert=_thread_id)  # type: ignore[assignment]
 
     @strawberry.field(description="null where the viewer may see metadata only")
     def subject(self, info: Info) -> str | None:
@@ -281,13 +269,8 @@ class Thread(Node):
             ),
         )
 
-    @strawberry.field
-    def last_email_at(self) -> datetime.datetime:
-        return self.row.last_email_at
-
-    @strawberry.field
-    def email_count(self) -> int:
-        return self.row.email_count
+    last_email_at: datetime.datetime = from_row()
+    email_count: int = from_row()
 
     @strawberry.field(description="Everyone in the thread's mail, each address once.")
     async def participants(self, info: Info) -> list[Participant]:
