@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     sync_spread_seconds: int = 60
     # A pass running longer is cancelled; one whose worker died is retried this + 10 s later.
     sync_pass_timeout_seconds: int = 300
+    # Processes a worker parses fetched mail in while it stores the previous batch; 0 parses
+    # in a thread of the worker (parsing and storing then share one core).
+    parse_processes: int = Field(default=1, ge=0, le=32)
     # A send (one provider call, or a look-up and a call) running longer is cancelled.
     send_timeout_seconds: int = 120
     # A send whose answer was lost is looked up in the mailbox no sooner than this after it

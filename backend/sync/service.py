@@ -32,7 +32,7 @@ from backend.providers.base import (
 from backend.providers.registry import provider_for
 from backend.sync.filing import FilingContext
 from backend.sync.ingest import Outcome, filing_context, ingest_batch
-from backend.sync.parsing import ParsedMessage, parse_message
+from backend.sync.parsing import ParsedMessage, parse_many
 from backend.sync.status import MESSAGES, SUSPEND_AFTER, backoff
 
 if TYPE_CHECKING:
@@ -118,6 +118,7 @@ async def _file_all(
     provider: MailProvider,
     workspace: Workspace,
     mailbox: Mailbox,
+    parse_processes: int = 0,
 ) -> _Filed:
     try:
         changes = await provider.list_changes(mailbox.cursor, mailbox.connected_at)
@@ -132,13 +133,19 @@ async def _file_all(
     ]
     # The next batch is fetched and parsed while this one is stored: parsing is the CPU
     # cost of a pass and storing mostly waits on the database, so the two overlap.
-    upcoming = asyncio.ensure_future(_fetch_and_parse(provider, batches[0])) if batches else None
+    upcoming = (
+        asyncio.ensure_future(_fetch_and_parse(provider, batches[0], parse_processes))
+        if batches
+        else None
+    )
     try:
         for index in range(len(batches)):
             assert upcoming is not None
             prepared = await upcoming
             upcoming = (
-                asyncio.ensure_future(_fetch_and_parse(provider, batches[index + 1]))
+                asyncio.ensure_future(
+                    _fetch_and_parse(provider, batches[index + 1], parse_processes)
+                )
                 if index + 1 < len(batches)
                 else None
             )
@@ -181,23 +188,21 @@ async def _file_all(
 _Prepared = tuple[MessageRef, FetchedMessage | None, ParsedMessage | BaseException]
 
 
-async def _fetch_and_parse(provider: MailProvider, refs: Sequence[MessageRef]) -> list[_Prepared]:
-    """Fetch a batch and parse it in a thread, off the event loop."""
+async def _fetch_and_parse(
+    provider: MailProvider, refs: Sequence[MessageRef], processes: int
+) -> list[_Prepared]:
+    """Fetch a batch and parse it off the event loop (parse processes, `parse_many`)."""
     fetched = await provider.fetch(refs)
-
-    def parse_all() -> list[_Prepared]:
-        out: list[_Prepared] = []
-        for ref, item in zip(refs, fetched, strict=True):
-            if isinstance(item, ProviderError):
-                out.append((ref, None, item))
-                continue
-            try:
-                out.append((ref, item, parse_message(item.raw)))
-            except Exception as exc:
-                out.append((ref, item, exc))
-        return out
-
-    return await asyncio.to_thread(parse_all)
+    parsed = iter(
+        await parse_many([i.raw for i in fetched if not isinstance(i, ProviderError)], processes)
+    )
+    out: list[_Prepared] = []
+    for ref, item in zip(refs, fetched, strict=True):
+        if isinstance(item, ProviderError):
+            out.append((ref, None, item))
+        else:
+            out.append((ref, item, next(parsed)))
+    return out
 
 
 def _import_failed(
@@ -325,7 +330,9 @@ async def sync_pass(
     when the pass fails (the caller rolls back and records it with `record_failure`). The
     caller owns (and closes) the provider."""
     try:
-        outcome = await _file_all(session, effects, provider, workspace, mailbox)
+        outcome = await _file_all(
+            session, effects, provider, workspace, mailbox, settings.parse_processes
+        )
         await _renew_push(provider, mailbox)
         await _label_synced(provider, workspace, mailbox, outcome.on_timeline)
     finally:
