@@ -18,7 +18,7 @@ async def test_parse_processes_answer_as_parsing_in_process_does() -> None:
         b"",
         raw_message("quinn@pool.test", ["olivia@crm.test"], "Second"),
     ]
-    pooled = await parse_many(raws, 1)
+    pooled = await parse_many(raws, 2)  # split between two processes, answered in order
     threaded = await parse_many(raws, 0)
     assert pooled[0] == parse_message(raws[0]) == threaded[0]
     assert isinstance(pooled[0], ParsedMessage) and pooled[0].subject == "Pooled é"

@@ -359,15 +359,22 @@ def _drop_pool(broken: ProcessPoolExecutor) -> None:
 
 
 async def parse_many(raws: Sequence[bytes], processes: int) -> list[ParsedMessage | Exception]:
-    """Parse a batch off the event loop: in `processes` parse processes, or in a thread when
-    that is 0. A pool that broke (a process killed) is replaced on the next batch; this batch
+    """Parse a batch off the event loop: split between `processes` parse processes, or in a
+    thread when that is 0; results in the batch's order. A pool that broke (a process killed) is replaced on the next batch; this batch
     is parsed in a thread."""
     batch = list(raws)
     if processes <= 0 or not batch:
         return await asyncio.to_thread(parse_each, batch)
     pool = _parse_pool(processes)
+    loop = asyncio.get_running_loop()
+    # One slice per process, so that every process parses a share of the batch.
+    size = -(-len(batch) // processes)
+    slices = [batch[i : i + size] for i in range(0, len(batch), size)]
     try:
-        return await asyncio.get_running_loop().run_in_executor(pool, parse_each, batch)
+        parsed = await asyncio.gather(
+            *(loop.run_in_executor(pool, parse_each, piece) for piece in slices)
+        )
+        return [message for piece in parsed for message in piece]
     except BrokenProcessPool:
         _drop_pool(pool)
         return await asyncio.to_thread(parse_each, batch)
