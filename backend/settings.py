@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     # A running job's claim (arq's in-progress key) lasts this long and its worker renews it
     # while the job runs: the job of a killed worker is retried by another this soon.
     job_lease_seconds: int = Field(default=30, ge=3)
+    # Processes a worker parses fetched mail in while it stores the previous batch; 0 parses
+    # in a thread of the worker (parsing and storing then share one core).
+    parse_processes: int = Field(default=1, ge=0, le=32)
     # A send (one provider call, or a look-up and a call) running longer is cancelled.
     send_timeout_seconds: int = 120
     # A send whose answer was lost is looked up in the mailbox no sooner than this after it

@@ -38,10 +38,11 @@ query($id: ID!, $first: Int) {
 }
 """
 
-# Auth 1, contact 1, timeline page 1, count 1, participants 1, own addresses 2, contacts by
-# address 1, users 1, threads 1, thread subject visibility 1, mailboxes 1, timeline links 1,
-# contacts by id 1, contact addresses 1; SQLite adds BEGIN for the auth and operation sessions.
-EXPECTED_STATEMENTS = {"sqlite": 17, "postgresql": 15}[BACKEND]
+# Auth 1, contact 1, timeline page 1, count (the contact's counter) 1, participants 1, own
+# addresses 1 (their version; the addresses are cached), contacts by address 1, users 1,
+# threads 1, thread subject visibility 1, mailboxes 1, timeline links 1, contacts by id 1,
+# contact addresses 1; SQLite adds BEGIN for the auth and operation sessions.
+EXPECTED_STATEMENTS = {"sqlite": 16, "postgresql": 14}[BACKEND]
 
 
 @contextmanager
@@ -82,6 +83,8 @@ async def test_timeline_statement_count_is_pinned_and_flat(
             ),
         )
     counts = {}
+    # The first read of a workspace fills the own-addresses cache.
+    await gql(TIMELINE, {"id": to_global_id("Contact", contact.id), "first": 1}, token=owner.token)
     for first in (5, 20):
         with counting(api) as statements:
             data = await gql(

@@ -45,6 +45,9 @@ class Workspace(SQLModel, table=True):
     mailbox_limit: int | None = None
     # Tag synced mail in the user's mailbox ("CRM" label in Gmail, category in Outlook).
     label_synced_mail: bool = False
+    # Moves whenever a user's or a mailbox's addresses change (database triggers, migration
+    # 0008): the key of the API's cache of the workspace's own addresses.
+    addresses_version: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     created_at: datetime = Field(default_factory=now, sa_type=UtcDateTime)
 
 

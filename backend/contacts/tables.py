@@ -24,6 +24,9 @@ class Contact(SQLModel, table=True):
     email_sync_enabled: bool = True
     created_at: datetime = Field(default_factory=now, sa_type=UtcDateTime)
     last_email_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    # Emails on the contact's timeline, kept by database triggers on timeline_entries
+    # (migration 0008); never written by the ORM.
+    timeline_count: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
     addresses: list[ContactAddress] = Relationship(
         sa_relationship=relationship(

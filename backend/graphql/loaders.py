@@ -6,10 +6,11 @@ each loader on first use and keeps it until the operation ends."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.dataloader import DataLoader
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 K = TypeVar("K")
 V = TypeVar("V")
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -69,16 +71,37 @@ def loader(make: Callable[[LoaderScope], T]) -> Callable[[Info], T]:
     return get
 
 
-def once(make: Callable[[LoaderScope], Awaitable[T]]) -> Callable[[Info], Awaitable[T]]:
-    """A value loaded once per operation; concurrent resolvers share the one in-flight query."""
+class Once(Generic[T]):
+    """A value loaded once per operation; concurrent resolvers share the one in-flight query.
+    `await x(info)` waits for it; `x.future(info)` is the shared future, for `then`."""
 
-    def start(scope: LoaderScope) -> asyncio.Future[T]:
-        return asyncio.ensure_future(make(scope))
+    def __init__(self, make: Callable[[LoaderScope], Awaitable[T]]) -> None:
+        def start(scope: LoaderScope) -> asyncio.Future[T]:
+            return asyncio.ensure_future(make(scope))
 
-    get_future = loader(start)
+        self.future = loader(start)
+        self.__name__ = make.__name__
 
-    async def get(info: Info) -> T:
-        return await asyncio.shield(get_future(info))
+    async def __call__(self, info: Info) -> T:
+        return await asyncio.shield(self.future(info))
 
-    get.__name__ = make.__name__
-    return get
+
+def once(make: Callable[[LoaderScope], Awaitable[T]]) -> Once[T]:
+    return Once(make)
+
+
+def then(future: Awaitable[T], use: Callable[[T], R]) -> Any:
+    """`use(value)` at once when the loader already holds the value (a done future), else an
+    awaitable of it, which graphql-core awaits. A field whose loaders were filled ahead (see
+    `timeline.types.prefetch_page`) then resolves without a coroutine, a task and their
+    callbacks: per field that machinery cost more than the field (docs/performance.md).
+    Resolvers using it are plain `def`s typed with their GraphQL type."""
+    if isinstance(future, asyncio.Future) and future.done():
+        return use(future.result())
+
+    async def later() -> Any:
+        result: Any = use(await future)
+        # `use` may chain another `then` (a loader keyed by what this one answered).
+        return await result if inspect.isawaitable(result) else result
+
+    return later()

@@ -31,4 +31,4 @@ def last_error(scope: LoaderScope) -> DataLoader[uuid.UUID, SyncErrorEntry | Non
 @once
 async def own_addresses(scope: LoaderScope) -> dict[str, uuid.UUID]:
     """Every address of the workspace's users (R1), mapped to its user."""
-    return await queries.own_addresses(scope.session, scope.workspace_id)
+    return await queries.cached_own_addresses(scope.session, scope.workspace_id)

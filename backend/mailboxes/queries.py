@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
-from backend.auth.tables import User
+from backend.auth.tables import User, Workspace
 from backend.kit.addresses import normalize_address
 from backend.kit.clock import now
 from backend.kit.pagination import Page, PageRequest, keyset_page
@@ -121,4 +121,32 @@ async def own_addresses(session: AsyncSession, workspace_id: uuid.UUID) -> dict[
             owners.setdefault(normalize_address(address), mailbox.owner_id)
     for user in await session.scalars(select(User).where(User.workspace_id == workspace_id)):
         owners[normalize_address(user.email)] = user.id
+    return owners
+
+
+# workspace id -> (addresses_version, own addresses): the same for every request of a
+# workspace until a trigger moves the version (migration 0008), so each process keeps it.
+_OWN_ADDRESSES: OrderedDict[uuid.UUID, tuple[int, dict[str, uuid.UUID]]] = OrderedDict()
+_OWN_ADDRESSES_KEPT = 1024
+
+
+async def cached_own_addresses(
+    session: AsyncSession, workspace_id: uuid.UUID
+) -> dict[str, uuid.UUID]:
+    """`own_addresses` for reads: one primary-key lookup while the workspace's addresses
+    stay as they were. Callers must not change the mapping."""
+    version = await session.scalar(
+        select(Workspace.addresses_version).where(Workspace.id == workspace_id)
+    )
+    if version is None:
+        return {}
+    kept = _OWN_ADDRESSES.get(workspace_id)
+    if kept is not None and kept[0] == version:
+        _OWN_ADDRESSES.move_to_end(workspace_id)
+        return kept[1]
+    owners = await own_addresses(session, workspace_id)
+    _OWN_ADDRESSES[workspace_id] = (version, owners)
+    _OWN_ADDRESSES.move_to_end(workspace_id)
+    while len(_OWN_ADDRESSES) > _OWN_ADDRESSES_KEPT:
+        _OWN_ADDRESSES.popitem(last=False)
     return owners

@@ -161,7 +161,10 @@ async def _list_and_file(
     result: PassResult | None = None
     # The next batch is fetched and parsed while this one is stored: parsing is the CPU cost
     # of a pass and storing mostly waits on the database, so the two overlap.
-    upcoming = asyncio.ensure_future(fetch_and_parse(provider, batches[0])) if batches else None
+    processes = settings.parse_processes
+    upcoming = (
+        asyncio.ensure_future(fetch_and_parse(provider, batches[0], processes)) if batches else None
+    )
     try:
         for index in range(len(batches)):
             assert upcoming is not None
@@ -170,7 +173,7 @@ async def _list_and_file(
             upcoming = (
                 None
                 if last
-                else asyncio.ensure_future(fetch_and_parse(provider, batches[index + 1]))
+                else asyncio.ensure_future(fetch_and_parse(provider, batches[index + 1], processes))
             )
             through = (
                 None

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
+import multiprocessing
+import pickle
 import re
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.errors import HeaderParseError
@@ -306,3 +313,68 @@ def parse_message(raw: bytes) -> ParsedMessage:
         attachments=attachments,
         headers=headers,
     )
+
+
+def parse_each(raws: Sequence[bytes]) -> list[ParsedMessage | Exception]:
+    """Each message parsed, or the exception its parse raised (made picklable, as this runs in
+    the parse processes)."""
+    out: list[ParsedMessage | Exception] = []
+    for raw in raws:
+        try:
+            out.append(parse_message(raw))
+        except Exception as exc:
+            try:
+                pickle.dumps(exc)
+                out.append(exc)
+            except Exception:
+                out.append(UnparseableMessage(repr(exc)))
+    return out
+
+
+# Parsing is the CPU cost of a pass; in a thread it shares the event loop's GIL with storing,
+# so the two barely overlap. Processes parse while this one stores (docs/performance.md).
+_pool: ProcessPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _parse_pool(processes: int) -> ProcessPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != processes:
+            if _pool is not None:
+                _pool.shutdown(wait=False, cancel_futures=True)
+            # spawn, not fork: the worker holds threads (database driver) and an event loop.
+            _pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+            _pool_size = processes
+        return _pool
+
+
+def _drop_pool(broken: ProcessPoolExecutor) -> None:
+    global _pool
+    with _pool_lock:
+        if _pool is broken:
+            _pool = None
+    broken.shutdown(wait=False, cancel_futures=True)
+
+
+async def parse_many(raws: Sequence[bytes], processes: int) -> list[ParsedMessage | Exception]:
+    """Parse a batch off the event loop: split between `processes` parse processes, or in a
+    thread when that is 0; results in the batch's order. A pool that broke (a process killed) is replaced on the next batch; this batch
+    is parsed in a thread."""
+    batch = list(raws)
+    if processes <= 0 or not batch:
+        return await asyncio.to_thread(parse_each, batch)
+    pool = _parse_pool(processes)
+    loop = asyncio.get_running_loop()
+    # One slice per process, so that every process parses a share of the batch.
+    size = -(-len(batch) // processes)
+    slices = [batch[i : i + size] for i in range(0, len(batch), size)]
+    try:
+        parsed = await asyncio.gather(
+            *(loop.run_in_executor(pool, parse_each, piece) for piece in slices)
+        )
+        return [message for piece in parsed for message in piece]
+    except BrokenProcessPool:
+        _drop_pool(pool)
+        return await asyncio.to_thread(parse_each, batch)

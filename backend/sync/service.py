@@ -4,7 +4,6 @@ by batch, finish with the cursor and the status."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from backend.providers.base import (
 from backend.providers.registry import provider_for
 from backend.sync.filing import FilingContext
 from backend.sync.ingest import Outcome, ingest_batch
-from backend.sync.parsing import ParsedMessage, parse_message
+from backend.sync.parsing import ParsedMessage, parse_many
 from backend.sync.status import MESSAGES, SUSPEND_AFTER, backoff
 from backend.sync.tables import SyncBacklog
 
@@ -269,23 +268,21 @@ async def file_batch(
 Prepared = tuple[MessageRef, FetchedMessage | None, ParsedMessage | BaseException]
 
 
-async def fetch_and_parse(provider: MailProvider, refs: Sequence[MessageRef]) -> list[Prepared]:
-    """Fetch a batch and parse it in a thread, off the event loop."""
+async def fetch_and_parse(
+    provider: MailProvider, refs: Sequence[MessageRef], processes: int
+) -> list[Prepared]:
+    """Fetch a batch and parse it off the event loop (parse processes, `parse_many`)."""
     fetched = await provider.fetch(refs)
-
-    def parse_all() -> list[Prepared]:
-        out: list[Prepared] = []
-        for ref, item in zip(refs, fetched, strict=True):
-            if isinstance(item, ProviderError):
-                out.append((ref, None, item))
-                continue
-            try:
-                out.append((ref, item, parse_message(item.raw)))
-            except Exception as exc:
-                out.append((ref, item, exc))
-        return out
-
-    return await asyncio.to_thread(parse_all)
+    parsed = iter(
+        await parse_many([i.raw for i in fetched if not isinstance(i, ProviderError)], processes)
+    )
+    out: list[Prepared] = []
+    for ref, item in zip(refs, fetched, strict=True):
+        if isinstance(item, ProviderError):
+            out.append((ref, None, item))
+        else:
+            out.append((ref, item, next(parsed)))
+    return out
 
 
 def _import_failed(

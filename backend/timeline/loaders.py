@@ -7,7 +7,7 @@ import uuid
 from strawberry.dataloader import DataLoader
 
 from backend.graphql.loaders import LoaderScope, batch, loader
-from backend.mail.tables import Email, Participant, Thread
+from backend.mail.tables import Email, Thread
 from backend.timeline import queries
 
 
@@ -22,7 +22,7 @@ def email(scope: LoaderScope) -> DataLoader[uuid.UUID, Email | None]:
 
 
 @loader
-def participants(scope: LoaderScope) -> DataLoader[uuid.UUID, list[Participant]]:
+def participants(scope: LoaderScope) -> DataLoader[uuid.UUID, list[queries.ParticipantRecord]]:
     return batch(lambda ids: queries.participants_by_email(scope.session, ids), list)
 
 
@@ -41,3 +41,8 @@ def thread_subject_viewers(
     scope: LoaderScope,
 ) -> DataLoader[uuid.UUID, list[tuple[str | None, uuid.UUID | None]]]:
     return batch(lambda ids: queries.thread_subject_viewers(scope.session, ids), list)
+
+
+@loader
+def timeline_count(scope: LoaderScope) -> DataLoader[uuid.UUID, int]:
+    return batch(lambda ids: queries.timeline_counts(scope.session, ids), int)

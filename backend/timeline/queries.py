@@ -5,12 +5,14 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol, cast
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
+from backend.contacts.tables import Contact
 from backend.kit.pagination import Page, PageRequest, encode_cursor, keyset_page
 from backend.kit.text import LIKE_ESCAPE, contains_pattern
 from backend.mail.tables import Email as EmailRow
@@ -18,6 +20,7 @@ from backend.mail.tables import (
     EmailDirection,
     EmailSource,
     Participant,
+    ParticipantRole,
     Thread,
     TimelineEntry,
 )
@@ -59,17 +62,28 @@ async def threads_by_ids(
     return {t.id: t for t in rows}
 
 
+class ParticipantRecord(Protocol):
+    """What the API reads of a participant: a Core row (no entity to build) or the entity."""
+
+    email_id: uuid.UUID
+    role: ParticipantRole
+    address: str
+    name: str | None
+
+
 async def participants_by_email(
     session: AsyncSession, email_ids: Sequence[uuid.UUID]
-) -> dict[uuid.UUID, list[Participant]]:
-    rows = await session.scalars(
-        select(Participant)
+) -> dict[uuid.UUID, list[ParticipantRecord]]:
+    # Rows, not entities: a page has five participants an email, and building entities for
+    # them cost more than the statement (docs/performance.md).
+    rows = await session.execute(
+        select(Participant.email_id, Participant.role, Participant.address, Participant.name)
         .where(col(Participant.email_id).in_(email_ids))
         .order_by(col(Participant.email_id), col(Participant.position))
     )
-    grouped: dict[uuid.UUID, list[Participant]] = defaultdict(list)
+    grouped: dict[uuid.UUID, list[ParticipantRecord]] = defaultdict(list)
     for p in rows:
-        grouped[p.email_id].append(p)
+        grouped[p.email_id].append(cast("ParticipantRecord", p))
     return grouped
 
 
@@ -85,6 +99,18 @@ async def contact_ids_by_email(
     for email_id, contact_id in rows:
         grouped[email_id].append(contact_id)
     return grouped
+
+
+async def timeline_counts(
+    session: AsyncSession, contact_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, int]:
+    """Each contact's timeline total: the counter the triggers keep (migration 0008), so it
+    costs one row however long the timeline. A column read, not the entity, so a contact
+    loaded earlier in the transaction cannot answer a stale count."""
+    rows = await session.execute(
+        select(Contact.id, Contact.timeline_count).where(col(Contact.id).in_(contact_ids))
+    )
+    return {contact_id: int(total) for contact_id, total in rows}
 
 
 async def thread_email_ids(
