@@ -87,11 +87,15 @@ async def idle(runtime: Runtime, worker: Worker) -> bool:
 
 
 @contextmanager
-def worker_process(job_timeout: int) -> Iterator[subprocess.Popen[bytes]]:
+def worker_process(
+    job_timeout: int, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """`mailsync worker` as its own process, to be killed. arq retries a dead worker's job the
-    longest job timeout (passes and sends) + 10 seconds after it started."""
+    longest job timeout (passes and sends) + 10 seconds after it started. `env` overrides the
+    test's settings (another Redis, another database)."""
     env = dict(
         os.environ,
+        **(env or {}),
         MAILSYNC_SYNC_PASS_TIMEOUT_SECONDS=str(job_timeout),
         MAILSYNC_SEND_TIMEOUT_SECONDS=str(job_timeout),
     )
