@@ -388,18 +388,20 @@ class Chaos:
 
     async def _restart_redis(self, during: list[Planned]) -> None:
         """Redis goes away (its queue, flags and in-progress keys with it) in the middle of an
-        Outlook pass, which commits while Redis is down; mail keeps arriving; Redis comes back
-        empty on the same port."""
+        Outlook pass, while it fetches a message, so the pass commits while Redis is down;
+        mail keeps arriving; Redis comes back empty on the same port."""
         slow = self.sandbox.google.faults.add(
-            Fault(delay_seconds=3, account=self.cast.outlook, path="/delta", times=1)
+            Fault(delay_seconds=3, account=self.cast.outlook, path=r"/\$value$", times=1)
         )
-        # Mail for an Outlook contact starts the pass (the plan holds some in every stretch).
-        first = [m for m in during if m.outlook and m.contacts][:1]
+        # Mail for an Outlook contact, new to the workspace, starts the pass (the plan holds
+        # some in every stretch).
+        first = [m for m in during if m.outlook and not m.gmail and m.contacts][:1]
         assert first, "no mail for an Outlook contact around the restart"
+        # Counted before: on SQLite a read waits for the pass's transaction to end.
+        before = await self._stored_count()
         for message in first:
             self._deliver(message)
-        await wait_for(functools.partial(_any_hit, [slow]), 60, "an Outlook pass starting")
-        before = await self._stored_count()
+        await wait_for(functools.partial(_any_hit, [slow]), 60, "an Outlook pass fetching")
         await self.redis.stop()
         for message in during:
             if message not in first:
@@ -409,12 +411,12 @@ class Chaos:
             return await self._stored_count() > before
 
         with contextlib.suppress(AssertionError):  # counted below whether it does or not
-            await wait_for(committed, 60, "the pass committing while Redis is down")
+            await wait_for(committed, 30, "the pass committing while Redis is down")
         await self.redis.start()
         self.report.redis_restarts += 1
         self.say(
-            f"Redis restarted; {await self._stored_count() - before} emails were stored and "
-            f"{len(during)} messages arrived while it was down"
+            f"Redis restarted; {await self._stored_count() - before} emails were stored since "
+            f"the pass began and {len(during)} messages arrived while it was down"
         )
 
     def _faults(self) -> None:
@@ -429,16 +431,16 @@ class Chaos:
             faults.add(Fault(status=503, account=account, path=path, times=1))
 
     async def _traffic(self, messages: list[Planned], rate: float) -> None:
-        """Deliver at about `rate` messages a second, with the chaos at fixed points: faults
-        from a fifth of the way, a Gmail pass hung and every worker killed from a quarter,
-        Redis restarted at half, an Outlook pass hung and every worker killed from 65 %.
+        """Deliver at about `rate` messages a second, with the chaos at fixed points: a Gmail
+        pass hung and every worker killed from a fifth of the way, Redis restarted at 35 %,
+        provider faults from 45 %, an Outlook pass hung and every worker killed from 65 %.
         Mail keeps arriving meanwhile; its pushes start the passes that hang, so while a hang
         waits for its pass the last messages are held back and go out one by one."""
         total = len(messages)
         marks = {
-            total // 5: "faults",
-            total // 4: "hang-gmail",
-            total // 2: "redis",
+            total // 5: "hang-gmail",
+            total * 7 // 20: "redis",
+            total * 9 // 20: "faults",
             total * 13 // 20: "hang-outlook",
         }
         batch = 5
