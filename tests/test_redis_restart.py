@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,49 +13,11 @@ import pytest
 import yaml
 from arq import create_pool, func
 from arq.connections import RedisSettings
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from tests.conftest import free_port
+from tests.redis_server import RedisServer
 from tests.sync_helpers import wait_until
 from worker.resilient import ResilientWorker
-
-
-class RedisServer:
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is not installed"
-        self.process = await asyncio.create_subprocess_exec(
-            binary,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self.directory),
-            stdout=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-
-        async def answers() -> bool:
-            client = Redis(port=self.port)
-            try:
-                return bool(await client.ping())
-            except (OSError, RedisError):
-                return False
-            finally:
-                await client.aclose()
-
-        await wait_until(answers, 30)
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.terminate()
-            await self.process.wait()
-        self.process = None
 
 
 @pytest.fixture

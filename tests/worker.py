@@ -90,12 +90,16 @@ async def idle(runtime: Runtime, worker: Worker) -> bool:
 
 
 @contextmanager
-def worker_process(job_timeout: int) -> Iterator[subprocess.Popen[bytes]]:
+def worker_process(
+    job_timeout: int, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """`mailsync worker` as its own process, to be killed. A dead worker's job is retried
     once its claim lapses: within the job lease (MAILSYNC_JOB_LEASE_SECONDS), or the longest
-    job timeout (passes and sends) + 10 seconds when that is shorter."""
+    job timeout (passes and sends) + 10 seconds when that is shorter. `env` overrides the
+    test's settings (another Redis, another database)."""
     env = dict(
         os.environ,
+        **(env or {}),
         MAILSYNC_SYNC_PASS_TIMEOUT_SECONDS=str(job_timeout),
         MAILSYNC_SEND_TIMEOUT_SECONDS=str(job_timeout),
     )
