@@ -178,6 +178,7 @@ def test_r17_documents_reading_only_the_event_share_results_across_users() -> No
     assert safe(
         "subscription { emailReceived { ...E } } fragment E on EmailEvent { email { id } cursor }"
     )
+    assert safe("subscription { eventsMissed { detectedAt hint } }")
     assert not safe(EMAIL_WITH_THREAD)
     assert not safe(
         "subscription { emailReceived { ...E } } fragment E on EmailEvent { contacts { timeline { totalCount } } }"

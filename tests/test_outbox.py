@@ -40,6 +40,7 @@ from tests.test_redis_restart import RedisServer
 from worker.relay import relay_forever
 
 STATUS_CHANGED = "subscription { mailboxStatusChanged { mailbox { id status } previousStatus } }"
+EVENTS_MISSED = "subscription { eventsMissed { detectedAt hint } }"
 DISCONNECT = """
 mutation($id: ID!) {
   disconnectMailbox(input: {id: $id}) { mailbox { status } userErrors { code message } }
@@ -227,7 +228,8 @@ async def test_subscribers_are_told_when_the_stream_was_trimmed_past_their_reade
                 for n in range(1000):
                     await EventBus(publisher).publish("w", {"type": "later", "n": n})
                 assert await publisher.xlen(bus.STREAM) < 1000
-            assert await asyncio.wait_for(queue.get(), 30) == bus.GAP
+            gap = await asyncio.wait_for(queue.get(), 30)
+            assert gap["type"] == bus.GAP["type"]
             later = await asyncio.wait_for(queue.get(), 30)
     finally:
         await hub.stop()
@@ -235,6 +237,34 @@ async def test_subscribers_are_told_when_the_stream_was_trimmed_past_their_reade
         await server.stop()
     assert later["type"] == "later" and later["n"] > 0  # the oldest were trimmed away
     assert hub.gaps == 1
+
+
+@pytest.mark.e2e  # runs its own Redis server
+async def test_a_websocket_subscriber_is_told_when_the_stream_was_trimmed_past_the_api_reader(
+    stack: Stack, factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner = await factory.workspace()
+    mailbox = await factory.mailbox(owner)
+    hub = stack.api.app.state.runtime.hub
+    subscribers = stack.api.subscribers(owner.workspace.id)
+    async with (
+        subscribe(stack.api.ws_url, owner.token, EVENTS_MISSED, subscribers=subscribers) as told,
+        subscribe(stack.api.ws_url, owner.token, STATUS_CHANGED, subscribers=subscribers) as seen,
+    ):
+        # The reader has a position in the stream (an entry it read) that trimming can pass.
+        await stack.runtime.publish(
+            str(owner.workspace.id), status_event(mailbox, MailboxStatus.ACTIVE)
+        )
+        assert (await seen.next())["data"]["mailboxStatusChanged"]["previousStatus"] == "ACTIVE"
+        gaps = hub.gaps
+        monkeypatch.setattr(bus, "STREAM_MAXLEN", 10)
+        async with _readers_locked_out(stack.redis) as publisher:
+            for n in range(1000):
+                await EventBus(publisher).publish("elsewhere", {"type": "later", "n": n})
+            assert await publisher.xlen(bus.STREAM) < 1000
+        event = (await told.next())["data"]["eventsMissed"]
+    assert event["hint"]
+    assert hub.gaps == gaps + 1
 
 
 async def _workspace_with_mailboxes(factory: Factory, count: int) -> tuple[Member, list[Mailbox]]:

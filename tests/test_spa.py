@@ -11,10 +11,13 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
+from sqlalchemy import update
+from sqlmodel import col
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
+from backend.auth.tables import Workspace
 from backend.graphql.relay import to_global_id
 from backend.kit.clock import now
 from backend.settings import Settings
@@ -70,7 +73,7 @@ async def servers(settings: Settings, bundle: Path) -> AsyncIterator[tuple[LiveS
         await api.stop()
 
 
-async def test_an_apollo_spa_on_another_origin_queries_pages_mutates_and_subscribes(
+async def test_an_apollo_spa_on_another_origin_queries_pages_mutates_subscribes_and_reads_again(
     servers: tuple[LiveServer, str], factory: Factory
 ) -> None:
     api, spa_origin = servers
@@ -96,7 +99,7 @@ async def test_an_apollo_spa_on_another_origin_queries_pages_mutates_and_subscri
         await page.wait_for("window.spa.labelSyncedMail === true")
 
         async def subscribed() -> bool:
-            return await subscribers() >= 1
+            return await subscribers() >= 2  # emailReceived and eventsMissed
 
         await wait_until(subscribed, WORK_TIMEOUT)
         await factory.ingest(
@@ -108,4 +111,17 @@ async def test_an_apollo_spa_on_another_origin_queries_pages_mutates_and_subscri
             "Fresh",
             *(f"Mail {i}" for i in (3, 2, 1, 0)),
         ]
+        assert await page.evaluate("window.spa.errors") == []
+
+        # A change whose event was lost: the page reads again once told of the gap.
+        async with factory.db.transaction() as session:
+            await session.execute(
+                update(Workspace)
+                .where(col(Workspace.id) == owner.workspace.id)
+                .values(name="Renamed unseen")
+            )
+        api.app.state.runtime.hub.notify_gap()
+        await page.wait_for("window.spa.workspaceName === 'Renamed unseen'")
+        await page.wait_for("window.spa.readAgain === 1")
+        assert await page.evaluate("window.spa.subjects[0]") == "Fresh"
         assert await page.evaluate("window.spa.errors") == []

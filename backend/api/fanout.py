@@ -494,6 +494,7 @@ _CLASS_SAFE: dict[str, frozenset[str] | None] = {
     "EmailEvent": frozenset({"email", "contacts", "cursor"}),
     "MailboxStatusEvent": None,
     "SyncPassEvent": None,
+    "EventsMissedEvent": None,
     "Email": frozenset(
         {
             "id",

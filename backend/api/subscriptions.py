@@ -15,9 +15,11 @@ from backend.api import fanout
 from backend.api.fanout import Prepare
 from backend.contacts import loaders as contact_loaders
 from backend.contacts.types import Contact
+from backend.events import bus
 from backend.graphql.context import Info, current_scope
 from backend.graphql.errors import require_viewer
 from backend.graphql.relay import id_of
+from backend.kit import clock
 from backend.mailboxes import loaders as mailbox_loaders
 from backend.mailboxes.access import can_manage
 from backend.mailboxes.tables import Mailbox as MailboxRow
@@ -54,6 +56,27 @@ class SyncPassEvent:
     failed: int
     started_at: datetime
     finished_at: datetime
+
+
+EVENTS_MISSED_HINT = (
+    "Events may have been missed: read again what you show (Apollo: "
+    'client.refetchQueries({ include: "active" })). Subscriptions stay open.'
+)
+
+
+@strawberry.type(
+    description="Events of the workspace may have been missed: this server could not follow its "
+    "event stream without a gap (its Redis lost its data, or the stream was trimmed past "
+    "the server's reader). Whatever was kept up to date from subscriptions may be stale."
+)
+class EventsMissedEvent:
+    detected_at: datetime = strawberry.field(
+        description="When the server noticed. Events published before it, since the last one "
+        "a subscription delivered, may be missing; those published after it arrive."
+    )
+    hint: str = strawberry.field(
+        description="What to do, for people reading logs: read again what you show."
+    )
 
 
 async def _stream(info: Info, prepare: Prepare) -> AsyncIterator[Any]:
@@ -163,6 +186,18 @@ def _mailbox_events(
     return prepare
 
 
+async def _events_missed(event: dict[str, Any], info: Info) -> fanout.Prepared:
+    """The hub's gap signal, the same for every viewer (one execution for all subscribers)."""
+    if event.get("type") != bus.GAP["type"]:
+        return None
+    try:
+        detected_at = datetime.fromisoformat(str(event[bus.GAP_AT]))
+    except (KeyError, ValueError):
+        detected_at = clock.now()
+    root = EventsMissedEvent(detected_at=detected_at, hint=EVENTS_MISSED_HINT)
+    return root, lambda viewer: True
+
+
 def _status_event(event: dict[str, Any], mailbox: MailboxRow) -> MailboxStatusEvent:
     return MailboxStatusEvent(
         mailbox=Mailbox(row=mailbox), previous_status=MailboxStatus(event["previousStatus"])
@@ -238,4 +273,14 @@ class Subscription:
         async for event in _stream(
             info, _mailbox_events("syncPassCompleted", mailbox_id, _pass_event)
         ):
+            yield event
+
+    @strawberry.subscription(
+        description="Events may have been missed (see `EventsMissedEvent`): read again what "
+        "you show. Subscribe to it beside the others (one more operation on the same "
+        "websocket); it yields nothing but gaps. After a reconnect of its own a client "
+        "may have missed events too, and is not told: read again then as well."
+    )
+    async def events_missed(self, info: Info) -> AsyncGenerator[EventsMissedEvent, None]:
+        async for event in _stream(info, _events_missed):
             yield event

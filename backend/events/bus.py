@@ -25,6 +25,8 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
+from backend.kit import clock
+
 log = logging.getLogger(__name__)
 
 STREAM = "mailsync:events"
@@ -39,8 +41,10 @@ READ_COUNT = 500
 READ_BLOCK_MS = 5_000
 # Ids of recently delivered events, to drop relayed copies.
 SEEN_IDS = 20_000
-# Sent to every subscriber when events may have been missed (see the module's docstring).
+# Sent to every subscriber when events may have been missed (see the module's docstring),
+# with `GAP_AT`: when the hub noticed, the same for every subscriber of one gap.
 GAP: dict[str, Any] = {"type": "eventsMissed"}
+GAP_AT = "detectedAt"
 
 
 def _text(value: bytes | str) -> str:
@@ -159,8 +163,9 @@ class EventHub:
     def notify_gap(self) -> None:
         """Tell every subscriber that events may have been missed."""
         self.gaps += 1
+        at = clock.now().isoformat()
         for workspace_id in list(self._subscribers):
-            self._deliver(workspace_id, dict(GAP))
+            self._deliver(workspace_id, {**GAP, GAP_AT: at})
 
     async def _listen(self) -> None:
         backoff = 0.5

@@ -4,13 +4,15 @@
 // Open it as index.html?api=http://api.example.com&token=<bearer token>&contact=<Contact id>.
 // The API must list this page's origin in MAILSYNC_CORS_ORIGINS.
 //
-// It shows the four things a cache-backed app needs from the API:
+// It shows the five things a cache-backed app needs from the API:
 //   1. a query (the contact's timeline, and the workspace's settings);
 //   2. `fetchMore` on the timeline connection, merged by `relayStylePagination`;
 //   3. a mutation whose answer carries the changed object with its id (`workspace`), so the
 //      normalized cache updates every query that shows it, with no refetch;
 //   4. a subscription whose event (`emailReceived`, with the email's `cursor`) is written
-//      into the cached timeline.
+//      into the cached timeline;
+//   5. reading again what it shows when events may have been missed: the server says so
+//      (`eventsMissed`), and after a reconnect of its own nobody can.
 // `window.spa` exposes what happened, for tests/test_spa.py.
 
 import {
@@ -48,6 +50,12 @@ const wsLink = new GraphQLWsLink(
   createClient({
     url: `${api.replace(/^http/, 'ws')}/graphql`,
     connectionParams: { Authorization: `Bearer ${token}` },
+    on: {
+      // 5. Events published while the socket was down are not replayed.
+      connected: (socket, payload, wasRetry) => {
+        if (wasRetry) readAgain('reconnected');
+      },
+    },
   }),
 );
 const link = ApolloLink.split(
@@ -101,6 +109,23 @@ const EMAIL_RECEIVED = gql`
   }
 `;
 
+const EVENTS_MISSED = gql`
+  subscription EventsMissed {
+    eventsMissed { detectedAt }
+  }
+`;
+
+// 5. What the cache holds may be stale: every watched query asks again.
+function readAgain(why) {
+  log(`reading again: ${why}`);
+  client
+    .refetchQueries({ include: 'active' })
+    .then(() => {
+      spa.readAgain = (spa.readAgain || 0) + 1;
+    })
+    .catch(fail);
+}
+
 function render(data) {
   const { workspace } = data.viewer;
   document.getElementById('workspace').textContent =
@@ -116,6 +141,7 @@ function render(data) {
   document.getElementById('more').disabled = !data.contact.timeline.pageInfo.hasNextPage;
   spa.subjects = data.contact.timeline.edges.map(({ node }) => node.subject);
   spa.labelSyncedMail = workspace.settings.labelSyncedMail;
+  spa.workspaceName = workspace.name;
 }
 
 // 1. The query, watched: every later change to the cache re-renders it.
@@ -160,6 +186,10 @@ function listen() {
         log(`new email: ${email.subject}`);
         spa.received = email.subject;
       },
+      error: fail,
+    });
+    client.subscribe({ query: EVENTS_MISSED }).subscribe({
+      next: ({ data }) => readAgain(`events missed (noticed at ${data.eventsMissed.detectedAt})`),
       error: fail,
     });
     // graphql-ws acknowledges nothing per subscription: the test waits for the server to
