@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from backend.mailboxes.service import read_credentials, write_credentials
 from backend.mailboxes.tables import Mailbox, MailboxStatus, ProviderIssue
+from backend.providers.base import Provider
 from backend.runtime import Runtime
 from backend.sandbox.faults import Fault
 from backend.sync.jobs import run_pass
@@ -143,3 +144,25 @@ async def test_r13_google_refusing_the_oauth_client_shows_in_readyz_until_fixed(
     assert (await reload_mailbox(runtime, mailbox_id)).status != MailboxStatus.ERROR
     status, body, _ = await readiness(api)
     assert (status, body["status"], body["providers"]) == (200, "ok", [])
+
+
+async def test_an_issue_nothing_retried_for_48_hours_is_no_longer_reported(
+    runtime: Runtime, api: LiveServer
+) -> None:
+    """Its mailboxes were disconnected or SUSPENDED (R13): nothing will clear the entry."""
+    stale = datetime.now(UTC) - timedelta(hours=49)
+    async with runtime.unit_of_work() as work:
+        await work.session.execute(sa.delete(ProviderIssue))
+        work.session.add(
+            ProviderIssue(
+                provider=Provider.MICROSOFT,
+                fix="check MAILSYNC_MICROSOFT_CLIENT_SECRET",
+                detail="configuration: stale",
+                first_seen_at=stale,
+                last_seen_at=stale,
+            )
+        )
+    status, body, _ = await readiness(api)
+    assert (status, body["status"], body["providers"]) == (200, "ok", [])
+    async with runtime.unit_of_work() as work:
+        await work.session.execute(sa.delete(ProviderIssue))
