@@ -42,6 +42,7 @@ from backend.auth.tokens import bearer_value
 from backend.db import read_only
 from backend.graphql.context import Context
 from backend.kit.errors import ErrorCode
+from backend.mailboxes.queries import provider_issues
 from backend.providers.microsoft.client import warm_up as warm_up_graph_sdk
 from backend.runtime import Runtime
 from backend.sending.queue import JobQueue
@@ -203,6 +204,30 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+async def provider_problems(runtime: Runtime) -> list[dict[str, object]]:
+    """Providers refusing mailsync's own configuration (the worker records them), with the
+    setting to check; the users of their mailboxes are not to blame."""
+    try:
+        async with runtime.db.sessionmaker() as session:
+            read_only(session)
+            issues = await provider_issues(session)
+    except Exception as exc:
+        log.warning("readiness: provider issues unreadable: %s", exc)
+        return []
+    return [
+        {
+            "provider": issue.provider.value,
+            "problem": "configuration",
+            "fix": issue.fix,
+            "detail": issue.detail,
+            "failures": issue.failures,
+            "firstSeenAt": issue.first_seen_at.isoformat(),
+            "lastSeenAt": issue.last_seen_at.isoformat(),
+        }
+        for issue in issues
+    ]
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or get_settings()
     graphql_app = MailsyncGraphQL(settings)
@@ -249,10 +274,20 @@ def create_app(settings: Settings | None = None) -> Starlette:
             log.warning("readiness: redis unreachable: %s", exc)
             checks["redis"] = "unreachable"
         ready = all(v == "ok" for v in checks.values())
+        providers = await provider_problems(runtime) if checks["database"] == "ok" else []
         # Live subscriptions held by this process (its event hub's fan-out).
         subscribers = runtime.hub.subscriber_count if runtime.hub is not None else 0
+        # A provider refusing mailsync's configuration is "degraded", not unready: this
+        # process serves fine, and taking it out of rotation would not fix the setting.
+        status = "unready" if not ready else "degraded" if providers else "ok"
         return JSONResponse(
-            {"ready": ready, **checks, "subscribers": subscribers},
+            {
+                "ready": ready,
+                "status": status,
+                **checks,
+                "providers": providers,
+                "subscribers": subscribers,
+            },
             status_code=200 if ready else 503,
         )
 

@@ -12,7 +12,7 @@ from backend.mail.tables import (
     Thread,
     TimelineEntry,
 )
-from backend.mailboxes.tables import Mailbox, SyncActivityDay, SyncErrorEntry
+from backend.mailboxes.tables import Mailbox, ProviderIssue, SyncActivityDay, SyncErrorEntry
 from backend.sending.tables import OutgoingMessage
 from backend.sync.tables import SyncBacklog
 
@@ -28,6 +28,7 @@ __all__ = [
     "OutboxEntry",
     "OutgoingMessage",
     "Participant",
+    "ProviderIssue",
     "SyncActivityDay",
     "SyncBacklog",
     "SyncErrorEntry",

@@ -13,7 +13,13 @@ from backend.auth.tables import User, Workspace
 from backend.kit.addresses import normalize_address
 from backend.kit.clock import now
 from backend.kit.pagination import Page, PageRequest, keyset_page
-from backend.mailboxes.tables import Mailbox, MailboxStatus, SyncActivityDay, SyncErrorEntry
+from backend.mailboxes.tables import (
+    Mailbox,
+    MailboxStatus,
+    ProviderIssue,
+    SyncActivityDay,
+    SyncErrorEntry,
+)
 
 
 async def mailboxes_by_ids(
@@ -150,3 +156,18 @@ async def cached_own_addresses(
     while len(_OWN_ADDRESSES) > _OWN_ADDRESSES_KEPT:
         _OWN_ADDRESSES.popitem(last=False)
     return owners
+
+
+# A provider issue not seen again for this long is no longer reported: its mailboxes were
+# disconnected, or suspended after 48 hours of failing (R13), and nothing retries it.
+PROVIDER_ISSUE_WINDOW = timedelta(hours=48)
+
+
+async def provider_issues(session: AsyncSession) -> list[ProviderIssue]:
+    """Providers refusing mailsync's configuration recently, for the health checks."""
+    rows = await session.scalars(
+        select(ProviderIssue)
+        .where(col(ProviderIssue.last_seen_at) >= now() - PROVIDER_ISSUE_WINDOW)
+        .order_by(col(ProviderIssue.provider))
+    )
+    return list(rows)

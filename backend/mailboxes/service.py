@@ -2,13 +2,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
 from backend.auth.service import Viewer
 from backend.auth.tables import User, Workspace
+from backend.db import table_of
 from backend.kit.addresses import normalize_address
 from backend.kit.clock import now
 from backend.kit.crypto import decrypt_json, encrypt_json
@@ -16,8 +20,15 @@ from backend.kit.effects import AfterCommit
 from backend.kit.errors import ErrorCode, NotFound, ServiceError
 from backend.mail import service as mail_service
 from backend.mailboxes import access, queries
-from backend.mailboxes.tables import EmailVisibility, Mailbox, MailboxStatus, SyncMode
-from backend.providers.base import Provider
+from backend.mailboxes.tables import (
+    EmailVisibility,
+    Mailbox,
+    MailboxStatus,
+    ProviderIssue,
+    SyncErrorEntry,
+    SyncMode,
+)
+from backend.providers.base import Provider, ProviderConfigurationError
 
 
 def status_event(mailbox: Mailbox, previous: MailboxStatus) -> dict[str, Any]:
@@ -227,3 +238,59 @@ async def promote_waiting(
         session.add(mailbox)
         await session.flush()
         effects.request_sync(mailbox.id)
+
+
+# The detail every configuration error's entry starts with (ProviderConfigurationError).
+CONFIGURATION_DETAIL = "configuration:"
+
+
+async def note_provider_issue(
+    session: AsyncSession, provider: Provider, error: ProviderConfigurationError
+) -> None:
+    """A pass failed because the provider refuses mailsync's configuration: the operator's
+    health checks list the provider until `clear_provider_issue`. Passes of many mailboxes
+    fail so at once, in as many workers, hence one upsert rather than a read then a write."""
+    moment = now()
+    values = {
+        "provider": provider,
+        "fix": error.fix,
+        "detail": error.detail[:2000],
+        "first_seen_at": moment,
+        "last_seen_at": moment,
+        "failures": 1,
+    }
+    dialect = session.get_bind().dialect.name
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(ProviderIssue)
+    table = table_of(ProviderIssue)
+    await session.execute(
+        insert.values(**values).on_conflict_do_update(
+            index_elements=["provider"],
+            set_={
+                "fix": error.fix,
+                "detail": values["detail"],
+                "last_seen_at": moment,
+                "failures": table.c.failures + 1,
+            },
+        )
+    )
+
+
+async def clear_provider_issue(
+    session: AsyncSession, mailbox_id: uuid.UUID, provider: Provider, failing_since: datetime
+) -> None:
+    """The mailbox's pass succeeded. If its failure streak had a configuration error, the
+    configuration works again and the provider's issue is cleared. A mailbox that did not
+    fail proves nothing: its access token may simply not have needed refreshing yet."""
+    failed_so = await session.scalar(
+        select(sa.literal(1))
+        .where(
+            col(SyncErrorEntry.mailbox_id) == mailbox_id,
+            col(SyncErrorEntry.occurred_at) >= failing_since,
+            col(SyncErrorEntry.detail).startswith(CONFIGURATION_DETAIL, autoescape=True),
+        )
+        .limit(1)
+    )
+    if failed_so:
+        await session.execute(
+            sa.delete(ProviderIssue).where(col(ProviderIssue.provider) == provider)
+        )

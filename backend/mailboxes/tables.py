@@ -97,3 +97,20 @@ class SyncActivityDay(SQLModel, table=True):
     queued: int = 0
     synced: int = 0
     failed: int = 0
+
+
+class ProviderIssue(SQLModel, table=True):
+    """A provider refusing mailsync itself (its configuration: client id, secret, topic), for
+    the operator's health checks. The worker writes it when a pass fails so, and deletes it
+    when a mailbox that failed so syncs again; the API's `/readyz` lists it."""
+
+    __tablename__ = "provider_issues"
+
+    provider: Provider = Field(sa_type=enum_type(Provider), primary_key=True)
+    # Which setting to check; the detail is the provider's answer (never a credential).
+    fix: str = Field(sa_type=sa.Text)
+    detail: str = Field(sa_type=sa.Text)
+    first_seen_at: datetime = Field(default_factory=now, sa_type=UtcDateTime)
+    last_seen_at: datetime = Field(default_factory=now, sa_type=UtcDateTime)
+    # Failed passes since first seen: how widespread it is.
+    failures: int = 1

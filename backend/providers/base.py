@@ -129,10 +129,13 @@ class ProviderConfigurationError(TransientProviderError):
     registered, a bad scope): the operator must fix the settings, the user can do nothing.
     The mailbox shows PROVIDER_UNAVAILABLE and keeps retrying with backoff, never "reconnect";
     the operator learns of it from the log (an ERROR naming the setting) and from the
-    mailbox's error entry, whose detail starts with "configuration:"."""
+    mailbox's error entry, whose detail starts with "configuration:", and from `/readyz`,
+    which lists the provider with `fix` until a mailbox that failed so syncs again."""
 
-    def __init__(self, detail: str, retry_after: float | None = None) -> None:
+    def __init__(self, detail: str, fix: str, retry_after: float | None = None) -> None:
         super().__init__(detail, SyncErrorCode.PROVIDER_UNAVAILABLE, retry_after)
+        # For the operator, not the user: which setting to check.
+        self.fix = fix
 
 
 class PermanentProviderError(ProviderError):

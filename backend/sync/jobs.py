@@ -10,10 +10,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from backend.kit.clock import now
+from backend.mailboxes.service import note_provider_issue
 from backend.mailboxes.tables import Mailbox, MailboxStatus
 from backend.providers.base import (
     MailProvider,
     MessageRef,
+    ProviderConfigurationError,
     ProviderError,
     SyncErrorCode,
     TransientProviderError,
@@ -101,6 +103,8 @@ async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None
         mailbox = await work.session.get(Mailbox, mailbox_id)
         if mailbox is None or mailbox.status not in SYNCABLE:
             return None  # disconnected (or gone) meanwhile: its failure is nobody's concern
+        if isinstance(error, ProviderConfigurationError):
+            await note_provider_issue(work.session, mailbox.provider, error)
         return record_failure(
             work.session, work.effects, settings, mailbox, error, credentials, started, progress
         )

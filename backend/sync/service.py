@@ -19,7 +19,12 @@ from backend.auth.tables import Workspace
 from backend.db import table_of
 from backend.kit.clock import now
 from backend.kit.effects import AfterCommit
-from backend.mailboxes.service import read_credentials, set_status, write_credentials
+from backend.mailboxes.service import (
+    clear_provider_issue,
+    read_credentials,
+    set_status,
+    write_credentials,
+)
 from backend.mailboxes.tables import Mailbox, MailboxStatus, SyncActivityDay, SyncErrorEntry
 from backend.providers.base import (
     ChangeSet,
@@ -413,6 +418,8 @@ async def finish_pass(
         mailbox.cursor = cursor
     if credentials.refreshed is not None:
         write_credentials(settings.secret, mailbox, credentials.refreshed)
+    # Before `_succeeded` forgets it: whether this pass ends a configuration failure.
+    failing_since = mailbox.failing_since
     _succeeded(mailbox, progress.filed, effects)
     values: dict[str, Any] = {
         "last_synced_at": mailbox.last_synced_at,
@@ -434,6 +441,8 @@ async def finish_pass(
     )
     if _rowcount(done) != 1:
         return None
+    if failing_since is not None:
+        await clear_provider_issue(session, mailbox.id, mailbox.provider, failing_since)
     result = PassResult(
         mailbox.id, progress.filed, progress.failed, progress.duplicates, started, now()
     )

@@ -188,18 +188,24 @@ def send_failure(exc: HttpError, *, what: str) -> ProviderError:
     return PermanentProviderError(error.detail, SyncErrorCode.SEND_FAILED)
 
 
+GOOGLE_CLIENT_FIX = (
+    "check MAILSYNC_GOOGLE_CLIENT_ID / MAILSYNC_GOOGLE_CLIENT_SECRET (the OAuth client in the "
+    "Google Cloud console)"
+)
+
+
 def refresh_failure(exc: RefreshError, *, what: str) -> ProviderError:
     """Google's token endpoint refusing a refresh (RFC 6749 section 5.2 errors): the OAuth
     client itself refused is the operator's to fix, a refused grant the user's."""
     text = str(exc)
     if "invalid_client" in text or "unauthorized_client" in text:
         log.error(
-            "Google refuses mailsync's OAuth client (%s): check MAILSYNC_GOOGLE_CLIENT_ID / "
-            "MAILSYNC_GOOGLE_CLIENT_SECRET; mailboxes keep retrying and are not asked to "
-            "reconnect",
+            "Google refuses mailsync's OAuth client (%s): %s; mailboxes keep retrying and are "
+            "not asked to reconnect",
             text,
+            GOOGLE_CLIENT_FIX,
         )
-        return ProviderConfigurationError(f"configuration: {what}: {text}")
+        return ProviderConfigurationError(f"configuration: {what}: {text}", GOOGLE_CLIENT_FIX)
     if "invalid_grant" in text or not getattr(exc, "retryable", True):
         return AccessRevoked(f"{what}: {text}")
     return TransientProviderError(f"{what}: {text}")

@@ -400,7 +400,11 @@ class GmailProvider(MailProvider):
                 topic,
                 exc.detail,
             )
-            raise ProviderConfigurationError(f"configuration: {exc.detail}") from exc
+            raise ProviderConfigurationError(
+                f"configuration: {exc.detail}",
+                "grant gmail-api-push@system.gserviceaccount.com the Pub/Sub Publisher role "
+                "on MAILSYNC_GOOGLE_PUBSUB_TOPIC",
+            ) from exc
         expiration = result.get("expiration")
         return datetime.fromtimestamp(int(expiration) / 1000, UTC) if expiration else None
 

@@ -88,6 +88,12 @@ OPERATOR_ERRORS = {
 }
 
 
+MICROSOFT_CLIENT_FIX = (
+    "check MAILSYNC_MICROSOFT_CLIENT_ID / MAILSYNC_MICROSOFT_CLIENT_SECRET and the app's "
+    "registration (an expired client secret needs a new one)"
+)
+
+
 def token_failure(status: int, body: dict[str, Any]) -> ProviderError:
     """The token endpoint's refusal, by who can fix it: the user (reconnect:
     ACCESS_REVOKED, or ACCESS_DENIED when they or their administrator block access), nobody
@@ -100,12 +106,12 @@ def token_failure(status: int, body: dict[str, Any]) -> ProviderError:
         return TransientProviderError(detail)
     if codes & OPERATOR_MUST_FIX or (name in OPERATOR_ERRORS and not codes & USER_MUST_SIGN_IN):
         log.error(
-            "the Microsoft identity platform refuses mailsync's app registration (%s): check "
-            "MAILSYNC_MICROSOFT_CLIENT_ID / MAILSYNC_MICROSOFT_CLIENT_SECRET and the app's "
-            "registration; mailboxes keep retrying and are not asked to reconnect",
+            "the Microsoft identity platform refuses mailsync's app registration (%s): %s; "
+            "mailboxes keep retrying and are not asked to reconnect",
             detail,
+            MICROSOFT_CLIENT_FIX,
         )
-        return ProviderConfigurationError(f"configuration: {detail}")
+        return ProviderConfigurationError(f"configuration: {detail}", MICROSOFT_CLIENT_FIX)
     if codes & USER_IS_REFUSED:
         return AccessDenied(detail)
     if codes & USER_MUST_SIGN_IN:
