@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+import sqlalchemy as sa
 from arq import Retry
 from sqlmodel import col, select
 
 from backend.kit.clock import as_utc, now
+from backend.kit.crypto import encrypt_json
 from backend.mail.tables import DeliveryStatus, Email
-from backend.mailboxes.service import write_credentials
 from backend.mailboxes.tables import Mailbox, MailboxStatus
 from backend.providers.base import (
     PermanentProviderError,
@@ -109,9 +110,8 @@ async def send_email(runtime: Runtime, email_id: str) -> str:
     outcome: SentMessage | ProviderError | None = None
     provider = provider_for_mailbox(settings, mailbox)
     # No transaction is open during the calls: a rotated token is stored at once.
-    provider.credential_store = MailboxCredentialStore(
-        runtime.unit_of_work, settings.secret, mailbox.id
-    )
+    store = MailboxCredentialStore(runtime.unit_of_work, settings.secret, mailbox.id)
+    provider.credential_store = store
     try:
         if send.look_first:
             outcome = await provider.find_sent(send.message_id)
@@ -127,7 +127,8 @@ async def send_email(runtime: Runtime, email_id: str) -> str:
         log.exception("email %s: send attempt %d failed unexpectedly", email_id, send.attempt)
         outcome = TransientProviderError(f"unexpected: {exc!r}")
     finally:
-        refreshed = provider.updated_credentials()
+        # What the store saved is not written again: another process may have rotated it.
+        refreshed = None if store.stored else provider.updated_credentials()
         await provider.close()
     async with runtime.unit_of_work() as work:
         email = await work.session.get(Email, row_id)
@@ -135,8 +136,15 @@ async def send_email(runtime: Runtime, email_id: str) -> str:
         if email is None or mailbox_row is None:
             return "deleted"
         if refreshed is not None:
-            write_credentials(settings.secret, mailbox_row, refreshed)
-            work.session.add(mailbox_row)
+            # Only over the credentials it was sent with: a reconnect meanwhile wrote others.
+            await work.session.execute(
+                sa.update(Mailbox)
+                .where(
+                    col(Mailbox.id) == mailbox.id,
+                    col(Mailbox.credentials_encrypted) == mailbox.credentials_encrypted,
+                )
+                .values(credentials_encrypted=encrypt_json(settings.secret, refreshed))
+            )
         if isinstance(outcome, SentMessage):
             await record_sent(work.session, work.effects, email, mailbox_row, outcome)
             return "sent"

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from backend.kit.clock import now
-from backend.mailboxes.service import note_provider_issue
+from backend.mailboxes.service import note_provider_issue, write_credentials
 from backend.mailboxes.tables import Mailbox, MailboxStatus
 from backend.providers.base import (
     MailProvider,
@@ -22,8 +23,6 @@ from backend.providers.base import (
 )
 from backend.sync import service
 from backend.sync.credentials import MailboxCredentialStore
-from backend.sync.filing import FilingContext
-from backend.sync.ingest import filing_context
 from backend.sync.queue import SyncQueue
 from backend.sync.service import (
     FETCH_BATCH,
@@ -74,7 +73,7 @@ async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None
         return None
     if start.mailbox.status not in SYNCABLE:
         return None
-    credentials = PassCredentials()
+    credentials = PassCredentials(sealed=start.mailbox.credentials_encrypted)
     progress = Progress()
     try:
         provider = service.provider_for_mailbox(settings, start.mailbox)
@@ -100,7 +99,8 @@ async def run_pass(runtime: Runtime, mailbox_id: uuid.UUID) -> PassResult | None
             return outcome
         error = outcome
     async with runtime.unit_of_work() as work:
-        mailbox = await work.session.get(Mailbox, mailbox_id)
+        # For update: the reconnect check of `record_failure` holds until this commits.
+        mailbox = await work.session.get(Mailbox, mailbox_id, with_for_update=True)
         if mailbox is None or mailbox.status not in SYNCABLE:
             return None  # disconnected (or gone) meanwhile: its failure is nobody's concern
         if isinstance(error, ProviderConfigurationError):
@@ -122,8 +122,8 @@ async def _pass(
     mailbox = start.mailbox
     # What the provider refreshes is stored at once, in a transaction of its own: the pass
     # holds none while it talks to the provider.
-    provider.credential_store = MailboxCredentialStore(
-        runtime.unit_of_work, runtime.settings.secret, mailbox.id
+    provider.credential_store = PassCredentialStore(
+        runtime.unit_of_work, runtime.settings.secret, mailbox.id, credentials
     )
     try:
         return await _list_and_file(runtime, start, provider, credentials, progress, started)
@@ -133,7 +133,45 @@ async def _pass(
         log.exception("mailbox %s: sync pass failed unexpectedly", mailbox.id)
         return TransientProviderError(f"unexpected: {exc!r}", SyncErrorCode.READ_FAILED)
     finally:
-        credentials.refreshed = provider.updated_credentials()
+        credentials.refreshed = unsaved_credentials(provider)
+
+
+class PassCredentialStore(MailboxCredentialStore):
+    """The pass's credential store: what it stores is what the pass's later writes expect
+    to find in the row (`PassCredentials.sealed`), so they tell its own rotation from a
+    reconnect."""
+
+    def __init__(
+        self,
+        unit_of_work: Callable[[], AbstractAsyncContextManager[Work]],
+        secret: bytes,
+        mailbox_id: uuid.UUID,
+        credentials: PassCredentials,
+    ) -> None:
+        super().__init__(unit_of_work, secret, mailbox_id)
+        self.credentials = credentials
+
+    async def save(self, credentials: dict[str, Any]) -> None:
+        async with self.unit_of_work() as work:
+            mailbox = await work.session.get(Mailbox, self.mailbox_id)
+            # A mailbox disconnected meanwhile keeps no credentials.
+            if mailbox is None or mailbox.status == MailboxStatus.DISCONNECTED:
+                return
+            write_credentials(self.secret, mailbox, credentials)
+            work.session.add(mailbox)
+            sealed = mailbox.credentials_encrypted
+        self.credentials.sealed = sealed
+        self.stored += 1
+
+
+def unsaved_credentials(provider: MailProvider) -> dict[str, Any] | None:
+    """What the provider refreshed that its credential store did not save; once the store
+    saved the provider's credentials, writing them again could replace a token another
+    process rotated since."""
+    store = provider.credential_store
+    if isinstance(store, MailboxCredentialStore) and store.stored:
+        return None
+    return provider.updated_credentials()
 
 
 async def _list_and_file(
@@ -154,14 +192,13 @@ async def _list_and_file(
     cursor: dict[str, Any] | None = changes.cursor
     if start.backlog or len(refs) > FETCH_BATCH:
         async with runtime.unit_of_work() as work:
-            backlog = await service.save_backlog(work.session, mailbox, changes)
+            backlog = await service.save_backlog(work.session, mailbox, changes, credentials.sealed)
         if backlog is None:
-            return None  # disconnected meanwhile
+            return None  # disconnected or reconnected meanwhile
         positions = [position for position, _ in backlog]
         refs = [ref for _, ref in backlog]
         cursor = None  # saved with the backlog
     batches = batches_of(refs)
-    ctx: FilingContext | None = None
     result: PassResult | None = None
     # The next batch is fetched and parsed while this one is stored: parsing is the CPU cost
     # of a pass and storing mostly waits on the database, so the two overlap.
@@ -185,8 +222,10 @@ async def _list_and_file(
                 else positions[min(len(positions), (index + 1) * FETCH_BATCH) - 1]
             )
             async with runtime.unit_of_work() as work:
-                if ctx is None:
-                    ctx = await filing_context(work.session, workspace, mailbox)
+                rules = await service.filing_rules(work.session, mailbox)
+                if rules is None:
+                    return None  # deleted meanwhile
+                workspace, ctx = rules
                 await service.file_batch(
                     work.session, work.effects, workspace, mailbox, ctx, prepared, progress, through
                 )
@@ -218,12 +257,12 @@ async def _finish(
     progress: Progress,
     started: datetime,
 ) -> PassResult | None:
-    credentials.refreshed = provider.updated_credentials()
+    credentials.refreshed = unsaved_credentials(provider)
     result = await service.finish_pass(
         work.session, work.effects, settings, mailbox, cursor, credentials, progress, started
     )
     if result is None:
-        work.discard()  # disconnected meanwhile: nothing of this batch stays
+        work.discard()  # disconnected or reconnected meanwhile: nothing of this batch stays
     return result
 
 

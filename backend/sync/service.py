@@ -25,7 +25,13 @@ from backend.mailboxes.service import (
     set_status,
     write_credentials,
 )
-from backend.mailboxes.tables import Mailbox, MailboxStatus, SyncActivityDay, SyncErrorEntry
+from backend.mailboxes.tables import (
+    Mailbox,
+    MailboxStatus,
+    SyncActivityDay,
+    SyncErrorEntry,
+    SyncMode,
+)
 from backend.providers.base import (
     ChangeSet,
     CursorInvalid,
@@ -39,7 +45,7 @@ from backend.providers.base import (
 )
 from backend.providers.registry import provider_for
 from backend.sync.filing import FilingContext
-from backend.sync.ingest import Outcome, ingest_batch
+from backend.sync.ingest import Outcome, ingest_batch, workspace_filing_context
 from backend.sync.parsing import ParsedMessage, parse_many
 from backend.sync.status import MESSAGES, SUSPEND_AFTER, backoff
 from backend.sync.tables import SyncBacklog
@@ -153,6 +159,26 @@ class Progress:
     on_timeline: list[str] = field(default_factory=list)
 
 
+async def filing_rules(
+    session: AsyncSession, mailbox: Mailbox
+) -> tuple[Workspace, FilingContext] | None:
+    """The workspace and the filing rules as they are now (exclusions R4, own addresses R1,
+    auto-creation R5, the sync mode R12), read in each batch's transaction: a pass runs for
+    minutes, and a rule changed meanwhile (an exclusion purging what it filed) must hold for
+    the batches that follow. None: the mailbox is gone."""
+    row = (
+        await session.execute(
+            select(Workspace, Mailbox.sync_mode)
+            .join(Mailbox, col(Mailbox.workspace_id) == col(Workspace.id))
+            .where(col(Mailbox.id) == mailbox.id)
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    workspace, sync_mode = row
+    return workspace, await workspace_filing_context(session, workspace, SyncMode(sync_mode))
+
+
 async def list_changes(provider: MailProvider, mailbox: Mailbox) -> ChangeSet:
     """What changed since the mailbox's cursor; a cursor the provider no longer accepts
     becomes a full re-list since the connection (R7 files nothing twice)."""
@@ -167,12 +193,13 @@ def batches_of(refs: Sequence[MessageRef]) -> list[Sequence[MessageRef]]:
 
 
 async def save_backlog(
-    session: AsyncSession, mailbox: Mailbox, changes: ChangeSet
+    session: AsyncSession, mailbox: Mailbox, changes: ChangeSet, sealed: str | None
 ) -> list[tuple[int, MessageRef]] | None:
     """Add the change set to what earlier passes left undone and move the cursor past it, in
     one transaction; answer the whole backlog, in order (positions with their refs). Each
     filed batch then deletes its rows (`file_batch`), so a pass that dies after some batches
-    is resumed by the next one where it stopped. None: the mailbox stopped syncing."""
+    is resumed by the next one where it stopped. None: the mailbox stopped syncing or was
+    reconnected (`same_connection`)."""
     rows = (
         await session.execute(
             select(SyncBacklog.position, SyncBacklog.provider_id, SyncBacklog.thread_id)
@@ -200,7 +227,11 @@ async def save_backlog(
         position += 1
     moved = await session.execute(
         sa.update(Mailbox)
-        .where(col(Mailbox.id) == mailbox.id, col(Mailbox.status).in_(SYNCABLE))
+        .where(
+            col(Mailbox.id) == mailbox.id,
+            col(Mailbox.status).in_(SYNCABLE),
+            same_connection(sealed),
+        )
         .values(cursor=changes.cursor)
     )
     if _rowcount(moved) != 1:
@@ -209,6 +240,14 @@ async def save_backlog(
         await session.execute(sa.insert(table_of(SyncBacklog)), added)
     mailbox.cursor = changes.cursor
     return backlog
+
+
+def same_connection(sealed: str | None) -> sa.ColumnElement[bool]:
+    """The mailbox still holds the credentials the pass knows (those it loaded or stored
+    itself): a reconnect writes others, and what a pass learnt of the old connection (its
+    cursor, its push registration, its status) must not overwrite the new one."""
+    column = col(Mailbox.credentials_encrypted)
+    return column.is_(None) if sealed is None else column == sealed
 
 
 def _rowcount(result: Any) -> int:
@@ -395,9 +434,13 @@ async def label_synced(
 
 @dataclass
 class PassCredentials:
-    """Credentials a provider refreshed during the pass: saved whether the pass succeeds or not
-    (Microsoft rotates refresh tokens, so losing one loses access)."""
+    """The credentials of a pass. `sealed`: what the mailbox row holds as far as the pass
+    knows (loaded, or stored by its own credential store), which its writes check (see
+    `same_connection`). `refreshed`: what the provider refreshed and nobody stored yet, saved
+    whether the pass succeeds or not; what the credential store saved is never written again,
+    since another process may have rotated it since."""
 
+    sealed: str | None = None
     refreshed: dict[str, Any] | None = None
 
 
@@ -412,8 +455,9 @@ async def finish_pass(
     started: datetime,
 ) -> PassResult | None:
     """The pass succeeded: its cursor (unless the backlog already saved it), status (R13) and
-    refreshed credentials, in one statement that also checks the mailbox still syncs (None:
-    it was disconnected meanwhile, and the caller drops the transaction)."""
+    refreshed credentials, in one statement that also checks the mailbox still syncs with the
+    same connection (None: it was disconnected or reconnected meanwhile, and the caller drops
+    the transaction, with the status event built from what the pass loaded)."""
     if cursor is not None:
         mailbox.cursor = cursor
     if credentials.refreshed is not None:
@@ -436,13 +480,18 @@ async def finish_pass(
         values["credentials_encrypted"] = mailbox.credentials_encrypted
     done = await session.execute(
         sa.update(Mailbox)
-        .where(col(Mailbox.id) == mailbox.id, col(Mailbox.status).in_(SYNCABLE))
+        .where(
+            col(Mailbox.id) == mailbox.id,
+            col(Mailbox.status).in_(SYNCABLE),
+            same_connection(credentials.sealed),
+        )
         .values(**values)
     )
     if _rowcount(done) != 1:
         return None
     if failing_since is not None:
         await clear_provider_issue(session, mailbox.id, mailbox.provider, failing_since)
+    credentials.sealed = mailbox.credentials_encrypted
     result = PassResult(
         mailbox.id, progress.filed, progress.failed, progress.duplicates, started, now()
     )
@@ -459,9 +508,13 @@ def record_failure(
     credentials: PassCredentials,
     started: datetime,
     progress: Progress | None = None,
-) -> PassResult:
+) -> PassResult | None:
     """A failed pass: its error, the backoff or suspension (R13), and the credentials the
-    provider refreshed before failing. `progress`: the batches it filed before it failed."""
+    provider refreshed before failing. `progress`: the batches it filed before it failed.
+    `mailbox`: loaded for update. None: reconnected meanwhile, so the failure of the old
+    connection is nobody's concern."""
+    if mailbox.credentials_encrypted != credentials.sealed:
+        return None
     if credentials.refreshed is not None:
         write_credentials(settings.secret, mailbox, credentials.refreshed)
     _failed(session, mailbox, error, effects)
@@ -492,12 +545,14 @@ async def stop_pushes(settings: Settings, mailbox: Mailbox) -> None:
 
 
 async def forget_provider_side(session: AsyncSession, mailbox: Mailbox) -> None:
-    """After `stop_pushes`: forget the credentials and what the passes left undone, only if
-    nobody reconnected the mailbox meanwhile (that writes new credentials)."""
+    """After `stop_pushes`: forget the credentials, only if nobody reconnected the mailbox
+    meanwhile (that writes new credentials). The backlog stays: the cursor already moved past
+    its refs, and reconnecting the same account resumes from that cursor (R6, R7); a reconnect
+    to another address clears both (`mailboxes/connect._reconnect`)."""
     sealed = mailbox.credentials_encrypted
     if sealed is None:
         return
-    forgotten = await session.execute(
+    await session.execute(
         sa.update(Mailbox)
         .where(
             col(Mailbox.id) == mailbox.id,
@@ -506,10 +561,6 @@ async def forget_provider_side(session: AsyncSession, mailbox: Mailbox) -> None:
         )
         .values(credentials_encrypted=None)
     )
-    if _rowcount(forgotten) == 1:
-        await session.execute(
-            sa.delete(SyncBacklog).where(col(SyncBacklog.mailbox_id) == mailbox.id)
-        )
 
 
 async def due_mailboxes(session: AsyncSession, interval_seconds: int) -> list[uuid.UUID]:
