@@ -10,9 +10,9 @@ for the longest job timeout + 10 s, so a pass killed mid-way waited minutes for 
 worker. With `lease_seconds` the claim lasts that long and the worker renews the claims of
 its running jobs every third of it; once the worker is gone they lapse, and another worker
 takes the job within the lease, while a live worker's job is never taken from it. The claims
-are renewed by a task of their own, not by the poll loop: arq's `start_jobs` waits for a free
-slot in the middle of a poll when the worker is full, for as long as a running job lasts, and
-a claim renewed only between polls would lapse meanwhile (a pass or a send run twice)."""
+are renewed by a task of their own, not between polls: a poll held up for longer than a lease
+(a slow Redis answer, a wait inside arq's `start_jobs`) would let them lapse meanwhile, and
+another worker would run the same pass or send again."""
 
 from __future__ import annotations
 
