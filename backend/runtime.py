@@ -144,6 +144,7 @@ class Runtime:
         relayed = 0
         for _ in range(RELAY_MAX_BATCHES):
             async with self.db.sessionmaker() as session:
+                mark_read_only(session)
                 effects = await outbox.due(session, older_than, RELAY_BATCH)
                 await session.rollback()
             done = await self.release(effects) if effects else 0

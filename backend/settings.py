@@ -88,7 +88,9 @@ class Settings(BaseSettings):
     send_timeout_seconds: int = 120
     # A send whose answer was lost is looked up in the mailbox no sooner than this after it
     # started (providers file what they accepted with a delay); only then is it sent again.
-    send_confirm_seconds: float = 60
+    # It must exceed the send timeout plus the job lease: an attempt whose worker lost its
+    # claim (Redis was unreachable for a lease) may still be sending until its timeout.
+    send_confirm_seconds: float = 180
     # Jobs and events committed but not released to Redis at once (Redis was down) are
     # relayed by the worker from the outbox: rows at least this old, checked this often.
     outbox_relay_seconds: float = Field(default=5, gt=0)
@@ -186,6 +188,22 @@ class Settings(BaseSettings):
             )
         if problems:
             raise ValueError("unsafe for production:\n- " + "\n- ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _check_send_confirm(self) -> Settings:
+        # Tests are exempt: the sandboxes file a sent message at once, and a test retrying a
+        # send should not wait minutes for the window below.
+        if self.env == "test":
+            return self
+        floor = self.send_timeout_seconds + self.job_lease_seconds
+        if self.send_confirm_seconds <= floor:
+            raise ValueError(
+                f"MAILSYNC_SEND_CONFIRM_SECONDS ({self.send_confirm_seconds:g}) must exceed "
+                "MAILSYNC_SEND_TIMEOUT_SECONDS plus MAILSYNC_JOB_LEASE_SECONDS "
+                f"({floor}): an attempt may still be sending until then, and a retry that "
+                "looks for its mail too early sends it twice"
+            )
         return self
 
     @model_validator(mode="after")

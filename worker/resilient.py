@@ -9,13 +9,16 @@ It also makes a dead worker's jobs come back sooner: arq claims a job (its in-pr
 for the longest job timeout + 10 s, so a pass killed mid-way waited minutes for another
 worker. With `lease_seconds` the claim lasts that long and the worker renews the claims of
 its running jobs every third of it; once the worker is gone they lapse, and another worker
-takes the job within the lease, while a live worker's job is never taken from it."""
+takes the job within the lease, while a live worker's job is never taken from it. The claims
+are renewed by a task of their own, not between polls: a poll held up for longer than a lease
+(a slow Redis answer, a wait inside arq's `start_jobs`) would let them lapse meanwhile, and
+another worker would run the same pass or send again."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import time
 from typing import Any
 
 from arq.constants import in_progress_key_prefix
@@ -40,15 +43,39 @@ class ResilientWorker(Worker):
         self.leasing = lease_seconds is not None
         if lease_seconds is not None:
             self.in_progress_timeout_s = min(self.in_progress_timeout_s, lease_seconds)
-        self._renewed_at = 0.0
+        self._renewer: asyncio.Task[None] | None = None
+
+    async def main(self) -> None:
+        if self.leasing and self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_forever(), name="lease-renewal")
+        await super().main()
+
+    async def close(self) -> None:
+        # Renewing goes on until close() has waited for the running jobs: they still run
+        # once the poll loop has stopped.
+        try:
+            await super().close()
+        finally:
+            renewer, self._renewer = self._renewer, None
+            if renewer is not None:
+                renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewer
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.in_progress_timeout_s / 3)
+            if self._pool is None:
+                continue  # not connected yet, or closing
+            try:
+                await self._renew_claims()
+            except UNREACHABLE as exc:
+                # The poll loop reports the outage; renewing resumes when Redis is back.
+                log.debug("could not renew job claims: %r", exc)
+            except Exception:
+                log.exception("could not renew job claims")
 
     async def _renew_claims(self) -> None:
-        if not self.leasing:
-            return
-        moment = time.monotonic()
-        if moment - self._renewed_at < self.in_progress_timeout_s / 3:
-            return
-        self._renewed_at = moment
         running = [job_id for job_id, task in self.tasks.items() if not task.done()]
         if not running:
             return
@@ -62,7 +89,6 @@ class ResilientWorker(Worker):
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
-            await self._renew_claims()
         except UNREACHABLE as exc:
             if not self._failing:
                 self.outages += 1

@@ -5,9 +5,8 @@ own, so neither a crash nor a failed or timed-out pass loses it."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from backend.mailboxes.service import read_credentials, write_credentials
 from backend.mailboxes.tables import Mailbox, MailboxStatus
@@ -16,10 +15,14 @@ if TYPE_CHECKING:
     from backend.runtime import Work
 
 
+class UnitOfWork(Protocol):
+    def __call__(self, *, read_only: bool = False) -> AbstractAsyncContextManager[Work]: ...
+
+
 class MailboxCredentialStore:
     def __init__(
         self,
-        unit_of_work: Callable[[], AbstractAsyncContextManager[Work]],
+        unit_of_work: UnitOfWork,
         secret: bytes,
         mailbox_id: uuid.UUID,
     ) -> None:
@@ -40,7 +43,7 @@ class MailboxCredentialStore:
 
     async def load(self) -> dict[str, Any] | None:
         """The stored credentials, which another process may have refreshed."""
-        async with self.unit_of_work() as work:
+        async with self.unit_of_work(read_only=True) as work:
             mailbox = await work.session.get(Mailbox, self.mailbox_id)
             work.discard()
             if mailbox is None or mailbox.credentials_encrypted is None:

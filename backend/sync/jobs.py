@@ -272,8 +272,8 @@ async def after_sync(runtime: Runtime, mailbox_id: str) -> None:
 
 
 async def schedule_due(runtime: Runtime) -> int:
-    async with runtime.db.sessionmaker() as session:
-        due = await due_mailboxes(session, runtime.settings.sync_interval_seconds)
+    async with runtime.unit_of_work(read_only=True) as work:
+        due = await due_mailboxes(work.session, runtime.settings.sync_interval_seconds)
     spread = runtime.settings.sync_spread_seconds
     for mailbox_id in due:
         # Spread the minute's passes instead of starting them all at once; the offset is
