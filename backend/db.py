@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -65,6 +66,20 @@ def enum_type(enum_cls: type[enum.Enum]) -> sa.Enum:
         length=32,
         values_callable=lambda members: [m.value for m in members],
     )
+
+
+# PostgreSQL's deadlock_detected: the statement was the victim of a lock cycle with another
+# transaction; nothing is wrong with it, and it succeeds when run again.
+DEADLOCK_SQLSTATE = "40P01"
+
+
+def is_deadlock(exc: BaseException) -> bool:
+    """Whether `exc` is a statement chosen as a deadlock's victim (retry it, in a savepoint
+    or a new transaction)."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    orig = exc.orig
+    return DEADLOCK_SQLSTATE in (getattr(orig, "sqlstate", None), getattr(orig, "pgcode", None))
 
 
 # Execution option of a session that only reads (see `read_only`).

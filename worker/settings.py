@@ -16,6 +16,7 @@ from backend.sending.queue import SEND_FUNCTION, JobQueue
 from backend.settings import configure_logging, get_settings
 from backend.sync import jobs
 from backend.sync.idle import IdleSupervisor
+from backend.sync.parsing import shutdown_pool
 from backend.sync.queue import SYNC_FUNCTION, SYNC_PREFIX
 from worker.relay import relay_forever
 
@@ -39,6 +40,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+    # arq has waited for its job tasks before this hook, so no parse is in flight.
+    await asyncio.to_thread(shutdown_pool)
     await ctx["runtime"].close()
 
 

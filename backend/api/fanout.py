@@ -52,8 +52,10 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
 )
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 
+from backend.events import bus
 from backend.graphql.context import Context, Info, current_scope
 from backend.graphql.extensions import is_unexpected, masked
+from backend.kit import clock
 from backend.kit.errors import ServiceError
 
 if TYPE_CHECKING:
@@ -68,6 +70,10 @@ log = logging.getLogger(__name__)
 # (graphql-ws's included) reconnect after it.
 SLOW_CLIENT_CLOSE_CODE = 1013
 SLOW_CLIENT_CLOSE_REASON = "too slow: events waiting beyond the send queue"
+
+# Events of one workspace waiting for their dispatch, at most (the same bound as the queue of
+# an HTTP subscription, bus.QUEUE_SIZE); beyond it they are dropped for one `GAP`.
+PENDING_LIMIT = bus.QUEUE_SIZE
 
 # How long an operation that ends on its own waits for its frames before its `complete`.
 FLUSH_SECONDS = 10.0
@@ -284,11 +290,23 @@ class WorkspaceFanout:
         self.pending: deque[dict[str, Any]] = deque()
         self.task: asyncio.Task[None] | None = None
         self.size = 0
+        # Times this workspace's subscribers were told that events waiting here were dropped.
+        self.gaps = 0
 
     def __len__(self) -> int:
         return self.size
 
     def deliver(self, event: dict[str, Any]) -> None:
+        if len(self.pending) >= PENDING_LIMIT:
+            # A burst (a first sync's thousands of emailReceived) outruns the dispatch: drop
+            # what waits and say so, as the hub does when it loses events, rather than grow
+            # without bound; subscribers read again on the gap.
+            self.pending.clear()
+            self.pending.append({**bus.GAP, bus.GAP_AT: clock.now().isoformat()})
+            self.gaps += 1
+            log.warning(
+                "workspace %s: events came faster than delivered; dropped", self.workspace_id
+            )
         self.pending.append(event)
         if self.task is None:
             self.task = asyncio.create_task(self._run(), name=f"fanout-{self.workspace_id}")

@@ -10,6 +10,7 @@ time, where the loser simply records its sighting.
 from __future__ import annotations
 
 import enum
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
@@ -25,7 +26,7 @@ from backend.auth.tables import ContactMatching, Workspace
 from backend.contacts import queries as contact_queries
 from backend.contacts import service as contacts_service
 from backend.contacts.tables import Contact, ContactAddress
-from backend.db import table_of
+from backend.db import is_deadlock, table_of
 from backend.exclusions.queries import excluded_values
 from backend.kit.clock import now
 from backend.kit.effects import AfterCommit
@@ -46,6 +47,12 @@ from backend.mailboxes.tables import Mailbox, SyncMode
 from backend.providers.base import FetchedMessage
 from backend.sync.filing import FilingContext, FilingDecision, decide
 from backend.sync.parsing import ParsedMessage, parse_message
+
+log = logging.getLogger(__name__)
+
+# Runs of a batch's savepoint when PostgreSQL picks it as a deadlock's victim; beyond that
+# the failure is the batch's (the pass fails and runs again later).
+DEADLOCK_ATTEMPTS = 3
 
 
 class Outcome(enum.Enum):
@@ -280,7 +287,11 @@ class _Batch:
         if self.participants:
             await s.execute(sa.insert(table_of(Participant)), self.participants)
         if self.timeline:
-            await s.execute(sa.insert(table_of(TimelineEntry)), self.timeline)
+            # Each entry's trigger row-locks its contact (timeline_count) until commit: every
+            # batch takes those locks in contact order, so two batches never wait on each
+            # other in a cycle (PostgreSQL would abort one as a deadlock).
+            rows = sorted(self.timeline, key=lambda r: (r["contact_id"], r["email_id"]))
+            await s.execute(sa.insert(table_of(TimelineEntry)), rows)
         if self.sightings:
             await s.execute(sa.insert(table_of(MailboxMessage)), self.sightings)
         if self.claimed:
@@ -308,9 +319,9 @@ class _Batch:
                     ),
                     subject=sa.func.coalesce(threads.c.subject, sa.bindparam("new_subject")),
                 ),
-                [
+                [  # in id order, as the contacts: a fixed lock order
                     {"thread_id": t, "added": added, "last_at": at, "new_subject": subject}
-                    for t, (added, at, subject) in self.thread_changes.items()
+                    for t, (added, at, subject) in sorted(self.thread_changes.items())
                 ],
             )
         contacts = table_of(Contact)
@@ -323,7 +334,7 @@ class _Batch:
                     sa.or_(contacts.c.last_email_at.is_(None), contacts.c.last_email_at < last),
                 )
                 .values(last_email_at=last),
-                [{"contact_id": c, "last_at": at} for c, at in self.contact_last.items()],
+                [{"contact_id": c, "last_at": at} for c, at in sorted(self.contact_last.items())],
             )
 
 
@@ -348,10 +359,10 @@ async def ingest_batch(
     ctx: FilingContext,
     messages: Sequence[tuple[FetchedMessage, ParsedMessage]],
 ) -> list[IngestResult]:
-    """File parsed messages; results come back in order. Raises only for storage failures."""
+    """File parsed messages; results come back in order. Raises only for storage failures
+    (a deadlock that persists included: `db.is_deadlock`, a failure to retry the batch)."""
     try:
-        async with session.begin_nested():
-            return await _ingest_batch(session, effects, workspace, mailbox, ctx, messages)
+        return await _in_savepoint(session, effects, workspace, mailbox, ctx, messages)
     except IntegrityError:
         pass
     # A concurrent pass stored some of these first (R7): go one by one. Once the other pass
@@ -360,15 +371,37 @@ async def ingest_batch(
     for message in messages:
         for attempt in range(2):
             try:
-                async with session.begin_nested():
-                    results.extend(
-                        await _ingest_batch(session, effects, workspace, mailbox, ctx, [message])
-                    )
+                results.extend(
+                    await _in_savepoint(session, effects, workspace, mailbox, ctx, [message])
+                )
                 break
             except IntegrityError:
                 if attempt:
                     raise
     return results
+
+
+async def _in_savepoint(
+    session: AsyncSession,
+    effects: AfterCommit,
+    workspace: Workspace,
+    mailbox: Mailbox,
+    ctx: FilingContext,
+    messages: Sequence[tuple[FetchedMessage, ParsedMessage]],
+) -> list[IngestResult]:
+    """`_ingest_batch` in a savepoint, run again when PostgreSQL aborted it as a deadlock's
+    victim: rolling back to the savepoint releases its locks, so the other transaction goes
+    on and the retry waits for it instead of failing the pass."""
+    attempt = 1
+    while True:
+        try:
+            async with session.begin_nested():
+                return await _ingest_batch(session, effects, workspace, mailbox, ctx, messages)
+        except DBAPIError as exc:
+            if attempt >= DEADLOCK_ATTEMPTS or not is_deadlock(exc):
+                raise
+            attempt += 1
+            log.info("mailbox %s: a batch was a deadlock's victim; running it again", mailbox.id)
 
 
 async def _ingest_batch(

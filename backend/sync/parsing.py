@@ -8,7 +8,7 @@ import multiprocessing
 import pickle
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -358,23 +358,73 @@ def _drop_pool(broken: ProcessPoolExecutor) -> None:
     broken.shutdown(wait=False, cancel_futures=True)
 
 
-async def parse_many(raws: Sequence[bytes], processes: int) -> list[ParsedMessage | Exception]:
+def shutdown_pool() -> None:
+    """Stop the parse processes (a worker's shutdown): they would outlive an embedding
+    event loop, and a stopped worker should leave no children behind."""
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+Parse = Callable[[Sequence[bytes]], list[ParsedMessage | Exception]]
+
+
+def _spawn_one() -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+
+async def _parse_one_by_one(batch: list[bytes], parse: Parse) -> list[ParsedMessage | Exception]:
+    """After a parse process died: each message alone in a separate process, so that the
+    message that kills a process is found and fails by itself (IMPORT_FAILED), and no
+    message is ever parsed inside the worker, which it could take down with it."""
+    loop = asyncio.get_running_loop()
+    out: list[ParsedMessage | Exception] = []
+    pool = _spawn_one()
+    try:
+        for raw in batch:
+            try:
+                (parsed,) = await loop.run_in_executor(pool, parse, [raw])
+            except BrokenProcessPool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = _spawn_one()
+                parsed = UnparseableMessage("the parse process died on this message")
+            out.append(parsed)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return out
+
+
+async def parse_many(
+    raws: Sequence[bytes], processes: int, *, parse: Parse = parse_each
+) -> list[ParsedMessage | Exception]:
     """Parse a batch off the event loop: split between `processes` parse processes, or in a
-    thread when that is 0; results in the batch's order. A pool that broke (a process killed) is replaced on the next batch; this batch
-    is parsed in a thread."""
+    thread when that is 0; results in the batch's order. When a process dies, its pool is
+    replaced on the next batch and this batch is parsed again one message per process
+    (`parse` is what each process runs: `parse_each`, or a stand-in in tests)."""
     batch = list(raws)
     if processes <= 0 or not batch:
-        return await asyncio.to_thread(parse_each, batch)
+        return await asyncio.to_thread(parse, batch)
     pool = _parse_pool(processes)
     loop = asyncio.get_running_loop()
     # One slice per process, so that every process parses a share of the batch.
     size = -(-len(batch) // processes)
     slices = [batch[i : i + size] for i in range(0, len(batch), size)]
     try:
-        parsed = await asyncio.gather(
-            *(loop.run_in_executor(pool, parse_each, piece) for piece in slices)
+        # Every slice's answer is awaited, so none is left to fail unobserved after a crash.
+        answers = await asyncio.gather(
+            *(loop.run_in_executor(pool, parse, piece) for piece in slices),
+            return_exceptions=True,
         )
-        return [message for piece in parsed for message in piece]
-    except BrokenProcessPool:
+    except BrokenProcessPool:  # broken before this batch: submitting raises at once
+        answers = [BrokenProcessPool()]
+    if any(isinstance(answer, BrokenProcessPool) for answer in answers):
         _drop_pool(pool)
-        return await asyncio.to_thread(parse_each, batch)
+        return await _parse_one_by_one(batch, parse)
+    out: list[ParsedMessage | Exception] = []
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            raise answer
+        out.extend(answer)
+    return out

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
 from backend.auth.tables import Workspace
-from backend.db import table_of
+from backend.db import is_deadlock, table_of
 from backend.kit.clock import now
 from backend.kit.effects import AfterCommit
 from backend.mailboxes.service import (
@@ -359,6 +359,10 @@ async def _file_parsed(
         ]
     except Exception as exc:
         effects.drop_after(marks)
+        if is_deadlock(exc):
+            # Nothing is wrong with these messages: the pass fails (transient) and files them
+            # again, rather than record them as IMPORT_FAILED.
+            raise
         if len(parsed) == 1:
             _import_failed(session, mailbox, parsed[0][0], exc)
             return [None]
