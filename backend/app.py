@@ -205,8 +205,9 @@ class BodySizeLimit:
 
 
 async def provider_problems(runtime: Runtime) -> list[dict[str, object]]:
-    """Providers refusing mailsync's own configuration (the worker records them), with the
-    setting to check; the users of their mailboxes are not to blame."""
+    """Providers refusing mailsync's own configuration (the worker records them): passes
+    failing ("configuration") or push refused ("push"), with the setting to check; the users
+    of their mailboxes are not to blame."""
     try:
         async with runtime.db.sessionmaker() as session:
             read_only(session)
@@ -217,7 +218,7 @@ async def provider_problems(runtime: Runtime) -> list[dict[str, object]]:
     return [
         {
             "provider": issue.provider.value,
-            "problem": "configuration",
+            "problem": issue.problem.value,
             "fix": issue.fix,
             "detail": issue.detail,
             "failures": issue.failures,

@@ -1,5 +1,6 @@
-"""Issue 19 item 3: a provider refusing mailsync's own configuration reaches the operator's
-health checks (`/readyz`), without blaming the users whose mailboxes fail because of it."""
+"""Issue 19 items 3 and 5: a provider refusing mailsync's own configuration (failing passes,
+or a refused Gmail `watch`) reaches the operator's health checks (`/readyz`), without blaming
+the users whose mailboxes it touches."""
 
 from __future__ import annotations
 
@@ -11,17 +12,18 @@ import httpx
 import sqlalchemy as sa
 
 from backend.mailboxes.service import read_credentials, write_credentials
-from backend.mailboxes.tables import Mailbox, MailboxStatus, ProviderIssue
+from backend.mailboxes.tables import Mailbox, MailboxStatus, ProviderIssue, ProviderProblem
 from backend.providers.base import Provider
 from backend.runtime import Runtime
 from backend.sandbox.faults import Fault
 from backend.sync.jobs import run_pass
 from tests.client import GQL
 from tests.conftest import LiveServer
-from tests.factories import Factory
+from tests.factories import Factory, raw_message
 from tests.sandbox import SandboxServer
 from tests.sync_helpers import error_codes, reload_mailbox
 from tests.test_gmail import connected as connected_gmail
+from tests.test_gmail import deliver, emails_of
 from tests.test_microsoft import connected as connected_outlook
 
 
@@ -164,5 +166,83 @@ async def test_an_issue_nothing_retried_for_48_hours_is_no_longer_reported(
         )
     status, body, _ = await readiness(api)
     assert (status, body["status"], body["providers"]) == (200, "ok", [])
+    async with runtime.unit_of_work() as work:
+        await work.session.execute(sa.delete(ProviderIssue))
+
+
+async def test_r14_a_watch_gmail_may_not_publish_for_shows_in_readyz_until_a_watch_succeeds(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime, api: LiveServer
+) -> None:
+    """Without publish rights on the topic Gmail answers `watch` with 403: the passes go on
+    by polling (R14), the user is not blamed (R13), and the operator sees the refusal on
+    `/readyz` as its own problem until a watch succeeds after the fix."""
+    async with runtime.unit_of_work() as work:
+        await work.session.execute(sa.delete(ProviderIssue))
+    topic = runtime.settings.google_pubsub_topic
+    google.google.unpublishable.add(topic)
+    try:
+        owner, mailbox_id, address = await connected_gmail(gql, factory, google, runtime)
+        mailbox = await reload_mailbox(runtime, mailbox_id)
+        assert mailbox.status == MailboxStatus.PENDING and mailbox.push_renewed_at is None
+        assert await error_codes(runtime, mailbox_id) == []
+        status, body, text = await readiness(api)
+        assert (status, body["ready"], body["status"]) == (200, True, "degraded")
+        (issue,) = body["providers"]
+        assert (issue["provider"], issue["problem"], issue["failures"]) == ("GMAIL", "push", 1)
+        assert "MAILSYNC_GOOGLE_PUBSUB_TOPIC" in issue["fix"]
+        assert "Pub/Sub Publisher" in issue["fix"] and "gmail-api-push@" in issue["fix"]
+        assert topic in issue["detail"]
+        assert address not in text and str(mailbox_id) not in text
+
+        # Mail still arrives, by polling; each pass tries the watch again.
+        await factory.contact(owner, "pat@client.test", "Pat")
+        await deliver(google, address, raw_message("pat@client.test", [address], "Polled"))
+        await run_pass(runtime, mailbox_id)
+        assert [e.subject for e in await emails_of(runtime, owner.workspace.id)] == ["Polled"]
+        mailbox = await reload_mailbox(runtime, mailbox_id)
+        assert mailbox.status == MailboxStatus.ACTIVE and mailbox.push_renewed_at is None
+        _, body, _ = await readiness(api)
+        assert [(p["problem"], p["failures"]) for p in body["providers"]] == [("push", 2)]
+    finally:
+        # The operator grants the role on the topic.
+        google.google.unpublishable.discard(topic)
+    await run_pass(runtime, mailbox_id)
+    assert (await reload_mailbox(runtime, mailbox_id)).push_renewed_at is not None
+    status, body, _ = await readiness(api)
+    assert (status, body["status"], body["providers"]) == (200, "ok", [])
+
+
+async def test_a_configuration_issue_and_a_push_issue_of_one_provider_are_listed_and_cleared_apart(
+    gql: GQL, factory: Factory, google: SandboxServer, runtime: Runtime, api: LiveServer
+) -> None:
+    """A refused watch must not hide failing passes, nor a passing watch clear them."""
+    async with runtime.unit_of_work() as work:
+        await work.session.execute(sa.delete(ProviderIssue))
+    _, mailbox_id, address = await connected_gmail(gql, factory, google, runtime)
+    async with runtime.unit_of_work() as work:
+        work.session.add(
+            ProviderIssue(
+                provider=Provider.GMAIL,
+                problem=ProviderProblem.PUSH,
+                fix="grant the Pub/Sub Publisher role on MAILSYNC_GOOGLE_PUBSUB_TOPIC",
+                detail="configuration: topic",
+            )
+        )
+    google.google.expire_access_tokens(address)
+    google.google.faults.add(
+        Fault(status=401, reason="invalid_client", account=address, path="/token")
+    )
+    await run_pass(runtime, mailbox_id)
+    _, body, _ = await readiness(api)
+    assert [(p["provider"], p["problem"]) for p in body["providers"]] == [
+        ("GMAIL", "configuration"),
+        ("GMAIL", "push"),
+    ]
+    # The secret is fixed: the mailbox syncs again, which clears the configuration entry
+    # only (its watch, accepted at connection, is not due again, so nothing proves the topic).
+    google.google.faults.clear()
+    await run_pass(runtime, mailbox_id)
+    _, body, _ = await readiness(api)
+    assert [(p["provider"], p["problem"]) for p in body["providers"]] == [("GMAIL", "push")]
     async with runtime.unit_of_work() as work:
         await work.session.execute(sa.delete(ProviderIssue))

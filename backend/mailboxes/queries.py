@@ -164,10 +164,11 @@ PROVIDER_ISSUE_WINDOW = timedelta(hours=48)
 
 
 async def provider_issues(session: AsyncSession) -> list[ProviderIssue]:
-    """Providers refusing mailsync's configuration recently, for the health checks."""
+    """Providers refusing mailsync's configuration (passes, push) recently, for the health
+    checks."""
     rows = await session.scalars(
         select(ProviderIssue)
         .where(col(ProviderIssue.last_seen_at) >= now() - PROVIDER_ISSUE_WINDOW)
-        .order_by(col(ProviderIssue.provider))
+        .order_by(col(ProviderIssue.provider), col(ProviderIssue.problem))
     )
     return list(rows)

@@ -25,6 +25,7 @@ from backend.mailboxes.tables import (
     Mailbox,
     MailboxStatus,
     ProviderIssue,
+    ProviderProblem,
     SyncErrorEntry,
     SyncMode,
 )
@@ -245,14 +246,19 @@ CONFIGURATION_DETAIL = "configuration:"
 
 
 async def note_provider_issue(
-    session: AsyncSession, provider: Provider, error: ProviderConfigurationError
+    session: AsyncSession,
+    provider: Provider,
+    error: ProviderConfigurationError,
+    problem: ProviderProblem = ProviderProblem.CONFIGURATION,
 ) -> None:
-    """A pass failed because the provider refuses mailsync's configuration: the operator's
-    health checks list the provider until `clear_provider_issue`. Passes of many mailboxes
-    fail so at once, in as many workers, hence one upsert rather than a read then a write."""
+    """A pass failed (or its push renewal was refused) because the provider refuses
+    mailsync's configuration: the operator's health checks list the provider and problem
+    until `clear_provider_issue` (`clear_push_issue`). Passes of many mailboxes fail so at
+    once, in as many workers, hence one upsert rather than a read then a write."""
     moment = now()
     values = {
         "provider": provider,
+        "problem": problem,
         "fix": error.fix,
         "detail": error.detail[:2000],
         "first_seen_at": moment,
@@ -264,7 +270,7 @@ async def note_provider_issue(
     table = table_of(ProviderIssue)
     await session.execute(
         insert.values(**values).on_conflict_do_update(
-            index_elements=["provider"],
+            index_elements=["provider", "problem"],
             set_={
                 "fix": error.fix,
                 "detail": values["detail"],
@@ -292,5 +298,18 @@ async def clear_provider_issue(
     )
     if failed_so:
         await session.execute(
-            sa.delete(ProviderIssue).where(col(ProviderIssue.provider) == provider)
+            sa.delete(ProviderIssue).where(
+                col(ProviderIssue.provider) == provider,
+                col(ProviderIssue.problem) == ProviderProblem.CONFIGURATION,
+            )
         )
+
+
+async def clear_push_issue(session: AsyncSession, provider: Provider) -> None:
+    """A watch succeeded: the topic (one per deployment) takes the provider's pushes again."""
+    await session.execute(
+        sa.delete(ProviderIssue).where(
+            col(ProviderIssue.provider) == provider,
+            col(ProviderIssue.problem) == ProviderProblem.PUSH,
+        )
+    )

@@ -99,18 +99,32 @@ class SyncActivityDay(SQLModel, table=True):
     failed: int = 0
 
 
+class ProviderProblem(enum.StrEnum):
+    """What a provider refuses: its value is what `/readyz` shows as `problem`."""
+
+    # Passes fail (client id, secret, registration); cleared when a mailbox failed so syncs.
+    CONFIGURATION = "configuration"
+    # Gmail `watch` refused (no publish rights on the topic): passes go on, by polling only;
+    # cleared when a later watch succeeds.
+    PUSH = "push"
+
+
 class ProviderIssue(SQLModel, table=True):
     """A provider refusing mailsync itself (its configuration: client id, secret, topic), for
-    the operator's health checks. The worker writes it when a pass fails so, and deletes it
-    when a mailbox that failed so syncs again; the API's `/readyz` lists it."""
+    the operator's health checks, one entry per provider and problem. The worker writes it
+    when a pass (or its push renewal) is refused so, and deletes it once that works again;
+    the API's `/readyz` lists it."""
 
     __tablename__ = "provider_issues"
 
     provider: Provider = Field(sa_type=enum_type(Provider), primary_key=True)
+    problem: ProviderProblem = Field(
+        default=ProviderProblem.CONFIGURATION, sa_type=enum_type(ProviderProblem), primary_key=True
+    )
     # Which setting to check; the detail is the provider's answer (never a credential).
     fix: str = Field(sa_type=sa.Text)
     detail: str = Field(sa_type=sa.Text)
     first_seen_at: datetime = Field(default_factory=now, sa_type=UtcDateTime)
     last_seen_at: datetime = Field(default_factory=now, sa_type=UtcDateTime)
-    # Failed passes since first seen: how widespread it is.
+    # Refusals (failed passes, refused watches) since first seen: how widespread it is.
     failures: int = 1

@@ -186,7 +186,7 @@ async def _list_and_file(
     mailbox, workspace = start.mailbox, start.workspace
     await provider.prepare(settings.sync_pass_timeout_seconds)
     changes = await service.list_changes(provider, mailbox)
-    await service.renew_push(provider, mailbox)
+    await service.renew_push(provider, mailbox, runtime.unit_of_work)
     refs: Sequence[MessageRef] = changes.refs
     positions: list[int] | None = None
     cursor: dict[str, Any] | None = changes.cursor

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,8 @@ from backend.kit.clock import now
 from backend.kit.effects import AfterCommit
 from backend.mailboxes.service import (
     clear_provider_issue,
+    clear_push_issue,
+    note_provider_issue,
     read_credentials,
     set_status,
     write_credentials,
@@ -28,6 +31,7 @@ from backend.mailboxes.service import (
 from backend.mailboxes.tables import (
     Mailbox,
     MailboxStatus,
+    ProviderProblem,
     SyncActivityDay,
     SyncErrorEntry,
     SyncMode,
@@ -39,6 +43,7 @@ from backend.providers.base import (
     MailboxAccount,
     MailProvider,
     MessageRef,
+    ProviderConfigurationError,
     ProviderError,
     SyncErrorCode,
     TransientProviderError,
@@ -51,6 +56,7 @@ from backend.sync.status import MESSAGES, SUSPEND_AFTER, backoff
 from backend.sync.tables import SyncBacklog
 
 if TYPE_CHECKING:
+    from backend.runtime import Work
     from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -408,17 +414,34 @@ def provider_for_mailbox(settings: Settings, mailbox: Mailbox) -> MailProvider:
     return provider_for(mailbox.provider, account, credentials, settings)
 
 
-async def renew_push(provider: MailProvider, mailbox: Mailbox) -> None:
+async def renew_push(
+    provider: MailProvider,
+    mailbox: Mailbox,
+    unit_of_work: Callable[[], AbstractAsyncContextManager[Work]],
+) -> None:
     """Start the provider's push on the first pass and renew it daily (Gmail asks for at
-    least weekly). Push only speeds sync up, so a failure here never fails the pass."""
+    least weekly). Push only speeds sync up, so a failure here never fails the pass. A
+    refusal of mailsync's configuration (Gmail may not publish to the topic) is the
+    operator's: the health checks list it (problem "push") until a later watch succeeds."""
     moment = now()
     if mailbox.push_renewed_at is not None and moment - mailbox.push_renewed_at < PUSH_RENEWAL:
         return
     try:
-        if await provider.subscribe() is not None:
-            mailbox.push_renewed_at = moment
+        renewed = await provider.subscribe() is not None
+    except ProviderConfigurationError as exc:
+        # push_renewed_at stays unset, so every pass tries again: the entry stays fresh
+        # while the refusal lasts and clears on the first watch after the fix.
+        async with unit_of_work() as work:
+            await note_provider_issue(work.session, mailbox.provider, exc, ProviderProblem.PUSH)
+        return
     except ProviderError as exc:
         log.warning("mailbox %s: could not start push notifications: %s", mailbox.id, exc)
+        return
+    if renewed:
+        mailbox.push_renewed_at = moment
+        # The topic is the deployment's, not the mailbox's: any watch accepted proves it.
+        async with unit_of_work() as work:
+            await clear_push_issue(work.session, mailbox.provider)
 
 
 async def label_synced(

@@ -1,4 +1,5 @@
-"""provider_issues: a provider refusing mailsync's own configuration, for the health checks
+"""provider_issues: a provider refusing mailsync's own configuration (passes, push), for the
+health checks
 
 Revision ID: 0009
 Revises: 0008
@@ -24,12 +25,17 @@ def upgrade() -> None:
             sa.Enum("GMAIL", "MICROSOFT", "IMAP", name="provider", native_enum=False, length=32),
             nullable=False,
         ),
+        sa.Column(
+            "problem",
+            sa.Enum("configuration", "push", name="providerproblem", native_enum=False, length=32),
+            nullable=False,
+        ),
         sa.Column("fix", sa.Text(), nullable=False),
         sa.Column("detail", sa.Text(), nullable=False),
         sa.Column("first_seen_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("failures", sa.Integer(), nullable=False),
-        sa.PrimaryKeyConstraint("provider", name=op.f("pk_provider_issues")),
+        sa.PrimaryKeyConstraint("provider", "problem", name=op.f("pk_provider_issues")),
     )
 
 
