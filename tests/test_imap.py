@@ -600,3 +600,98 @@ async def test_r6_reconnect_mailbox_takes_new_imap_settings_and_keeps_history(
     await drain_passes(runtime, mailbox_id)
     emails = await emails_of(runtime, owner.workspace.id)
     assert sorted(e.subject or "" for e in emails) == ["Kept", "New"]
+
+
+# --- the logins take no write lock; identities ---------------------------------------------
+
+
+def _write_lock_free(runtime: Runtime) -> bool:
+    """Whether another process could write now: a BEGIN IMMEDIATE that does not wait."""
+    import sqlite3
+
+    path = sa.engine.make_url(runtime.db.url).database
+    assert path
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        other.close()
+
+
+@pytest.mark.skipif(
+    not os.environ.get("MAILSYNC_TEST_DB", "sqlite").startswith("sqlite"),
+    reason="SQLite's database-wide write lock",
+)
+async def test_the_imap_and_smtp_logins_hold_no_write_lock(
+    gql: GQL, factory: Factory, mail: MailServer, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner, mailbox_id, address = await connected_imap(gql, factory, mail)
+    real_probe = connect.probe_imap
+    free_during_login: list[bool] = []
+
+    async def probe(config: Any, settings: Settings) -> None:
+        free_during_login.append(_write_lock_free(runtime))
+        await real_probe(config, settings)
+
+    monkeypatch.setattr(connect, "probe_imap", probe)
+    from backend.graphql.relay import to_global_id
+
+    done = await gql(
+        RECONNECT,
+        {"id": to_global_id("Mailbox", mailbox_id), "imap": imap_input(mail, address)},
+        token=owner.token,
+    )
+    assert done["reconnectMailbox"] == {"authorizationUrl": None, "userErrors": []}
+    other = f"{unique('imap')}@example.test"
+    mail.add_user(other, PASSWORD)
+    payload = await connect_imap(gql, owner, mail, other)
+    assert payload["userErrors"] == []
+    assert free_during_login == [True, True]
+
+
+async def test_r1_identities_are_own_addresses_and_a_reconnect_keeps_them(
+    gql: GQL, factory: Factory, mail: MailServer, runtime: Runtime
+) -> None:
+    from backend.graphql.relay import to_global_id
+    from backend.mailboxes.queries import own_addresses
+
+    owner = await factory.workspace()
+    address = f"{unique('imap')}@example.test"
+    mail.add_user(address, PASSWORD)
+    bad = await connect_imap(gql, owner, mail, address, identities=["not an address"])
+    assert bad["userErrors"][0]["field"] == ["input", "identities", "0"]
+    payload = await connect_imap(
+        gql, owner, mail, address, identities=["Sales@Alias.test", address.upper()]
+    )
+    assert payload["userErrors"] == [], payload
+    parsed = parse_global_id(payload["mailbox"]["id"])
+    assert parsed is not None
+    mailbox_id = parsed[1]
+
+    async def state() -> tuple[list[str], dict[str, uuid.UUID]]:
+        async with runtime.db.sessionmaker() as session:
+            mailbox = await session.get(Mailbox, mailbox_id)
+            assert mailbox is not None
+            return list(mailbox.aliases), await own_addresses(session, owner.workspace.id)
+
+    aliases, owners = await state()
+    assert aliases == ["sales@alias.test"]
+    assert owners["sales@alias.test"] == owner.user.id
+    global_id = to_global_id("Mailbox", mailbox_id)
+    kept = await gql(
+        RECONNECT, {"id": global_id, "imap": imap_input(mail, address)}, token=owner.token
+    )
+    assert kept["reconnectMailbox"]["userErrors"] == []
+    assert (await state())[0] == ["sales@alias.test"]
+    cleared = await gql(
+        RECONNECT,
+        {"id": global_id, "imap": imap_input(mail, address, identities=[])},
+        token=owner.token,
+    )
+    assert cleared["reconnectMailbox"]["userErrors"] == []
+    aliases, owners = await state()
+    assert aliases == [] and "sales@alias.test" not in owners

@@ -417,11 +417,11 @@ def _smtp_failure(exc: aiosmtplib.SMTPResponseException) -> ProviderError:
 def create(
     account: MailboxAccount, credentials: dict[str, Any], settings: Settings
 ) -> MailProvider:
-    provider = ImapProvider(
+    # The user's other identities are the mailbox's aliases (connectImapMailbox's
+    # `identities`), which sync reads from the row; the credentials hold only the login.
+    return ImapProvider(
         account, ImapConfig.from_credentials(account.email_address, credentials), settings
     )
-    provider.aliases = [str(a) for a in credentials.get("aliases") or []]
-    return provider
 
 
 register(Provider.IMAP, create)
