@@ -126,8 +126,13 @@ async def imap_session(
 
 
 @contextlib.asynccontextmanager
-async def supervisor(runtime: Runtime) -> AsyncIterator[IdleSupervisor]:
-    idle = IdleSupervisor(runtime, refresh_seconds=0.5)
+async def supervisor(
+    runtime: Runtime, lease_key: str | None = None
+) -> AsyncIterator[IdleSupervisor]:
+    # A lease of the test's own, so supervisors of other tests never stand this one by.
+    idle = IdleSupervisor(
+        runtime, refresh_seconds=0.5, lease_key=lease_key or f"test-idle:{uuid.uuid4().hex}"
+    )
     task = asyncio.create_task(idle.run())
     try:
         yield idle
@@ -695,3 +700,66 @@ async def test_r1_identities_are_own_addresses_and_a_reconnect_keeps_them(
     assert cleared["reconnectMailbox"]["userErrors"] == []
     aliases, owners = await state()
     assert aliases == [] and "sales@alias.test" not in owners
+
+
+# --- IDLE: one holder of the connections; a refused password is not retried ---------------
+
+
+async def test_r14_one_worker_holds_the_idle_connections_and_another_takes_over(
+    gql: GQL, factory: Factory, mail: MailServer, runtime: Runtime
+) -> None:
+    _owner, mailbox_id, _address = await connected_imap(gql, factory, mail)
+    key = f"test-idle:{uuid.uuid4().hex}"
+    first = IdleSupervisor(runtime, refresh_seconds=0.5, lease_key=key)
+    first_run = asyncio.create_task(first.run())
+    try:
+        await wait_until(lambda: _connected(first, mailbox_id), lambda up: up)
+        async with supervisor(runtime, key) as second:
+            # Rounds, not seconds: the second has asked for the lease a few times.
+            rounds = second.rounds
+            await wait_until(_value(lambda: second.rounds), lambda n: n >= rounds + 3)
+            assert first.leading and not second.leading
+            assert second.watchers == {} and second.connections == 0
+            # What a worker's shutdown does.
+            first_run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await first_run
+            assert first.watchers == {}
+            await wait_until(lambda: _connected(second, mailbox_id), lambda up: up)
+            assert second.leading
+    finally:
+        first_run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first_run
+
+
+async def test_a_refused_password_is_not_retried_until_the_credentials_change(
+    gql: GQL, factory: Factory, mail: MailServer, runtime: Runtime
+) -> None:
+    from backend.graphql.relay import to_global_id
+
+    owner, mailbox_id, address = await connected_imap(gql, factory, mail)
+    mail.set_password(address, "changed in the mail program")
+    async with supervisor(runtime) as idle:
+        await wait_until(_value(lambda: idle.login_refusals), lambda n: n == 1)
+        rounds = idle.rounds
+        await wait_until(_value(lambda: idle.rounds), lambda n: n >= rounds + 5)
+        assert idle.login_refusals == 1 and mailbox_id not in idle.watchers
+        done = await gql(
+            RECONNECT,
+            {
+                "id": to_global_id("Mailbox", mailbox_id),
+                "imap": imap_input(mail, address, password="changed in the mail program"),
+            },
+            token=owner.token,
+        )
+        assert done["reconnectMailbox"]["userErrors"] == []
+        await wait_until(lambda: _connected(idle, mailbox_id), lambda up: up)
+    assert idle.login_refusals == 1
+
+
+def _value(read: Callable[[], T]) -> Callable[[], Awaitable[T]]:
+    async def fetch() -> T:
+        return read()
+
+    return fetch
