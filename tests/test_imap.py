@@ -763,3 +763,68 @@ def _value(read: Callable[[], T]) -> Callable[[], Awaitable[T]]:
         return read()
 
     return fetch
+
+
+class _Crash(BaseException):
+    """The worker process dying: nothing in the job catches it."""
+
+
+async def test_r15_a_crash_between_smtp_and_the_sent_copy_never_sends_twice(
+    gql: GQL, factory: Factory, mail: MailServer, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import aiosmtplib
+
+    from backend.graphql.relay import to_global_id
+    from backend.providers.imap.provider import ImapProvider
+    from backend.sending.jobs import send_email
+    from backend.sending.tables import OutgoingMessage
+
+    owner, mailbox_id, address = await connected_imap(gql, factory, mail)
+    contact = f"{unique('kim')}@client.test"
+    await factory.contact(owner, contact, "Kim")
+    sent = await gql(
+        SEND,
+        {
+            "input": {
+                "mailboxId": to_global_id("Mailbox", mailbox_id),
+                "to": [contact],
+                "subject": "Accepted, then the worker died",
+                "bodyText": "Hello Kim",
+            }
+        },
+        token=owner.token,
+    )
+    assert sent["sendEmail"]["userErrors"] == [], sent
+    parsed = parse_global_id(sent["sendEmail"]["email"]["id"])
+    assert parsed is not None
+    email_id = parsed[1]
+    submissions: list[str] = []
+    real_send_message = aiosmtplib.SMTP.send_message
+    real_file_sent = ImapProvider._file_sent
+
+    async def counted(self: aiosmtplib.SMTP, *args: Any, **kwargs: Any) -> Any:
+        submissions.append("sent")
+        return await real_send_message(self, *args, **kwargs)
+
+    async def crash(self: ImapProvider, raw: bytes) -> Any:
+        raise _Crash
+
+    monkeypatch.setattr(aiosmtplib.SMTP, "send_message", counted)
+    monkeypatch.setattr(ImapProvider, "_file_sent", crash)
+    with pytest.raises(_Crash):
+        await send_email(runtime, str(email_id))
+    assert submissions == ["sent"]
+    monkeypatch.setattr(ImapProvider, "_file_sent", real_file_sent)
+    async with runtime.db.transaction() as session:
+        outgoing = await session.get(OutgoingMessage, email_id)
+        assert outgoing is not None and outgoing.smtp_accepted_at is not None
+        # The retry is due (send_confirm_seconds after the attempt).
+        outgoing.last_attempt_at = None
+        session.add(outgoing)
+    assert await send_email(runtime, str(email_id)) == "sent"
+    assert submissions == ["sent"]
+    async with runtime.db.sessionmaker() as session:
+        row = await session.get(Email, email_id)
+        assert row is not None and row.delivery_status == "SENT"
+    copies = await _folder_messages(mail, address, "Sent")
+    assert len(copies) == 1 and b"Accepted, then the worker died" in copies[0]
