@@ -139,9 +139,11 @@ class Settings(BaseSettings):
     imap_allow_private_hosts: bool = False
     # The IDLE supervisor: IDLE is re-issued this often (RFC 2177: servers may drop an IDLE
     # after 30 minutes), and servers without IDLE are polled this often instead.
-    # Whether this worker process holds the IMAP IDLE connections; with several workers,
-    # set it on one of them (or on a worker of its own) so each mailbox has one connection.
+    # Whether this worker process may hold the IMAP IDLE connections. Of the workers where it
+    # is set, only the holder of a Redis lease does (servers cap connections per user); the
+    # others take over within imap_idle_lease_seconds of the holder stopping.
     imap_idle: bool = True
+    imap_idle_lease_seconds: int = Field(default=60, ge=3, le=3600)
     imap_idle_seconds: int = Field(default=25 * 60, ge=10, le=29 * 60)
     imap_poll_seconds: int = Field(default=60, ge=5)
 

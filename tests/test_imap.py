@@ -126,8 +126,13 @@ async def imap_session(
 
 
 @contextlib.asynccontextmanager
-async def supervisor(runtime: Runtime) -> AsyncIterator[IdleSupervisor]:
-    idle = IdleSupervisor(runtime, refresh_seconds=0.5)
+async def supervisor(
+    runtime: Runtime, lease_key: str | None = None
+) -> AsyncIterator[IdleSupervisor]:
+    # A lease of the test's own, so supervisors of other tests never stand this one by.
+    idle = IdleSupervisor(
+        runtime, refresh_seconds=0.5, lease_key=lease_key or f"test-idle:{uuid.uuid4().hex}"
+    )
     task = asyncio.create_task(idle.run())
     try:
         yield idle
@@ -600,3 +605,226 @@ async def test_r6_reconnect_mailbox_takes_new_imap_settings_and_keeps_history(
     await drain_passes(runtime, mailbox_id)
     emails = await emails_of(runtime, owner.workspace.id)
     assert sorted(e.subject or "" for e in emails) == ["Kept", "New"]
+
+
+# --- the logins take no write lock; identities ---------------------------------------------
+
+
+def _write_lock_free(runtime: Runtime) -> bool:
+    """Whether another process could write now: a BEGIN IMMEDIATE that does not wait."""
+    import sqlite3
+
+    path = sa.engine.make_url(runtime.db.url).database
+    assert path
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        other.close()
+
+
+@pytest.mark.skipif(
+    not os.environ.get("MAILSYNC_TEST_DB", "sqlite").startswith("sqlite"),
+    reason="SQLite's database-wide write lock",
+)
+async def test_the_imap_and_smtp_logins_hold_no_write_lock(
+    gql: GQL, factory: Factory, mail: MailServer, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner, mailbox_id, address = await connected_imap(gql, factory, mail)
+    real_probe = connect.probe_imap
+    free_during_login: list[bool] = []
+
+    async def probe(config: Any, settings: Settings) -> None:
+        free_during_login.append(_write_lock_free(runtime))
+        await real_probe(config, settings)
+
+    monkeypatch.setattr(connect, "probe_imap", probe)
+    from backend.graphql.relay import to_global_id
+
+    done = await gql(
+        RECONNECT,
+        {"id": to_global_id("Mailbox", mailbox_id), "imap": imap_input(mail, address)},
+        token=owner.token,
+    )
+    assert done["reconnectMailbox"] == {"authorizationUrl": None, "userErrors": []}
+    other = f"{unique('imap')}@example.test"
+    mail.add_user(other, PASSWORD)
+    payload = await connect_imap(gql, owner, mail, other)
+    assert payload["userErrors"] == []
+    assert free_during_login == [True, True]
+
+
+async def test_r1_identities_are_own_addresses_and_a_reconnect_keeps_them(
+    gql: GQL, factory: Factory, mail: MailServer, runtime: Runtime
+) -> None:
+    from backend.graphql.relay import to_global_id
+    from backend.mailboxes.queries import own_addresses
+
+    owner = await factory.workspace()
+    address = f"{unique('imap')}@example.test"
+    mail.add_user(address, PASSWORD)
+    bad = await connect_imap(gql, owner, mail, address, identities=["not an address"])
+    assert bad["userErrors"][0]["field"] == ["input", "identities", "0"]
+    payload = await connect_imap(
+        gql, owner, mail, address, identities=["Sales@Alias.test", address.upper()]
+    )
+    assert payload["userErrors"] == [], payload
+    parsed = parse_global_id(payload["mailbox"]["id"])
+    assert parsed is not None
+    mailbox_id = parsed[1]
+
+    async def state() -> tuple[list[str], dict[str, uuid.UUID]]:
+        async with runtime.db.sessionmaker() as session:
+            mailbox = await session.get(Mailbox, mailbox_id)
+            assert mailbox is not None
+            return list(mailbox.aliases), await own_addresses(session, owner.workspace.id)
+
+    aliases, owners = await state()
+    assert aliases == ["sales@alias.test"]
+    assert owners["sales@alias.test"] == owner.user.id
+    global_id = to_global_id("Mailbox", mailbox_id)
+    kept = await gql(
+        RECONNECT, {"id": global_id, "imap": imap_input(mail, address)}, token=owner.token
+    )
+    assert kept["reconnectMailbox"]["userErrors"] == []
+    assert (await state())[0] == ["sales@alias.test"]
+    cleared = await gql(
+        RECONNECT,
+        {"id": global_id, "imap": imap_input(mail, address, identities=[])},
+        token=owner.token,
+    )
+    assert cleared["reconnectMailbox"]["userErrors"] == []
+    aliases, owners = await state()
+    assert aliases == [] and "sales@alias.test" not in owners
+
+
+# --- IDLE: one holder of the connections; a refused password is not retried ---------------
+
+
+async def test_r14_one_worker_holds_the_idle_connections_and_another_takes_over(
+    gql: GQL, factory: Factory, mail: MailServer, runtime: Runtime
+) -> None:
+    _owner, mailbox_id, _address = await connected_imap(gql, factory, mail)
+    key = f"test-idle:{uuid.uuid4().hex}"
+    first = IdleSupervisor(runtime, refresh_seconds=0.5, lease_key=key)
+    first_run = asyncio.create_task(first.run())
+    try:
+        await wait_until(lambda: _connected(first, mailbox_id), lambda up: up)
+        async with supervisor(runtime, key) as second:
+            # Rounds, not seconds: the second has asked for the lease a few times.
+            rounds = second.rounds
+            await wait_until(_value(lambda: second.rounds), lambda n: n >= rounds + 3)
+            assert first.leading and not second.leading
+            assert second.watchers == {} and second.connections == 0
+            # What a worker's shutdown does.
+            first_run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await first_run
+            assert first.watchers == {}
+            await wait_until(lambda: _connected(second, mailbox_id), lambda up: up)
+            assert second.leading
+    finally:
+        first_run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first_run
+
+
+async def test_a_refused_password_is_not_retried_until_the_credentials_change(
+    gql: GQL, factory: Factory, mail: MailServer, runtime: Runtime
+) -> None:
+    from backend.graphql.relay import to_global_id
+
+    owner, mailbox_id, address = await connected_imap(gql, factory, mail)
+    mail.set_password(address, "changed in the mail program")
+    async with supervisor(runtime) as idle:
+        await wait_until(_value(lambda: idle.login_refusals), lambda n: n == 1)
+        rounds = idle.rounds
+        await wait_until(_value(lambda: idle.rounds), lambda n: n >= rounds + 5)
+        assert idle.login_refusals == 1 and mailbox_id not in idle.watchers
+        done = await gql(
+            RECONNECT,
+            {
+                "id": to_global_id("Mailbox", mailbox_id),
+                "imap": imap_input(mail, address, password="changed in the mail program"),
+            },
+            token=owner.token,
+        )
+        assert done["reconnectMailbox"]["userErrors"] == []
+        await wait_until(lambda: _connected(idle, mailbox_id), lambda up: up)
+    assert idle.login_refusals == 1
+
+
+def _value(read: Callable[[], T]) -> Callable[[], Awaitable[T]]:
+    async def fetch() -> T:
+        return read()
+
+    return fetch
+
+
+class _Crash(BaseException):
+    """The worker process dying: nothing in the job catches it."""
+
+
+async def test_r15_a_crash_between_smtp_and_the_sent_copy_never_sends_twice(
+    gql: GQL, factory: Factory, mail: MailServer, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import aiosmtplib
+
+    from backend.graphql.relay import to_global_id
+    from backend.providers.imap.provider import ImapProvider
+    from backend.sending.jobs import send_email
+    from backend.sending.tables import OutgoingMessage
+
+    owner, mailbox_id, address = await connected_imap(gql, factory, mail)
+    contact = f"{unique('kim')}@client.test"
+    await factory.contact(owner, contact, "Kim")
+    sent = await gql(
+        SEND,
+        {
+            "input": {
+                "mailboxId": to_global_id("Mailbox", mailbox_id),
+                "to": [contact],
+                "subject": "Accepted, then the worker died",
+                "bodyText": "Hello Kim",
+            }
+        },
+        token=owner.token,
+    )
+    assert sent["sendEmail"]["userErrors"] == [], sent
+    parsed = parse_global_id(sent["sendEmail"]["email"]["id"])
+    assert parsed is not None
+    email_id = parsed[1]
+    submissions: list[str] = []
+    real_send_message = aiosmtplib.SMTP.send_message
+    real_file_sent = ImapProvider._file_sent
+
+    async def counted(self: aiosmtplib.SMTP, *args: Any, **kwargs: Any) -> Any:
+        submissions.append("sent")
+        return await real_send_message(self, *args, **kwargs)
+
+    async def crash(self: ImapProvider, raw: bytes) -> Any:
+        raise _Crash
+
+    monkeypatch.setattr(aiosmtplib.SMTP, "send_message", counted)
+    monkeypatch.setattr(ImapProvider, "_file_sent", crash)
+    with pytest.raises(_Crash):
+        await send_email(runtime, str(email_id))
+    assert submissions == ["sent"]
+    monkeypatch.setattr(ImapProvider, "_file_sent", real_file_sent)
+    async with runtime.db.transaction() as session:
+        outgoing = await session.get(OutgoingMessage, email_id)
+        assert outgoing is not None and outgoing.smtp_accepted_at is not None
+        # The retry is due (send_confirm_seconds after the attempt).
+        outgoing.last_attempt_at = None
+        session.add(outgoing)
+    assert await send_email(runtime, str(email_id)) == "sent"
+    assert submissions == ["sent"]
+    async with runtime.db.sessionmaker() as session:
+        row = await session.get(Email, email_id)
+        assert row is not None and row.delivery_status == "SENT"
+    copies = await _folder_messages(mail, address, "Sent")
+    assert len(copies) == 1 and b"Accepted, then the worker died" in copies[0]

@@ -10,7 +10,8 @@ import asyncio
 import ipaddress
 import socket
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -18,7 +19,7 @@ from sqlmodel import col, select
 
 from backend.auth.service import Viewer
 from backend.auth.tables import User, Workspace
-from backend.kit.addresses import validate_address
+from backend.kit.addresses import normalize_address, validate_address
 from backend.kit.effects import AfterCommit
 from backend.kit.errors import ErrorCode, ServiceError, in_range
 from backend.kit.signing import sign, unsign
@@ -261,6 +262,23 @@ class ImapInput:
     username: str | None = None
     security: str = "TLS"
     sync_mode: SyncMode = SyncMode.TWO_WAY
+    # The other addresses the user sends and receives as (R1, R8); None keeps a reconnected
+    # mailbox's, since IMAP has no standard way to list them.
+    identities: Sequence[str] | None = None
+
+
+# An address list, not a mailing list: enough for a person's aliases, small enough that the
+# own-address cache stays cheap.
+MAX_IDENTITIES = 50
+
+
+@dataclass(frozen=True)
+class ProbedImap:
+    """Settings both servers accepted, ready to store: the result of `probe_imap_input`."""
+
+    account: ConnectedAccount
+    identities: list[str] | None
+    sync_mode: SyncMode
 
 
 def app_password_hint(*names: str) -> str:
@@ -348,17 +366,27 @@ async def probe_imap(config: ImapConfig, settings: Settings) -> None:
     await close_smtp(smtp)
 
 
-async def connect_imap(
-    session: AsyncSession,
-    effects: AfterCommit,
-    settings: Settings,
-    viewer: Viewer,
-    given: ImapInput,
-    *,
-    mailbox: Mailbox | None = None,
-) -> Mailbox:
-    """Connect an IMAP mailbox, or give an existing one new settings (R6: same history).
-    Nothing is stored before both servers accepted the login."""
+def _identities(given: Sequence[str] | None, address: str) -> list[str] | None:
+    if given is None:
+        return None
+    if len(given) > MAX_IDENTITIES:
+        raise ServiceError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"At most {MAX_IDENTITIES} identities per mailbox.",
+            ["identities"],
+        )
+    found: list[str] = []
+    for index, value in enumerate(given):
+        identity = normalize_address(validate_address(value.strip(), ["identities", str(index)]))
+        if identity != normalize_address(address) and identity not in found:
+            found.append(identity)
+    return found
+
+
+async def probe_imap_input(settings: Settings, given: ImapInput) -> ProbedImap:
+    """Check `given` and log in to both servers, touching no database: the logins against a
+    user-chosen host can take tens of seconds, which must not be spent holding SQLite's write
+    lock (every other writer would wait on it)."""
     address = validate_address(given.email_address.strip(), ["emailAddress"])
     security = (given.security or "TLS").upper()
     if security not in SECURITIES:
@@ -367,6 +395,7 @@ async def connect_imap(
         )
     if not given.password:
         raise ServiceError(ErrorCode.AUTH_FAILED, "A password is required.", ["password"])
+    identities = _identities(given.identities, address)
     imap_host, smtp_host = given.imap_host.strip().lower(), given.smtp_host.strip().lower()
     await _check_host(settings, imap_host, given.imap_port, "imapHost", security)
     await _check_host(settings, smtp_host, given.smtp_port, "smtpHost", security)
@@ -384,11 +413,31 @@ async def connect_imap(
     account = ConnectedAccount(
         email_address=address, credentials=config.credentials(), aliases=[], cursor=None
     )
+    return ProbedImap(account=account, identities=identities, sync_mode=given.sync_mode)
+
+
+async def store_imap(
+    session: AsyncSession,
+    effects: AfterCommit,
+    settings: Settings,
+    viewer: Viewer,
+    probed: ProbedImap,
+    *,
+    mailbox: Mailbox | None = None,
+) -> Mailbox:
+    """Store settings `probe_imap_input` accepted: a new mailbox, or an existing one's new
+    settings (R6: same history)."""
+    address = probed.account.email_address
     if mailbox is None:
         mailbox = await _same_account(session, viewer, Provider.IMAP, address) or (
             await _disconnected_account(session, viewer.user, Provider.IMAP, address)
         )
     if mailbox is not None:
+        # Identities the user declared earlier stay unless new ones were given.
+        kept = list(mailbox.aliases) if probed.identities is None else probed.identities
+        account = replace(
+            probed.account, aliases=[a for a in kept if a != normalize_address(address)]
+        )
         return await _reconnect(session, effects, settings, viewer, mailbox, account)
     return await service.connect_mailbox(
         session,
@@ -397,9 +446,40 @@ async def connect_imap(
         owner=viewer.user,
         provider=Provider.IMAP,
         email_address=address,
-        credentials=account.credentials,
-        sync_mode=given.sync_mode,
+        credentials=probed.account.credentials,
+        aliases=probed.identities or [],
+        sync_mode=probed.sync_mode,
     )
+
+
+async def connect_imap(
+    session: AsyncSession,
+    effects: AfterCommit,
+    settings: Settings,
+    viewer: Viewer,
+    given: ImapInput,
+    *,
+    mailbox: Mailbox | None = None,
+) -> Mailbox:
+    """Connect an IMAP mailbox, or give an existing one new settings (R6: same history).
+    Nothing is stored before both servers accepted the login."""
+    probed = await probe_imap_input(settings, given)
+    return await store_imap(session, effects, settings, viewer, probed, mailbox=mailbox)
+
+
+async def imap_mailbox(
+    session: AsyncSession, viewer: Viewer, mailbox_id: uuid.UUID | None
+) -> Mailbox:
+    """The IMAP mailbox `viewer` may give new settings to."""
+    mailbox = await service.get_managed(session, viewer, mailbox_id)
+    if mailbox.provider != Provider.IMAP:
+        raise ServiceError(
+            ErrorCode.UNSUPPORTED_PROVIDER,
+            "Only IMAP mailboxes take settings; this one reconnects through its provider's "
+            "consent screen.",
+            ["imap"],
+        )
+    return mailbox
 
 
 async def reconnect_imap(
@@ -410,13 +490,10 @@ async def reconnect_imap(
     mailbox_id: uuid.UUID | None,
     given: ImapInput,
 ) -> Mailbox:
-    """`reconnectMailbox` with new IMAP settings: the same mailbox (R6), its history kept."""
-    mailbox = await service.get_managed(session, viewer, mailbox_id)
-    if mailbox.provider != Provider.IMAP:
-        raise ServiceError(
-            ErrorCode.UNSUPPORTED_PROVIDER,
-            "Only IMAP mailboxes take settings; this one reconnects through its provider's "
-            "consent screen.",
-            ["imap"],
-        )
-    return await connect_imap(session, effects, settings, viewer, given, mailbox=mailbox)
+    """`reconnectMailbox` with new IMAP settings: the same mailbox (R6), its history kept.
+    The API checks access in a read-only session, probes, then stores in its own
+    transaction (see `probe_imap_input`); this does the three in one, for other callers."""
+    await imap_mailbox(session, viewer, mailbox_id)
+    probed = await probe_imap_input(settings, given)
+    mailbox = await imap_mailbox(session, viewer, mailbox_id)
+    return await store_imap(session, effects, settings, viewer, probed, mailbox=mailbox)

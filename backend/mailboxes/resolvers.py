@@ -1,3 +1,6 @@
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 import strawberry
 
 from backend.graphql.context import Info
@@ -8,6 +11,8 @@ from backend.kit.errors import ServiceError
 from backend.mailboxes import access, connect, service, tables
 from backend.mailboxes import loaders as mailbox_loaders
 from backend.mailboxes.types import EmailVisibility, Mailbox, Provider, SyncMode
+
+T = TypeVar("T")
 
 
 @strawberry.input
@@ -36,6 +41,11 @@ class ConnectImapMailboxInput:
         default="TLS", description="TLS | STARTTLS | NONE (NONE allowed only for loopback hosts)"
     )
     sync_mode: SyncMode | None = SyncMode.TWO_WAY
+    identities: list[str] | None = strawberry.field(
+        default=None,
+        description="the other addresses this mailbox sends and receives as (aliases); "
+        "null keeps those a reconnected mailbox has",
+    )
 
 
 @strawberry.input
@@ -76,7 +86,17 @@ def imap_input(given: ConnectImapMailboxInput) -> connect.ImapInput:
         smtp_port=given.smtp_port if given.smtp_port is not None else 465,
         security=given.security or "TLS",
         sync_mode=tables.SyncMode((given.sync_mode or SyncMode.TWO_WAY).value),
+        identities=given.identities,
     )
+
+
+async def outside_transaction(action: Callable[[], Awaitable[T]]) -> T | ServiceError:
+    """A step that must not run inside the operation's transaction (the IMAP and SMTP
+    logins: SQLite's write lock would be held meanwhile), its ServiceError as the answer."""
+    try:
+        return await action()
+    except ServiceError as exc:
+        return exc
 
 
 def authorization_payload(
@@ -139,14 +159,34 @@ class MailboxMutation:
 
         async def reconnect() -> str | None:
             mailbox_id = required_id(id, "Mailbox", ["id"])
-            if imap is not None:
-                await connect.reconnect_imap(
-                    scope.session, scope.effects, settings, viewer, mailbox_id, imap_input(imap)
-                )
-                return None
             return await connect.begin_reconnect(scope.session, settings, viewer, mailbox_id)
 
-        return authorization_payload(await attempt(info, reconnect), None)
+        if imap is None:
+            return authorization_payload(await attempt(info, reconnect), None)
+
+        given = imap_input(imap)
+
+        async def check_then_probe() -> connect.ProbedImap:
+            mailbox_id = required_id(id, "Mailbox", ["id"])
+            # Access first, in a session that takes no write lock, so a stranger's id is
+            # refused without logging in anywhere.
+            async with info.context.runtime.unit_of_work(read_only=True) as work:
+                await connect.imap_mailbox(work.session, viewer, mailbox_id)
+            return await connect.probe_imap_input(settings, given)
+
+        probed = await outside_transaction(check_then_probe)
+        if isinstance(probed, ServiceError):
+            return authorization_payload(probed, None)
+
+        async def store() -> None:
+            # Checked again: the mailbox may have changed hands during the logins.
+            mailbox_id = required_id(id, "Mailbox", ["id"])
+            mailbox = await connect.imap_mailbox(scope.session, viewer, mailbox_id)
+            await connect.store_imap(
+                scope.session, scope.effects, settings, viewer, probed, mailbox=mailbox
+            )
+
+        return authorization_payload(await attempt(info, store), None)
 
     @strawberry.mutation(
         description="logs in to IMAP and SMTP before storing anything; an address already "
@@ -159,9 +199,12 @@ class MailboxMutation:
         scope = info.context.scope
         settings = info.context.runtime.settings
         given = imap_input(input)
+        probed = await outside_transaction(lambda: connect.probe_imap_input(settings, given))
+        if isinstance(probed, ServiceError):
+            return mailbox_payload(probed, ["input"])
         result = await attempt(
             info,
-            lambda: connect.connect_imap(scope.session, scope.effects, settings, viewer, given),
+            lambda: connect.store_imap(scope.session, scope.effects, settings, viewer, probed),
         )
         return mailbox_payload(result, ["input"])
 

@@ -24,6 +24,7 @@ from backend.providers.base import (
     SentMessage,
     TransientProviderError,
 )
+from backend.providers.imap.provider import ImapProvider
 from backend.sending.service import record_failed, record_sent
 from backend.sending.tables import OutgoingMessage
 from backend.sync.credentials import MailboxCredentialStore
@@ -57,6 +58,8 @@ class _Send:
     look_first: bool
     # Attempts are used up: look, and fail the email if the mail is not there.
     last_look: bool
+    # An SMTP server accepted it on an earlier attempt: only the Sent copy is left to make.
+    smtp_accepted: bool = False
 
 
 async def _claim(runtime: Runtime, row_id: uuid.UUID) -> tuple[_Send, Mailbox] | str:
@@ -93,6 +96,7 @@ async def _claim(runtime: Runtime, row_id: uuid.UUID) -> tuple[_Send, Mailbox] |
             attempt=outgoing.attempts,
             look_first=outgoing.attempts > 1,
             last_look=outgoing.attempts > MAX_SEND_ATTEMPTS,
+            smtp_accepted=outgoing.smtp_accepted_at is not None,
         ), mailbox
 
 
@@ -112,8 +116,18 @@ async def send_email(runtime: Runtime, email_id: str) -> str:
     # No transaction is open during the calls: a rotated token is stored at once.
     store = MailboxCredentialStore(runtime.unit_of_work, settings.secret, mailbox.id)
     provider.credential_store = store
+    if isinstance(provider, ImapProvider):
+        provider.on_accepted = lambda: _record_smtp_accepted(runtime, row_id)
     try:
-        if send.look_first:
+        if send.smtp_accepted and isinstance(provider, ImapProvider):
+            log.info("email %s: SMTP accepted it before; only its Sent copy is filed", email_id)
+            try:
+                outcome = await provider.file_accepted(send.raw, send.message_id)
+            except ProviderError as exc:
+                # It is sent: no Sent copy (sync will not see it) rather than a failure.
+                log.warning("email %s: no Sent copy: %s", email_id, exc)
+                outcome = SentMessage("")
+        elif send.look_first:
             outcome = await provider.find_sent(send.message_id)
             if outcome is not None:
                 log.info("email %s: the provider had it already; not sent again", email_id)
@@ -159,6 +173,19 @@ async def send_email(runtime: Runtime, email_id: str) -> str:
         log.info("email %s: send attempt %d failed, retrying: %s", email_id, send.attempt, outcome)
     # The refreshed credentials are committed; arq runs the job again after the backoff.
     raise Retry(defer=delay)
+
+
+async def _record_smtp_accepted(runtime: Runtime, row_id: uuid.UUID) -> None:
+    """Committed on its own, before the APPEND: a crash after this never sends again."""
+    try:
+        async with runtime.unit_of_work() as work:
+            outgoing = await work.session.get(OutgoingMessage, row_id)
+            if outgoing is not None:
+                outgoing.smtp_accepted_at = now()
+                work.session.add(outgoing)
+    except Exception:
+        # The message is sent whatever happens here; a retry falls back to looking in Sent.
+        log.exception("email %s: could not record that SMTP accepted it", row_id)
 
 
 async def requeue_unsent(runtime: Runtime) -> int:

@@ -25,4 +25,7 @@ class OutgoingMessage(SQLModel, table=True):
     # the job looks for it before sending again.
     attempts: int = 0
     last_attempt_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    # When an SMTP server accepted it (IMAP mailboxes), committed before the APPEND to Sent:
+    # a retry then only files the Sent copy (R15), since SMTP cannot be asked what it has.
+    smtp_accepted_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     created_at: datetime = Field(default_factory=now, sa_type=UtcDateTime)

@@ -7,6 +7,12 @@ backoff, and a server without IDLE is checked every `IMAP_POLL_SECONDS` instead.
 enqueued after every (re)connection too, since mail may have arrived while it was down.
 The Sent folder is not watched (one IDLE watches one folder): its mail comes with the next
 pass, at the latest the periodic one.
+
+Servers cap the connections of one user (Dovecot 10, Gmail 15), so of all the worker
+processes only one holds the IDLE connections: the holder of a Redis lease, a key with a
+TTL it renews; the others stand by and take over once it lapses. A mailbox whose password
+the server refused is not watched again until its credentials change: repeated failed
+logins can lock the account.
 """
 
 from __future__ import annotations
@@ -14,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import logging
 import random
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aioimaplib
 from sqlmodel import select
@@ -36,6 +43,21 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 300.0
 LOST = [b"mailsync: connection lost"]
+LEASE_KEY = "mailsync:imap-idle:leader"
+
+# Renew or release the lease only if this process still holds it (its token is the value).
+RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
 
 
 @dataclass
@@ -49,22 +71,75 @@ class Watcher:
 class IdleSupervisor:
     """`run()` until cancelled; `refresh()` once reconciles watchers with the database."""
 
-    def __init__(self, runtime: Runtime, refresh_seconds: float = 30.0) -> None:
+    def __init__(
+        self, runtime: Runtime, refresh_seconds: float = 30.0, lease_key: str = LEASE_KEY
+    ) -> None:
         self.runtime = runtime
         self.refresh_seconds = refresh_seconds
+        self.lease_key = lease_key
+        self.lease_seconds = float(runtime.settings.imap_idle_lease_seconds)
+        self.token = uuid.uuid4().hex
+        self.leading = False
+        self.rounds = 0  # completed run() iterations, for tests
         self.watchers: dict[uuid.UUID, Watcher] = {}
+        # Mailboxes whose login was refused, with the fingerprint of the refused credentials.
+        self.refused: dict[uuid.UUID, str] = {}
         self.connections = 0  # reconnections included, for tests and the benchmark
+        self.login_refusals = 0
+        self._held_until = 0.0
 
     async def run(self) -> None:
+        # Renewed well within the TTL, so one slow round does not let the lease lapse.
+        interval = min(self.refresh_seconds, self.lease_seconds / 3)
         try:
             while True:
-                try:
-                    await self.refresh()
-                except Exception:
-                    log.exception("IMAP IDLE: could not read the mailboxes to watch")
-                await asyncio.sleep(self.refresh_seconds)
+                if await self._lead():
+                    try:
+                        await self.refresh()
+                    except Exception:
+                        log.exception("IMAP IDLE: could not read the mailboxes to watch")
+                elif self.watchers:
+                    log.info("IMAP IDLE: another worker holds the connections now")
+                    await self.stop()
+                self.rounds += 1
+                await asyncio.sleep(interval)
         finally:
             await self.stop()
+            await self._release()
+
+    async def _lead(self) -> bool:
+        """Take or renew the lease; whether this process may hold the connections now."""
+        loop = asyncio.get_running_loop()
+        ttl_ms = int(self.lease_seconds * 1000)
+        try:
+            if self.leading:
+                held = bool(await self._script(RENEW, self.token, str(ttl_ms)))
+            else:
+                held = bool(
+                    await self.runtime.redis.set(self.lease_key, self.token, px=ttl_ms, nx=True)
+                )
+        except Exception as exc:
+            # Unreachable Redis: keep what the last renewal granted, no longer (another
+            # worker may take the lease once it lapses).
+            log.warning("IMAP IDLE: could not renew the lease: %r", exc)
+            self.leading = self.leading and loop.time() < self._held_until
+            return self.leading
+        if held:
+            self._held_until = loop.time() + self.lease_seconds
+        self.leading = held
+        return held
+
+    async def _script(self, script: str, *args: str) -> Any:
+        result = self.runtime.redis.eval(script, 1, self.lease_key, *args)
+        return await result if inspect.isawaitable(result) else result
+
+    async def _release(self) -> None:
+        if not self.leading:
+            return
+        self.leading = False
+        # The next worker need not wait for the TTL.
+        with contextlib.suppress(Exception):
+            await self._script(RELEASE, self.token)
 
     async def stop(self) -> None:
         watchers = list(self.watchers.values())
@@ -95,6 +170,9 @@ class IdleSupervisor:
             except (ProviderError, ValueError):
                 continue
             fingerprint = hashlib.sha256((row.credentials_encrypted or "").encode()).hexdigest()
+            if self.refused.get(row.id) == fingerprint:
+                continue
+            self.refused.pop(row.id, None)
             wanted[row.id] = (fingerprint, config)
         for mailbox_id, watcher in list(self.watchers.items()):
             if mailbox_id not in wanted or wanted[mailbox_id][0] != watcher.fingerprint:
@@ -104,7 +182,8 @@ class IdleSupervisor:
             if mailbox_id not in self.watchers:
                 connected = asyncio.Event()
                 task = asyncio.create_task(
-                    self._watch(mailbox_id, config, connected), name=f"idle:{mailbox_id}"
+                    self._watch(mailbox_id, fingerprint, config, connected),
+                    name=f"idle:{mailbox_id}",
                 )
                 self.watchers[mailbox_id] = Watcher(mailbox_id, fingerprint, task, connected)
 
@@ -112,7 +191,11 @@ class IdleSupervisor:
         await self.runtime.jobs.enqueue_sync(str(mailbox_id))
 
     async def _watch(
-        self, mailbox_id: uuid.UUID, config: ImapConfig, connected: asyncio.Event
+        self,
+        mailbox_id: uuid.UUID,
+        fingerprint: str,
+        config: ImapConfig,
+        connected: asyncio.Event,
     ) -> None:
         settings = self.runtime.settings
         backoff = 1.0
@@ -139,6 +222,17 @@ class IdleSupervisor:
                 raise
             except Exception as exc:
                 connected.clear()
+                if getattr(exc, "connect_code", None) == "AUTH_FAILED":
+                    # Retrying a refused password risks locking the account: wait for new
+                    # credentials (refresh() compares the fingerprint).
+                    self.refused[mailbox_id] = fingerprint
+                    self.login_refusals += 1
+                    log.warning(
+                        "IMAP IDLE for mailbox %s: the server refused the login; not watched "
+                        "until its credentials change",
+                        mailbox_id,
+                    )
+                    return
                 delay = backoff * (1 + random.random() / 2)
                 log.info(
                     "IMAP IDLE for mailbox %s: %s; reconnecting in %.0f s",

@@ -149,6 +149,11 @@ async def open_imap(config: ImapConfig, ca_file: str | None) -> aioimaplib.IMAP4
         response = await client.login(_quoted(config.username), config.password)
         if response.result != "OK":
             await _abandon(client)
+            failure = server_error("LOGIN", response.result, list(response.lines))
+            if isinstance(failure, TransientProviderError):
+                # [UNAVAILABLE], [INUSE], [LIMIT]: nothing said about the password, and a
+                # refused password stops IDLE until the credentials change.
+                raise failure
             raise AuthFailed(f"the IMAP server refused the login of {config.username}")
         # Servers announce more after login (CONDSTORE, SPECIAL-USE...).
         await client.protocol.capability()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -94,6 +94,10 @@ class ImapProvider(MailProvider):
         self.config = config
         self.ca_file = settings.imap_ca_file
         self.aliases: list[str] = []
+        # Awaited once SMTP accepted a message, before its APPEND to Sent: the send job
+        # records the acceptance there, so a retry after a crash between the two only files
+        # the copy instead of sending again (R15).
+        self.on_accepted: Callable[[], Awaitable[None]] | None = None
         self._imap: aioimaplib.IMAP4 | None = None
         self._folders: dict[str, str] | None = None
         self._selected: str | None = None
@@ -335,7 +339,14 @@ class ImapProvider(MailProvider):
             raise TransientProviderError(f"SMTP: {exc!r}", SyncErrorCode.SEND_FAILED) from exc
         finally:
             await close_smtp(smtp)
+        if self.on_accepted is not None:
+            await self.on_accepted()
         return await self._file_sent(raw)
+
+    async def file_accepted(self, raw: bytes, message_id: str) -> SentMessage:
+        """The Sent copy of a message SMTP accepted on an earlier attempt: the one there if
+        that attempt's APPEND happened, else APPENDed now. Never sends."""
+        return await self.find_sent(message_id) or await self._file_sent(raw)
 
     async def _smtp(self) -> aiosmtplib.SMTP:
         try:
@@ -417,11 +428,11 @@ def _smtp_failure(exc: aiosmtplib.SMTPResponseException) -> ProviderError:
 def create(
     account: MailboxAccount, credentials: dict[str, Any], settings: Settings
 ) -> MailProvider:
-    provider = ImapProvider(
+    # The user's other identities are the mailbox's aliases (connectImapMailbox's
+    # `identities`), which sync reads from the row; the credentials hold only the login.
+    return ImapProvider(
         account, ImapConfig.from_credentials(account.email_address, credentials), settings
     )
-    provider.aliases = [str(a) for a in credentials.get("aliases") or []]
-    return provider
 
 
 register(Provider.IMAP, create)
