@@ -30,6 +30,9 @@ class MailboxCredentialStore:
         self.secret = secret
         self.mailbox_id = mailbox_id
         self.stored = 0
+        # The sealed credentials this store last wrote, for writers that must tell their own
+        # rotation from a reconnect.
+        self.last_sealed: str | None = None
 
     async def save(self, credentials: dict[str, Any]) -> None:
         async with self.unit_of_work() as work:
@@ -39,6 +42,8 @@ class MailboxCredentialStore:
                 return
             write_credentials(self.secret, mailbox, credentials)
             work.session.add(mailbox)
+            sealed = mailbox.credentials_encrypted
+        self.last_sealed = sealed
         self.stored += 1
 
     async def load(self) -> dict[str, Any] | None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from backend.kit.clock import now
-from backend.mailboxes.service import note_provider_issue, write_credentials
+from backend.mailboxes.service import note_provider_issue
 from backend.mailboxes.tables import Mailbox, MailboxStatus
 from backend.providers.base import (
     MailProvider,
@@ -22,7 +21,7 @@ from backend.providers.base import (
     TransientProviderError,
 )
 from backend.sync import service
-from backend.sync.credentials import MailboxCredentialStore
+from backend.sync.credentials import MailboxCredentialStore, UnitOfWork
 from backend.sync.queue import SyncQueue
 from backend.sync.service import (
     FETCH_BATCH,
@@ -143,7 +142,7 @@ class PassCredentialStore(MailboxCredentialStore):
 
     def __init__(
         self,
-        unit_of_work: Callable[[], AbstractAsyncContextManager[Work]],
+        unit_of_work: UnitOfWork,
         secret: bytes,
         mailbox_id: uuid.UUID,
         credentials: PassCredentials,
@@ -152,16 +151,10 @@ class PassCredentialStore(MailboxCredentialStore):
         self.credentials = credentials
 
     async def save(self, credentials: dict[str, Any]) -> None:
-        async with self.unit_of_work() as work:
-            mailbox = await work.session.get(Mailbox, self.mailbox_id)
-            # A mailbox disconnected meanwhile keeps no credentials.
-            if mailbox is None or mailbox.status == MailboxStatus.DISCONNECTED:
-                return
-            write_credentials(self.secret, mailbox, credentials)
-            work.session.add(mailbox)
-            sealed = mailbox.credentials_encrypted
-        self.credentials.sealed = sealed
-        self.stored += 1
+        stored = self.stored
+        await super().save(credentials)
+        if self.stored > stored:
+            self.credentials.sealed = self.last_sealed
 
 
 def unsaved_credentials(provider: MailProvider) -> dict[str, Any] | None:
