@@ -40,7 +40,8 @@ from tests.worker import drain, live_worker
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(
-        not mailserver.available(), reason="Dovecot and Postfix are installed by scripts/test"
+        not mailserver.available() and not os.environ.get("CI"),
+        reason="Dovecot and Postfix are installed by scripts/test",
     ),
 ]
 
